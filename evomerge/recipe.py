@@ -1,0 +1,306 @@
+"""Recipe: the declarative merge description, in mergekit's config schema.
+
+A recipe is the unit that is exported, hashed (cache key), logged and re-materialized. It reads and
+writes the YAML that mergekit's ``mergekit-yaml`` runs, so a recipe found by a search can be handed to
+either tool. Validation happens here, once: unknown fields, unknown parameters for the method and
+out-of-range values are errors that name the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.merge.methods import get_method
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+BOOL_PARAMS = frozenset(
+    {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise"}
+)
+"""Parameters that take true/false."""
+
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "t": (0.0, 1.0),
+    "density": (0.0, 1.0),
+    "gamma": (0.0, 1.0),
+    "epsilon": (0.0, 1.0),
+}
+"""Closed ranges of bounded numeric parameters; the others (weight, lambda, scale) take any finite value."""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or is not valid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConditionalParameter(_Strict):
+    """``{filter: "self_attn", value: ...}``: applies to tensors whose name contains ``filter``."""
+
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+ParameterSetting = Union[ScalarOrGradient, ConditionalParameter, list[ConditionalParameter]]
+Parameters = dict[str, ParameterSetting]
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class OutputSlice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError("all sources of a slice must span the same number of layers")
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
+
+
+class Recipe(_Strict):
+    """A mergekit merge configuration (``models:`` or ``slices:`` form)."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    tokenizer_source: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if self.models is not None and not self.models:
+            raise ValueError("models: must list at least one model")
+        if self.slices is not None and not self.slices:
+            raise ValueError("slices: must list at least one slice")
+        spec = get_method(self.merge_method)
+        valid = set(spec.params) | set(spec.model_params)
+        for where, params in self._parameter_blocks():
+            for name, setting in params.items():
+                if name not in valid:
+                    allowed = ", ".join(sorted(valid)) or "none"
+                    raise ValueError(
+                        f"{where}.{name}: not a parameter of merge_method {self.merge_method!r} "
+                        f"(valid: {allowed})"
+                    )
+                _check_setting(f"{where}.{name}", name, setting)
+        if spec.uses_base and not self.base_model and not (
+            self.slices and all(s.base_model for s in self.slices)
+        ):
+            raise ValueError(f"base_model: merge_method {self.merge_method!r} needs a base_model")
+        return self
+
+    def _parameter_blocks(self) -> Iterator[tuple[str, Parameters]]:
+        if self.parameters:
+            yield "parameters", self.parameters
+        for i, m in enumerate(self.models or []):
+            if m.parameters:
+                yield f"models[{i}].parameters", m.parameters
+        for i, s in enumerate(self.slices or []):
+            if s.parameters:
+                yield f"slices[{i}].parameters", s.parameters
+            for j, src in enumerate(s.sources):
+                if src.parameters:
+                    yield f"slices[{i}].sources[{j}].parameters", src.parameters
+
+    # --- identity -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, fields left at their defaults omitted (mergekit style)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def content_hash(self) -> str:
+        """Stable hash of the recipe's content: same recipe, same hash, whatever the key order."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe reads, in first-mention order."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or []:
+            seen[m.model] = None
+        for s in self.slices or []:
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    # --- YAML -----------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        """YAML that ``mergekit-yaml`` accepts unmodified."""
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "recipe") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{source}: expected a mapping with merge_method and models/slices")
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe") -> "Recipe":
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise RecipeError(f"{source}: {_describe(exc)}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+        return cls.from_yaml(text, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temp file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+
+# --- parameter settings: validation and evaluation ---------------------------------------------
+
+
+def _numbers_in(setting: Any) -> Iterator[Any]:
+    if isinstance(setting, ConditionalParameter):
+        yield from _numbers_in(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _numbers_in(item)
+    else:
+        yield setting
+
+
+def _check_setting(where: str, name: str, setting: ParameterSetting) -> None:
+    if isinstance(setting, list) and not setting:
+        raise ValueError(f"{where}: empty list")
+    for value in _numbers_in(setting):
+        if name in BOOL_PARAMS:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: must be true or false, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: must be a number (or a gradient list of numbers), got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: must be finite, got {value!r}")
+        low, high = PARAM_RANGES.get(name, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise ValueError(f"{where}: {value!r} is out of range; valid: [{low}, {high}]")
+
+
+def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: float) -> Any:
+    """Resolve one setting for one tensor, as mergekit does.
+
+    Filters match by substring of the tensor name (first match wins; no filter or ``*`` matches all);
+    a gradient list ``[a, b, c]`` is interpolated piecewise-linearly at ``t`` in [0, 1] (t is the
+    layer's relative position within its slice). Returns ``None`` when nothing applies.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(not isinstance(e, ConditionalParameter) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        low = int(scaled)
+        high = min(len(setting) - 1, low + 1)
+        frac = scaled - low
+        return (1 - frac) * setting[low] + frac * setting[high]
+    for cond in setting:
+        if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+            return evaluate_setting(cond.value, tensor_name, t)
+    return None
+
+
+def resolve(
+    name: str, scopes: list[Parameters | None], tensor_name: str, t: float, default: Any
+) -> Any:
+    """First value found for ``name`` in ``scopes`` (highest precedence first), else ``default``."""
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return value
+    return default
+
+
+# --- YAML formatting ---------------------------------------------------------------------------
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Numeric lists (gradients, layer ranges) in flow style, like mergekit writes them."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+_RecipeDumper.add_representer(tuple, _represent_list)
+
+
+def _describe(exc: ValidationError) -> str:
+    """Turn pydantic's report into one line per problem, each naming its field path."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    # pydantic reports every union branch; keep each distinct message once
+    return "; ".join(dict.fromkeys(lines))
