@@ -189,7 +189,7 @@ def _normalized_slices(recipe: Recipe, checkpoints: dict[str, Checkpoint], metho
             for m in recipe.models or []
         ]
         listed = {s.model for s in sources}
-        if method.uses_base and recipe.base_model and recipe.base_model not in listed:
+        if _treats_base_apart(method, recipe.base_model) and recipe.base_model not in listed:
             sources.append(SliceSource(model=recipe.base_model, layer_range=(0, checkpoints[recipe.base_model].num_layers)))
         lengths = {s.layer_range[1] for s in sources}
         if len(lengths) > 1:
@@ -199,9 +199,10 @@ def _normalized_slices(recipe: Recipe, checkpoints: dict[str, Checkpoint], metho
     for i, out_slice in enumerate(slices):
         base = out_slice.base_model or recipe.base_model
         models = [s.model for s in out_slice.sources]
-        if method.uses_base and base not in models:
+        apart = _treats_base_apart(method, base)
+        if apart and base not in models:
             raise PlanError(f"slices[{i}]: merge_method {method.name!r} needs the base model {base!r} among the sources")
-        count = len([m for m in models if not (method.uses_base and m == base)])
+        count = len([m for m in models if not (apart and m == base)])
         if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
             bound = f"{method.min_inputs}..{method.max_inputs if method.max_inputs is not None else 'any'}"
             raise PlanError(
@@ -209,6 +210,11 @@ def _normalized_slices(recipe: Recipe, checkpoints: dict[str, Checkpoint], metho
                 f"{bound} input models{' besides the base' if method.uses_base else ''}, got {count}"
             )
     return slices
+
+
+def _treats_base_apart(method: MethodSpec, base_model: str | None) -> bool:
+    """Whether the base model is the method's distinguished ``base`` input rather than one of its inputs."""
+    return bool(base_model) and (method.uses_base or method.optional_base)
 
 
 def _non_layer_names(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
@@ -250,9 +256,10 @@ def _job(
     inputs: list[TensorRef] = []
     model_params: list[dict[str, Any]] = []
     base: TensorRef | None = None
+    apart = _treats_base_apart(method, base_model)
     for src in out_slice.sources:
         ref = (src.model, names[src.model])
-        if method.uses_base and src.model == base_model:
+        if apart and src.model == base_model:
             base = ref
             continue
         scopes = [src.parameters, out_slice.parameters, recipe.parameters]
