@@ -5,8 +5,8 @@ precedence, gradients over layers); the engine only executes jobs. Everything th
 a recipe or its checkpoints is found here, before a byte is written.
 
 Semantics mirrored from mergekit:
-- ``models:`` is one slice spanning every layer of every model (the base model is appended as a
-  source when the method needs it and it is not listed).
+- ``models:`` is one slice spanning every layer of every model (a ``base_model`` that is not listed
+  is appended as a source, for every method).
 - Output layers are numbered consecutively across slices; layer ``k`` of a slice of ``n`` layers gets
   gradient position ``t = k / (n - 1)`` (``t = 1`` for a one-layer slice).
 - Tensors outside the layers: embeddings come from the first slice's sources, everything else
@@ -189,7 +189,7 @@ def _normalized_slices(recipe: Recipe, checkpoints: dict[str, Checkpoint], metho
             for m in recipe.models or []
         ]
         listed = {s.model for s in sources}
-        if _treats_base_apart(method, recipe.base_model) and recipe.base_model not in listed:
+        if recipe.base_model and recipe.base_model not in listed:  # mergekit appends it for every method
             sources.append(SliceSource(model=recipe.base_model, layer_range=(0, checkpoints[recipe.base_model].num_layers)))
         lengths = {s.layer_range[1] for s in sources}
         if len(lengths) > 1:

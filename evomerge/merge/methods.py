@@ -1,0 +1,752 @@
+"""Merge methods: one small pure function per method, and a plain registry.
+
+Every method has the same call shape so the engine (and the in-memory evaluator) can run any of
+them in one loop over tensors:
+
+    fn(tensors, base, model_params, params, generator) -> Tensor
+
+- ``tensors``: the input tensors in recipe order, already in the compute dtype. For methods whose
+  spec has ``uses_base=True`` (or ``optional_base=True`` and a base is configured) the base
+  model's tensor is *not* in this list (it is ``base``); for the others the base model, when it is
+  listed as an input, is just another entry.
+- ``model_params``: one dict per entry of ``tensors`` with that input's resolved parameters.
+- ``params``: the resolved global (shared) parameters.
+- ``generator``: a seeded ``torch.Generator`` for randomized methods (dare, della), else ``None``.
+
+Parameter names, defaults and semantics follow mergekit (0.1.5), the reference implementation;
+tests hold each method to mergekit's output.
+
+Conventions:
+
+- Methods compute in the dtype of their inputs and return that dtype (linear and slerp, like
+  mergekit, accumulate half-precision inputs in float32 and cast back). Non-floating inputs raise
+  ``TypeError``.
+- Inputs are never modified. An output may *alias* an input where the method is an identity
+  (``passthrough`` without ``scale``, the task-arithmetic family with no inputs besides the base):
+  callers must not write into a result in place unless they own its inputs.
+- Randomized methods draw every random number from ``generator``. mergekit draws from torch's
+  global RNG; our draws use the same torch calls in the same order, so on CPU
+  ``torch.manual_seed(s)`` before mergekit and ``torch.Generator().manual_seed(s)`` here happen to
+  give the same masks, but that is a coincidence of implementation, not a promise.
+- Magnitude selection (ties, breadcrumbs) keeps exactly mergekit's count of entries. mergekit picks
+  with a full (unstable) sort; for large tensors we select with ``kthvalue`` (several times
+  faster) and break exact ties in ``|delta|`` by index, so only *tied* boundary entries can differ.
+  Tensors up to ``EXACT_SORT_MAX_NUMEL`` elements use mergekit's sort call, and match it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MethodFn = Callable[
+    [Sequence[Tensor], Tensor | None, Sequence[Mapping[str, Any]], Mapping[str, Any], torch.Generator | None],
+    Tensor,
+]
+
+REQUIRED = object()
+"""Marks a parameter that has no default: a recipe must set it."""
+
+EXACT_SORT_MAX_NUMEL = 1 << 20
+"""Magnitude selection sorts (as mergekit does) up to this many elements, else uses ``kthvalue``."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the engine needs to know about a method besides its function."""
+
+    name: str
+    fn: MethodFn
+    uses_base: bool = False
+    """The base model is a distinguished input (``base``), required by the method."""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """Global parameters and their defaults (``REQUIRED`` for none)."""
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+    """Per-input parameters and their defaults (``REQUIRED`` for none). Never bound for the base
+    when the base is a distinguished input."""
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    """Bounds on ``len(tensors)`` (base excluded when it is a distinguished input)."""
+    randomized: bool = False
+    optional_base: bool = False
+    """The base model, when a recipe names one, is a distinguished input (``base``, not in
+    ``tensors``); without one the method still runs (``base=None``). Only nuslerp."""
+    optional_tensor_policy: str = "error"
+    """mergekit's handling of an *optional* weight (e.g. ``lm_head`` of a tied model) that only
+    some inputs have: ``"error"``; ``"passthrough_singleton"`` (exactly one input has it: copy
+    that one); ``"base_or_skip"`` (fewer inputs than the method needs: copy the base's if only the
+    base has it, else leave the tensor out)."""
+
+    def check_inputs(self, count: int, has_base: bool) -> None:
+        """Raise ``ValueError`` unless ``count`` inputs (base excluded) and ``has_base`` suit the method."""
+        _check_count(self.name, count, self.min_inputs, self.max_inputs)
+        if self.uses_base and not has_base:
+            raise ValueError(f"{self.name}: needs a base model (base_model)")
+        if has_base and not (self.uses_base or self.optional_base):
+            raise ValueError(f"{self.name}: takes no distinguished base tensor; pass the base as an input")
+
+    def bind(
+        self, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Fill defaults into (params, model_params); unknown or missing required names raise."""
+
+        def fill(given: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
+            unknown = set(given) - set(defaults)
+            if unknown:
+                raise ValueError(f"{self.name}: unknown {where} parameter(s): {', '.join(sorted(unknown))}")
+            out = {key: given.get(key, default) for key, default in defaults.items()}
+            missing = [key for key, value in out.items() if value is REQUIRED]
+            if missing:
+                raise ValueError(f"{self.name}: required {where} parameter(s) not set: {', '.join(missing)}")
+            return out
+
+        return fill(params, self.params, "global"), [fill(p, self.model_params, "per-model") for p in model_params]
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_count(name: str, count: int, lo: int, hi: int | None) -> None:
+    if count < lo or (hi is not None and count > hi):
+        if hi == lo:
+            want = f"exactly {lo}"
+        elif hi is None:
+            want = f"at least {lo}"
+        else:
+            want = f"{lo} to {hi}"
+        raise ValueError(f"{name}: takes {want} input tensor(s) besides any base, got {count}")
+
+
+def _check(
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    *,
+    lo: int,
+    hi: int | None,
+    base_policy: str,
+) -> None:
+    """Validate counts, base presence (``required``/``optional``/``ignored``), dtypes and shapes."""
+    _check_count(name, len(tensors), lo, hi)
+    if len(model_params) != len(tensors):
+        raise ValueError(f"{name}: got {len(model_params)} model_params for {len(tensors)} tensors")
+    if base is None and base_policy == "required":
+        raise ValueError(f"{name}: needs a base model tensor")
+    if base is not None and base_policy == "ignored":
+        raise ValueError(f"{name}: takes no distinguished base tensor; pass the base as an input")
+    every = list(tensors) + ([base] if base is not None else [])
+    for tensor in every:
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name}: merge methods need floating-point tensors, got {tensor.dtype}")
+    shape = every[0].shape
+    if any(t.shape != shape for t in every[1:]):
+        raise ValueError(f"{name}: input shapes disagree: {[tuple(t.shape) for t in every]}")
+
+
+def _need_generator(name: str, generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        raise ValueError(f"{name}: randomized sparsification needs a seeded torch.Generator")
+    return generator
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# linear, passthrough
+
+
+def linear(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Weighted average (or weighted sum with ``normalize: false``).
+
+    As in mergekit there is no guard for weights summing to zero: with ``normalize`` the result
+    is then inf/nan.
+    """
+    _check("linear", tensors, base, model_params, lo=1, hi=None, base_policy="ignored")
+    weights = [float(p["weight"]) for p in model_params]
+    dtype = tensors[0].dtype
+    out = tensors[0].to(_accumulation_dtype(dtype)) * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        out.add_(tensor, alpha=weight)
+    if params["normalize"]:
+        out.div_(sum(weights))
+    return out.to(dtype)
+
+
+def passthrough(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The single input, times its ``scale`` when set (returned as is, not copied, without)."""
+    _check("passthrough", tensors, base, model_params, lo=1, hi=1, base_policy="ignored")
+    scale = model_params[0]["scale"]
+    return tensors[0] if scale is None else tensors[0] * float(scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# spherical interpolation
+
+
+def slerp_tensors(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """mergekit's ``slerp``: spherical interpolation of whole (flattened) tensors.
+
+    The angle comes from the normalized vectors; the unnormalized ones are interpolated. Norms
+    at most ``eps`` count as 1; when ``|cos| > dot_threshold`` (colinear or antipodal) it falls
+    back to linear interpolation. Works in float32 (float64 for float64 inputs).
+    """
+    work = _accumulation_dtype(v0.dtype)
+    a = v0.reshape(-1).to(work)
+    b = v1.reshape(-1).to(work)
+    if a.numel() == 0:
+        return v0.clone()
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = (torch.dot(a, b) / (norm_a * norm_b)).clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = float(torch.sin((1 - t) * theta) / sin_theta)
+        coef_b = float(torch.sin(t * theta) / sin_theta)
+    out = a * coef_a
+    out.add_(b, alpha=coef_b)
+    return out.to(v0.dtype).reshape(v0.shape)
+
+
+def slerp(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Spherical interpolation from the base (``t=0``) to the one other input (``t=1``)."""
+    _check("slerp", tensors, base, model_params, lo=1, hi=1, base_policy="required")
+    return slerp_tensors(float(params["t"]), base, tensors[0])
+
+
+def nuslerp_tensors(
+    t: float, v0: Tensor, v1: Tensor, *, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8
+) -> Tensor:
+    """mergekit's ``nuslerp`` kernel: slerp of whole tensors (``flatten``), else of vectors along
+    the last dimension, or along dimension 0 with ``row_wise`` (mergekit's naming).
+
+    Exactly colinear or antipodal vectors (``1 - cos^2 <= eps^2``) are interpolated linearly.
+    """
+    shape = v0.shape
+    dim = 0 if row_wise else -1
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    norm0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    norm1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1) / (norm0 * norm1)).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    coef0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    out = v0 * coef0
+    out.addcmul_(v1, coef1)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
+
+
+def nuslerp(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Slerp of two inputs at ``t = weight[1] / (weight[0] + weight[1])`` (0.5 if that sum is ~0);
+    with a base, of their task vectors, added back to the base."""
+    _check("nuslerp", tensors, base, model_params, lo=2, hi=2, base_policy="optional")
+    w0, w1 = (float(p["weight"]) for p in model_params)
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    options = {"row_wise": bool(params["nuslerp_row_wise"]), "flatten": bool(params["nuslerp_flatten"])}
+    if base is None:
+        return nuslerp_tensors(t, tensors[0], tensors[1], **options)
+    out = nuslerp_tensors(t, tensors[0] - base, tensors[1] - base, **options)
+    return out.add_(base)
+
+
+# ----------------------------------------------------------------------------------------------
+# model stock
+
+
+def model_stock(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Model Stock: interpolate from the base toward the inputs' average by
+    ``t = N cos / (1 + (N - 1) cos)``, ``cos`` the mean pairwise cosine of the task vectors.
+
+    Whole tensors by default; per row (last dimension) with ``filter_wise`` (1-D tensors are then
+    one row). Where the denominator vanishes (|.| < 1e-6) the base is kept.
+    """
+    _check("model_stock", tensors, base, model_params, lo=2, hi=None, base_policy="required")
+    shape = base.shape
+    filter_wise = bool(params["filter_wise"])
+    if filter_wise:
+        view = (lambda x: x.unsqueeze(0)) if base.dim() == 1 else (lambda x: x)
+    else:
+        view = lambda x: x.reshape(-1)  # noqa: E731
+    w0 = view(base)
+    offsets = [view(x) - w0 for x in tensors]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    cos_sum = None
+    pairs = 0
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            cos = (torch.linalg.vecdot(offsets[i], offsets[j], dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(
+                -1, 1
+            )
+            cos_sum = cos if cos_sum is None else cos_sum + cos
+            pairs += 1
+    del offsets
+    cos = (cos_sum / pairs).unsqueeze(-1)
+    n = len(tensors)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0, n * cos / torch.where(singular, 1, denominator))
+    average = view(tensors[0]).clone()
+    for x in tensors[1:]:
+        average.add_(view(x))
+    average.div_(n)
+    return average.mul_(t).addcmul_(w0, 1 - t).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparsification (operates on task vectors the caller owns: may write into them)
+
+
+def _mask_(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
+    """``delta * mask`` in place; with ``rescale``, scaled to keep delta's L1 norm (mergekit's
+    ``rescale_norm=l1``), unless either norm is below ``eps``."""
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(mask)
+    if rescale:
+        after = delta.abs().sum()
+        if not (before < eps or after < eps):
+            delta.mul_(before / after)
+    return delta
+
+
+def _some_ties(equal: Tensor, count: int, *, last: bool) -> Tensor:
+    """The first (or ``last``) ``count`` True entries, in index order, of the 1-D bool ``equal``."""
+    if int(equal.sum()) <= count:
+        return equal
+    index = equal.nonzero().squeeze(1)
+    out = torch.zeros_like(equal)
+    out[index[-count:] if last else index[:count]] = True
+    return out
+
+
+def _rank_range_mask(values: Tensor, lo: int, hi: int) -> Tensor:
+    """Boolean mask of the entries of 1-D ``values`` whose ascending rank is in ``[lo, hi)``,
+    exact ties ranked by index. O(n) via ``kthvalue`` instead of a sort."""
+    n = values.numel()
+    lo, hi = max(lo, 0), min(hi, n)
+    if lo >= hi:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    keep = None
+    if lo > 0:  # drop the lo smallest: v is the largest dropped value
+        v = torch.kthvalue(values, lo).values
+        keep = values > v
+        surplus = n - int(keep.sum()) - lo  # entries equal to v ranked >= lo: the last ones
+        if surplus > 0:
+            keep |= _some_ties(values == v, surplus, last=True)
+    if hi < n:  # keep the hi smallest: v is the smallest dropped value
+        v = torch.kthvalue(values, hi + 1).values
+        lower = values < v
+        deficit = hi - int(lower.sum())  # entries equal to v ranked < hi: the first ones
+        if deficit > 0:
+            lower |= _some_ties(values == v, deficit, last=False)
+        keep = lower if keep is None else keep.logical_and_(lower)
+    return keep if keep is not None else torch.ones(n, dtype=torch.bool, device=values.device)
+
+
+def _selection_magnitudes(delta: Tensor) -> Tensor:
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def sparsify_magnitude(delta: Tensor, density: float, rescale: bool) -> Tensor:
+    """Keep the ``max(1, int(density * n))`` largest-magnitude entries (TIES trimming)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return delta.zero_()
+    k = max(1, int(density * n))
+    w = _selection_magnitudes(delta)
+    if n <= EXACT_SORT_MAX_NUMEL:
+        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        mask[torch.argsort(w, descending=True)[:k]] = True
+    else:
+        mask = _rank_range_mask(w, n - k, n)
+    return _mask_(delta, mask.reshape(delta.shape), rescale)
+
+
+def sparsify_magnitude_outliers(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """Model Breadcrumbs: drop the ``int(gamma * n)`` largest-magnitude entries, then the smallest,
+    keeping ``int(density * n)`` (the outlier cut shrinks if both do not fit)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    w = _selection_magnitudes(delta)
+    if n <= EXACT_SORT_MAX_NUMEL:
+        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        if target > 0:
+            mask[torch.sort(w, descending=False).indices[n_bottom : n_bottom + target]] = True
+    else:
+        mask = _rank_range_mask(w, n_bottom, n_bottom + target)
+    return _mask_(delta, mask.reshape(delta.shape), rescale)
+
+
+def _random_work_dtype(delta: Tensor) -> torch.dtype:
+    # torch.bernoulli has no float16 kernel on CPU: mergekit works in float32 there.
+    if delta.device.type != "cpu" or delta.dtype in (torch.bfloat16, torch.float64):
+        return delta.dtype
+    return torch.float32
+
+
+def sparsify_random(delta: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """DARE: keep each entry with probability ``density`` (L1-rescaled with ``rescale``)."""
+    if density >= 1:
+        return delta
+    work = _random_work_dtype(delta)
+    mask = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=generator)
+    if work != delta.dtype:
+        return _mask_(delta.to(work), mask, rescale).to(delta.dtype)
+    return _mask_(delta, mask, rescale)
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities: per row (dimension 1; 1-D tensors are one row), entries ranked
+    by magnitude get ``density - epsilon`` (smallest) up to ``density + epsilon`` (largest),
+    linearly in rank. Shape ``delta.shape`` with 1-D promoted to ``[1, n]``. A row of a single
+    entry gets ``density`` (mergekit divides 0 by 0 there and fails)."""
+    work = _random_work_dtype(delta)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    positions = torch.arange(n, device=delta.device).view(1, n, *([1] * (rows.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    del order, positions
+    if n == 1:
+        rank_norm = torch.full(ranks.shape, 0.5, dtype=work, device=delta.device)
+    else:
+        # mergekit: ranks 1..n, (rank - min) / (max - min); the same float ops, so the same values
+        rank_norm = (ranks.to(work) / (n - 1)).clamp_(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def sparsify_della(delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """DELLA MagPrune: keep entries with ``della_probabilities`` (L1-rescaled with ``rescale``).
+
+    Like mergekit, rescaling restores the tensor's L1 norm (not DELLA's per-entry ``1/p``), and
+    ``density +/- epsilon`` must lie inside (0, 1) whenever ``0 < density < 1``.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: epsilon must keep density +/- epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
+        )
+    work = _random_work_dtype(delta)
+    mask = torch.bernoulli(della_probabilities(delta, density, epsilon), generator=generator).reshape(delta.shape)
+    if work != delta.dtype:
+        return _mask_(delta.to(work), mask, rescale).to(delta.dtype)
+    return _mask_(delta, mask, rescale)
+
+
+# ----------------------------------------------------------------------------------------------
+# the generalized task-arithmetic family
+
+
+def generalized_task_arithmetic(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None,
+    *,
+    name: str,
+    sparsification: str | None,
+    consensus: str | None,
+) -> Tensor:
+    """mergekit's GeneralizedTaskArithmeticMerge.
+
+    For each input: task vector ``x - base``, sparsified (``magnitude`` / ``random`` /
+    ``magnitude_outliers`` / ``della``, with the input's ``density``, ``gamma``, ``epsilon``),
+    times its ``weight``. With a ``consensus`` (``sum``: the sign of the summed weighted vectors,
+    TIES; ``count``: the majority of signs) only entries agreeing with the elected sign count,
+    and zeros never do. Sum; with ``normalize`` divide by the sum of weights (per entry, of the
+    agreeing inputs under consensus; a zero sum, or |sum| < 1e-8 without consensus, divides by
+    1); times ``lambda``; plus the base.
+    """
+    _check(name, tensors, base, model_params, lo=0, hi=None, base_policy="required")
+    if not tensors:
+        return base
+    rescale = bool(params["rescale"])
+    normalize = bool(params["normalize"])
+    weights = [float(p["weight"]) for p in model_params]
+
+    def task_vector(x: Tensor, p: Mapping[str, Any]) -> Tensor:
+        delta = torch.sub(x, base)
+        density = float(p["density"])
+        if sparsification == "magnitude":
+            return sparsify_magnitude(delta, density, rescale)
+        if sparsification == "magnitude_outliers":
+            return sparsify_magnitude_outliers(delta, density, float(p["gamma"]), rescale)
+        if sparsification == "random":
+            return sparsify_random(delta, density, rescale, _need_generator(name, generator) if density < 1 else None)
+        if sparsification == "della":
+            gen = _need_generator(name, generator) if 0 < density < 1 else None
+            return sparsify_della(delta, density, float(p["epsilon"]), rescale, gen)
+        return delta
+
+    if consensus is None:
+        mixed = None
+        for x, p, w in zip(tensors, model_params, weights):
+            delta = task_vector(x, p)
+            if mixed is None:
+                mixed = delta.mul_(w)
+            else:
+                mixed.add_(delta, alpha=w)
+            del delta
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            mixed.div_(total)
+    else:
+        deltas = [task_vector(x, p).mul_(w) for x, p, w in zip(tensors, model_params, weights)]
+        if consensus == "sum":
+            elected = deltas[0].clone()
+            for d in deltas[1:]:
+                elected.add_(d)
+        elif consensus == "count":
+            elected = deltas[0].sign()
+            for d in deltas[1:]:
+                elected.add_(d.sign())
+        else:
+            raise ValueError(f"{name}: unknown consensus method {consensus!r}")
+        positive = elected >= 0
+        del elected
+        mixed = None
+        divisor = torch.zeros_like(base) if normalize else None
+        for d, w in zip(deltas, weights):
+            agrees = torch.where(positive, d > 0, d < 0)
+            d.mul_(agrees)
+            if mixed is None:
+                mixed = d
+            else:
+                mixed.add_(d)
+            if divisor is not None:
+                divisor.add_(agrees, alpha=w)
+            del agrees
+        del deltas, positive
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1)
+            mixed.div_(divisor)
+    lam = float(params["lambda"])
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed.add_(base)
+
+
+def task_arithmetic(tensors, base, model_params, params, generator=None) -> Tensor:
+    """Task Arithmetic: base + sum of weighted task vectors."""
+    return generalized_task_arithmetic(
+        tensors, base, model_params, params, generator, name="task_arithmetic", sparsification=None, consensus=None
+    )
+
+
+def ties(tensors, base, model_params, params, generator=None) -> Tensor:
+    """TIES: magnitude trimming and sign consensus."""
+    return generalized_task_arithmetic(
+        tensors, base, model_params, params, generator, name="ties", sparsification="magnitude", consensus="sum"
+    )
+
+
+def dare_ties(tensors, base, model_params, params, generator=None) -> Tensor:
+    """DARE (random drop) with TIES sign consensus."""
+    return generalized_task_arithmetic(
+        tensors, base, model_params, params, generator, name="dare_ties", sparsification="random", consensus="sum"
+    )
+
+
+def dare_linear(tensors, base, model_params, params, generator=None) -> Tensor:
+    """DARE (random drop), linear combination."""
+    return generalized_task_arithmetic(
+        tensors, base, model_params, params, generator, name="dare_linear", sparsification="random", consensus=None
+    )
+
+
+def breadcrumbs(tensors, base, model_params, params, generator=None) -> Tensor:
+    """Model Breadcrumbs: drop the largest outliers and the smallest entries."""
+    return generalized_task_arithmetic(
+        tensors,
+        base,
+        model_params,
+        params,
+        generator,
+        name="breadcrumbs",
+        sparsification="magnitude_outliers",
+        consensus=None,
+    )
+
+
+def breadcrumbs_ties(tensors, base, model_params, params, generator=None) -> Tensor:
+    """Model Breadcrumbs with TIES sign consensus."""
+    return generalized_task_arithmetic(
+        tensors,
+        base,
+        model_params,
+        params,
+        generator,
+        name="breadcrumbs_ties",
+        sparsification="magnitude_outliers",
+        consensus="sum",
+    )
+
+
+def della(tensors, base, model_params, params, generator=None) -> Tensor:
+    """DELLA: magnitude-ranked random drop with TIES sign consensus."""
+    return generalized_task_arithmetic(
+        tensors, base, model_params, params, generator, name="della", sparsification="della", consensus="sum"
+    )
+
+
+def della_linear(tensors, base, model_params, params, generator=None) -> Tensor:
+    """DELLA, linear combination."""
+    return generalized_task_arithmetic(
+        tensors, base, model_params, params, generator, name="della_linear", sparsification="della", consensus=None
+    )
+
+
+def _task_arithmetic_spec(
+    name: str, fn: MethodFn, *, normalize: bool, rescale: bool, sparsification: str | None, randomized: bool = False
+) -> MethodSpec:
+    model_params: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
+    if sparsification == "magnitude_outliers":
+        model_params["gamma"] = 0.01
+    if sparsification == "della":
+        model_params["epsilon"] = 0.15
+    return MethodSpec(
+        name=name,
+        fn=fn,
+        uses_base=True,
+        params={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
+        model_params=model_params,
+        min_inputs=0,
+        randomized=randomized,
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    "linear": MethodSpec(
+        name="linear",
+        fn=linear,
+        params={"normalize": True},
+        model_params={"weight": REQUIRED},
+    ),
+    "slerp": MethodSpec(
+        name="slerp",
+        fn=slerp,
+        uses_base=True,
+        params={"t": REQUIRED},
+        min_inputs=1,
+        max_inputs=1,
+        optional_tensor_policy="passthrough_singleton",
+    ),
+    "nuslerp": MethodSpec(
+        name="nuslerp",
+        fn=nuslerp,
+        optional_base=True,
+        params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+        model_params={"weight": REQUIRED},
+        min_inputs=2,
+        max_inputs=2,
+        optional_tensor_policy="passthrough_singleton",
+    ),
+    "model_stock": MethodSpec(
+        name="model_stock",
+        fn=model_stock,
+        uses_base=True,
+        params={"filter_wise": False},
+        min_inputs=2,
+        optional_tensor_policy="base_or_skip",
+    ),
+    "passthrough": MethodSpec(
+        name="passthrough",
+        fn=passthrough,
+        model_params={"scale": None},
+        min_inputs=1,
+        max_inputs=1,
+    ),
+    "task_arithmetic": _task_arithmetic_spec(
+        "task_arithmetic", task_arithmetic, normalize=False, rescale=False, sparsification=None
+    ),
+    "ties": _task_arithmetic_spec("ties", ties, normalize=True, rescale=False, sparsification="magnitude"),
+    "dare_ties": _task_arithmetic_spec(
+        "dare_ties", dare_ties, normalize=False, rescale=True, sparsification="random", randomized=True
+    ),
+    "dare_linear": _task_arithmetic_spec(
+        "dare_linear", dare_linear, normalize=False, rescale=True, sparsification="random", randomized=True
+    ),
+    "breadcrumbs": _task_arithmetic_spec(
+        "breadcrumbs", breadcrumbs, normalize=False, rescale=False, sparsification="magnitude_outliers"
+    ),
+    "breadcrumbs_ties": _task_arithmetic_spec(
+        "breadcrumbs_ties", breadcrumbs_ties, normalize=False, rescale=False, sparsification="magnitude_outliers"
+    ),
+    "della": _task_arithmetic_spec(
+        "della", della, normalize=True, rescale=True, sparsification="della", randomized=True
+    ),
+    "della_linear": _task_arithmetic_spec(
+        "della_linear", della_linear, normalize=False, rescale=True, sparsification="della", randomized=True
+    ),
+}
+"""The registry: method name -> spec. Names and parameters are mergekit's."""
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name, with an error that lists the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        valid = ", ".join(sorted(METHODS))
+        raise ValueError(f"merge_method: unknown method {name!r}; valid methods: {valid}") from None
+
