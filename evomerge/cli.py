@@ -82,6 +82,63 @@ def merge(
     err.print(f"merged {recipe} -> {out_dir} in {time.perf_counter() - start:.1f}s", highlight=False)
 
 
+@app.command("eval")
+def eval_command(
+    target: Annotated[Path, typer.Argument(help="A checkpoint directory, or a recipe YAML (merged in memory, never written).")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names, e.g. zoo_reverse,zoo_sort.")],
+    include_path: Annotated[Optional[list[Path]], typer.Option(help="Directory of task YAMLs (repeatable), e.g. ZOO/tasks.")] = None,
+    backend: Annotated[str, typer.Option(help="fast (batched log-likelihood, default) or lm-eval (lm-eval's own evaluator).")] = "fast",
+    split: Annotated[str, typer.Option(help="Which item set to score: search or test (or any split the task has).")] = "test",
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N items of each task.")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow .bin (pickle) checkpoints; only for sources you trust.")] = False,
+) -> None:
+    """Score a checkpoint or a recipe on lm-eval tasks; prints task -> metric -> value."""
+    import json
+
+    from evomerge.eval.evaluator import CandidateEvaluator
+    from evomerge.eval.tasks import Objective, TaskError
+    from evomerge.recipe import Recipe
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        _fail("--tasks: give at least one task name")
+    if backend not in ("fast", "lm-eval"):
+        _fail(f"--backend: {backend!r} is not valid; use fast or lm-eval")
+    if limit is not None and limit <= 0:
+        _fail("--limit: must be a positive number of items")
+    try:
+        objectives = [Objective(task=name, split=split, limit=limit) for name in names]
+        evaluator = CandidateEvaluator(
+            objectives, include_paths=include_path or [], backend=backend, device=device,
+            base_dir=Path.cwd(), allow_pickle=allow_pickle,
+        )
+        if target.is_dir():
+            result = evaluator.evaluate_checkpoint(target)
+        else:
+            result = evaluator.evaluate(Recipe.load(target))
+    except (*_user_errors(), TaskError) as exc:
+        _fail(str(exc))
+    if not result.ok:
+        _fail(f"scoring failed: {result.reason}")
+    if json_output:
+        out.print_json(json.dumps({"target": str(target), "backend": backend, "split": split, **result.to_dict()}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{target} · {backend} backend · split {split}")
+    for column in ("task", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for task_split, metrics in result.metrics.items():
+        for metric, value in metrics.items():
+            table.add_row(task_split.split("@")[0], metric, f"{value:.4f}")
+    out.print(table)
+    err.print(
+        f"materialize {result.materialize_seconds:.2f}s · score {result.score_seconds:.2f}s", highlight=False
+    )
+
+
 @zoo_app.command("build")
 def zoo_build(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Where to build (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed<N>).")] = None,

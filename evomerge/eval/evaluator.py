@@ -1,0 +1,198 @@
+"""CandidateEvaluator: the object a worker owns. Recipe in, scores out, nothing on disk.
+
+It opens the source checkpoints once (memory-mapped), keeps one resident model per layer count (a
+routing may have more or fewer layers than the sources), builds the tasks and their tokenized requests
+once, and for each recipe writes the merged tensors into the resident model in place and scores it.
+Identical recipes (same content hash) are scored once. A candidate that raises, or produces NaN/Inf
+weights or logits, comes back as a failed result with its reason; it never raises to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from evomerge.eval.scorer import FastScorer, LmEvalScorer, Scores, make_hflm
+from evomerge.eval.tasks import Objective, PreparedTask, prepare_tasks
+from evomerge.merge.engine import materialize_into
+from evomerge.merge.io import Checkpoint
+from evomerge.merge.plan import MergePlan, PlanError, build_plan, open_checkpoints
+from evomerge.recipe import Recipe
+
+Backend = Literal["fast", "lm-eval"]
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``auto``: CUDA when a GPU is present, else CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class CandidateResult:
+    """What scoring one candidate produced."""
+
+    recipe_hash: str
+    status: Literal["ok", "failed"]
+    objectives: dict[str, float] = field(default_factory=dict)
+    """Objective label -> value (only when ok)."""
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``task@split`` -> every metric the task reports."""
+    seconds: float = 0.0
+    materialize_seconds: float = 0.0
+    score_seconds: float = 0.0
+    cached: bool = False
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class CandidateEvaluator:
+    """Scores recipes (or saved checkpoints) on objectives, reusing everything between candidates."""
+
+    def __init__(
+        self,
+        objectives: Sequence[Objective],
+        *,
+        include_paths: Sequence[str | Path] = (),
+        backend: Backend = "fast",
+        device: str | None = None,
+        seed: int = 0,
+        base_dir: Path | None = None,
+        allow_pickle: bool = False,
+        batch_tokens: int = 16384,
+    ):
+        if not objectives:
+            raise ValueError("objectives: at least one objective is needed")
+        if backend not in ("fast", "lm-eval"):
+            raise ValueError(f"backend {backend!r}: expected fast or lm-eval")
+        self.backend = backend
+        self.device = resolve_device(device)
+        self.seed = seed
+        self.base_dir = base_dir
+        self.allow_pickle = allow_pickle
+        self.batch_tokens = batch_tokens
+        self.prepared: list[PreparedTask]
+        self.objectives: list[Objective]
+        self.prepared, self.objectives = prepare_tasks(objectives, include_paths)
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._models: dict[int, torch.nn.Module] = {}
+        self._tokenizer: Any = None
+        self._scorer: FastScorer | LmEvalScorer | None = None
+        self._cache: dict[str, CandidateResult] = {}
+
+    # --- public ------------------------------------------------------------------------------------
+    def evaluate(self, recipe: Recipe) -> CandidateResult:
+        """Merge ``recipe`` into the resident model and score it; failures are results, not exceptions."""
+        key = recipe.content_hash()
+        if key in self._cache:
+            return dataclasses.replace(self._cache[key], cached=True, seconds=0.0)
+        start = time.perf_counter()
+        try:
+            plan = self._plan(recipe)
+            model = self._resident_model(plan)
+            materialize_into(model, plan, seed=self.seed)
+            _check_finite(model)
+            merged = time.perf_counter()
+            scores = self._score(model, self._tokenizer_dir(plan))
+            result = self._result(key, scores)
+            result.materialize_seconds = merged - start
+            result.score_seconds = time.perf_counter() - merged
+        except Exception as exc:  # a bad candidate must not take the search down
+            result = CandidateResult(key, "failed", reason=f"{type(exc).__name__}: {exc}")
+        result.seconds = time.perf_counter() - start
+        self._cache[key] = result
+        return result
+
+    def evaluate_checkpoint(self, path: str | Path) -> CandidateResult:
+        """Score a saved checkpoint directory as it is (no merge)."""
+        from transformers import AutoModelForCausalLM
+
+        start = time.perf_counter()
+        path = Path(path)
+        Checkpoint(path, allow_pickle=self.allow_pickle)  # clear errors for non-checkpoints, pickle refusal
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+        loaded = time.perf_counter()
+        result = self._result(str(path), self._score(model, path))
+        result.materialize_seconds = loaded - start
+        result.score_seconds = time.perf_counter() - loaded
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def close(self) -> None:
+        for ckpt in self._checkpoints.values():
+            ckpt.close()
+        self._checkpoints.clear()
+        self._models.clear()
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _plan(self, recipe: Recipe) -> MergePlan:
+        checkpoints = open_checkpoints(
+            recipe, base_dir=self.base_dir, allow_pickle=self.allow_pickle, cache=self._checkpoints
+        )
+        self._checkpoints.update(checkpoints)
+        return build_plan(recipe, checkpoints)
+
+    def _resident_model(self, plan: MergePlan) -> torch.nn.Module:
+        """One model per layer count, built once from the plan's output config and then reused."""
+        model = self._models.get(plan.num_layers)
+        if model is None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.for_model(**{k: v for k, v in plan.config.items() if k != "dtype"})
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(self.device).eval()
+            names = {job.name for job in plan.jobs}
+            uncovered = [n for n, _ in model.named_parameters() if n not in names]
+            if uncovered:
+                raise PlanError(f"the merge does not produce {uncovered[0]} of the model ({len(uncovered)} missing)")
+            self._models[plan.num_layers] = model
+        return model
+
+    def _tokenizer_dir(self, plan: MergePlan) -> Path:
+        ckpt = plan.checkpoints.get(plan.tokenizer_model)
+        return ckpt.path if ckpt is not None else Path(plan.tokenizer_model)
+
+    def _score(self, model: torch.nn.Module, tokenizer_dir: Path) -> Scores:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if self._scorer is None:
+            if self.backend == "fast":
+                lm = make_hflm(model, self._tokenizer)
+                self._scorer = FastScorer(self.prepared, lm, batch_tokens=self.batch_tokens)
+            else:
+                self._scorer = LmEvalScorer(self.prepared, self._tokenizer)
+        return self._scorer.score(model)
+
+    def _result(self, key: str, scores: Scores) -> CandidateResult:
+        metrics = {f"{item.name}@{item.split}": scores[item.key] for item in self.prepared}
+        by_label = {o.label: o for o in self.objectives}
+        values = {
+            label: scores[item.key][by_label[label].metric]
+            for item in self.prepared
+            for label in item.objective_labels
+        }
+        return CandidateResult(key, "ok", objectives=values, metrics=metrics)
+
+
+def _check_finite(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise FloatingPointError(f"merged weights contain NaN or Inf ({name})")

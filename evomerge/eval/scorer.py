@@ -1,0 +1,216 @@
+"""Two scoring backends over a resident model, giving the same numbers.
+
+- ``LmEvalScorer``: lm-eval's own evaluator (``simple_evaluate``) over an ``HFLM`` that wraps the
+  in-memory model. The reference.
+- ``FastScorer``: the same lm-eval requests, tokenized once with the same ``HFLM`` encoding rules, then
+  per candidate only batched forward passes; responses go back through the task's own filters,
+  ``process_results`` and aggregation, so metrics are computed by lm-eval's code, not a copy of it.
+
+Both return ``{task_key: {metric: value}}`` where ``task_key`` is ``PreparedTask.key``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from evomerge.eval.tasks import PreparedTask
+
+TaskKey = tuple[str, str, tuple[int, ...]]
+Scores = dict[TaskKey, dict[str, float]]
+
+LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+
+
+class ScoringError(RuntimeError):
+    """The model produced something that cannot be scored (e.g. NaN logits)."""
+
+
+def make_hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int = 64) -> Any:
+    """lm-eval's HF wrapper around an in-memory model (no loading, no copy)."""
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def aggregate(item: PreparedTask, responses: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Per-document responses -> the task's metrics, through lm-eval's filters and aggregations."""
+    task = item.task
+    for instances, values in zip(item.instances_by_doc, responses):
+        for instance, value in zip(instances, values):
+            instance.resps = [value]
+    instances = [inst for group in item.instances_by_doc for inst in group]
+    for ensemble in getattr(task, "_filters", []):
+        ensemble.apply(instances)
+    raw: dict[str, list[Any]] = defaultdict(list)
+    filter_keys = list(item.instances_by_doc[0][0].filtered_resps)
+    for filter_key in filter_keys:
+        for group in item.instances_by_doc:
+            metrics = task.process_results(group[0].doc, [inst.filtered_resps[filter_key] for inst in group])
+            for metric, value in metrics.items():
+                raw[metric if filter_key == "none" else f"{metric},{filter_key}"].append(value)
+    aggregations = task.aggregation()
+    return {name: float(aggregations[name.split(",")[0]](values)) for name, values in raw.items()}
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]  # model input
+    target: list[int]  # the continuation tokens, scored at the last len(target) positions
+
+
+class FastScorer:
+    """Batched log-likelihood over pre-tokenized lm-eval requests."""
+
+    def __init__(self, prepared: Sequence[PreparedTask], lm: Any, *, batch_tokens: int = 16384):
+        self.prepared = list(prepared)
+        self.batch_tokens = batch_tokens
+        self.max_length = int(lm.max_length)
+        # per task, per document, per instance: the list of (input, target) windows it sums over
+        self._windows: list[list[list[list[_Sequence]]]] = []
+        for item in self.prepared:
+            if item.output_type not in LOGLIKELIHOOD_TYPES:
+                raise ValueError(
+                    f"task {item.name}: output_type {item.output_type!r} is not supported by the fast backend "
+                    f"(supported: {', '.join(LOGLIKELIHOOD_TYPES)}); use --backend lm-eval"
+                )
+            self._windows.append([[self._encode(lm, inst) for inst in group] for group in item.instances_by_doc])
+
+    def _encode(self, lm: Any, instance: Any) -> list[_Sequence]:
+        """Token windows for one request, by HFLM's own rules (the same tokens lm-eval scores)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        if instance.request_type == "loglikelihood_rolling":
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=lm.tok_encode(instance.args[0]),
+                    prefix_token=lm.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+        else:
+            context, continuation = instance.args
+            if context == "":
+                cont = lm.tok_encode(continuation, add_special_tokens=False)
+                ctx, cont = ([lm.prefix_token_id], cont) if lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+            else:
+                ctx, cont = lm._encode_pair(context, continuation)
+            windows = [(ctx, cont)]
+        return [_Sequence((c + t)[-(self.max_length + 1):][:-1], list(t)) for c, t in windows]
+
+    def score(self, model: torch.nn.Module) -> Scores:
+        flat = [seq for task in self._windows for doc in task for inst in doc for seq in inst]
+        results = self._loglikelihoods(model, flat)
+        scores: Scores = {}
+        cursor = 0
+        for item, task_windows in zip(self.prepared, self._windows):
+            responses = []
+            for doc, group in zip(task_windows, item.instances_by_doc):
+                doc_responses = []
+                for inst, instance in zip(doc, group):
+                    values = results[cursor: cursor + len(inst)]
+                    cursor += len(inst)
+                    if instance.request_type == "loglikelihood_rolling":
+                        doc_responses.append(sum(v[0] for v in values))
+                    else:
+                        doc_responses.append(values[0])
+                responses.append(doc_responses)
+            scores[item.key] = aggregate(item, responses)
+        return scores
+
+    @torch.no_grad()
+    def _loglikelihoods(self, model: torch.nn.Module, sequences: list[_Sequence]) -> list[tuple[float, bool]]:
+        device = next(model.parameters()).device
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].tokens))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
+        start = 0
+        while start < len(order):
+            width = len(sequences[order[start]].tokens)
+            rows = max(1, self.batch_tokens // max(width, 1))
+            batch = order[start: start + rows]
+            start += rows
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, index in enumerate(batch):
+                tokens = sequences[index].tokens
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+            logits = model(input_ids=ids.to(device)).logits
+            # only the positions that predict continuation tokens
+            rows_idx, pos_idx, targets = [], [], []
+            for row, index in enumerate(batch):
+                seq = sequences[index]
+                n, k = len(seq.tokens), len(seq.target)
+                rows_idx.extend([row] * k)
+                pos_idx.extend(range(n - k, n))
+                targets.extend(seq.target)
+            picked = logits[torch.tensor(rows_idx), torch.tensor(pos_idx)].float()
+            if not torch.isfinite(picked).all():
+                raise ScoringError("the model produced NaN or Inf logits")
+            logprobs = F.log_softmax(picked, dim=-1)
+            target = torch.tensor(targets, device=logprobs.device)
+            token_ll = logprobs.gather(1, target[:, None]).squeeze(1).cpu()
+            greedy = (logprobs.argmax(dim=-1) == target).cpu()
+            offset = 0
+            for index in batch:
+                k = len(sequences[index].target)
+                out[index] = (float(token_ll[offset: offset + k].sum()), bool(greedy[offset: offset + k].all()))
+                offset += k
+        return out
+
+
+class LmEvalScorer:
+    """lm-eval's evaluator over the in-memory model: the reference the fast backend is held to."""
+
+    def __init__(self, prepared: Sequence[PreparedTask], tokenizer: Any, *, batch_size: int = 64):
+        self.prepared = list(prepared)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self._lms: dict[int, Any] = {}
+
+    def score(self, model: torch.nn.Module) -> Scores:
+        import logging
+
+        from lm_eval import simple_evaluate
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        lm = self._lms.get(id(model))
+        if lm is None:
+            lm = self._lms[id(model)] = make_hflm(model, self.tokenizer, self.batch_size)
+        scores: Scores = {}
+        # tasks sharing a name (same task, different splits) go in separate calls
+        batches: dict[int, list[PreparedTask]] = defaultdict(list)
+        for item in self.prepared:
+            slot = sum(1 for other in batches.values() if any(o.name == item.name for o in other))
+            batches[slot].append(item)
+        for items in batches.values():
+            result = simple_evaluate(
+                model=lm,
+                tasks=[i.task for i in items],
+                samples={i.name: i.doc_ids for i in items},
+                task_manager=items[0].manager,
+                bootstrap_iters=0,
+                log_samples=False,
+                verbosity="ERROR",
+            )
+            for item in items:
+                values = result["results"][item.name]
+                scores[item.key] = {
+                    k.removesuffix(",none"): float(v)
+                    for k, v in values.items()
+                    if "," in k and not k.endswith("_stderr,none") and isinstance(v, (int, float)) and "stderr" not in k
+                }
+        for metrics in scores.values():
+            for name, value in metrics.items():
+                if isinstance(value, float) and math.isnan(value):
+                    raise ScoringError(f"metric {name} is NaN")
+        return scores
