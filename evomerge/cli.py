@@ -139,6 +139,100 @@ def eval_command(
     )
 
 
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (configs/*.yaml).")],
+    run_dir: Annotated[Optional[Path], typer.Option(help="Where evaluations.jsonl, state and run.yaml go (default: runs/<config name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir (after Ctrl-C, a crash or kill -9).")] = False,
+    budget: Annotated[Optional[int], typer.Option(help="Candidates to score in total (overrides optimizer.budget).")] = None,
+    time_limit: Annotated[Optional[str], typer.Option(help="Stop after this long, e.g. 8h, 90m (in-flight candidates finish).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per CPU locally, per GPU on a cluster); 0 runs in-process.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray on loopback).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite in the run dir).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: key=value, dotted keys (e.g. zoo=DIR, optimizer.population=12).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Search merge recipes: an optimizer proposes, Ray workers merge in memory and score, everything is checkpointed."""
+    import os
+
+    from evomerge.runtime.executor import make_executor
+    from evomerge.search.config import ConfigError, load_run_config, parse_duration
+    from evomerge.search.driver import Search, SearchError
+    from evomerge.search.rundir import RunDir
+
+    overrides = list(set_ or [])
+    if workers is not None:
+        overrides.append(f"runtime.workers={workers}")
+    if ray_address:
+        overrides.append(f"runtime.ray_address={ray_address}")
+    if tracking_uri:
+        overrides.append(f"tracking.uri={tracking_uri}")
+    if time_limit:
+        overrides.append(f"runtime.time_limit={time_limit}")
+    try:
+        run = load_run_config(config, overrides)
+        seconds = parse_duration(run.config.runtime.time_limit)
+        directory = RunDir(run_dir or Path("runs") / (run.config.name or config.stem))
+        address = run.config.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+        executor = make_executor(run, address=address)
+    except (*_user_errors(), ConfigError, SearchError) as exc:
+        _fail(str(exc))
+    try:
+        job = Search(run, directory, executor, budget=budget, time_limit=seconds, progress=not quiet)
+        summary = job.execute(resume=resume)
+    except (ConfigError, SearchError) as exc:
+        _fail(str(exc))
+    finally:
+        executor.shutdown()
+    err.print(
+        f"{summary.stopped}: {summary.evaluated} candidates ({summary.failed} failed, {summary.cached} cached) "
+        f"in {summary.seconds:.0f}s · run dir {directory.path}",
+        highlight=False,
+    )
+    if summary.stopped != "budget":
+        err.print(f"continue with: evomerge search {config} --run-dir {directory.path} --resume", highlight=False)
+    _print_front(directory.path, json_output=False)
+
+
+@app.command()
+def front(
+    run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Print the current Pareto front of a run (the best candidate, for one objective)."""
+    _print_front(run_dir, json_output)
+
+
+def _print_front(run_dir: Path, json_output: bool) -> None:
+    import json
+
+    from evomerge.search.report import RunReport
+
+    try:
+        report = RunReport.load(run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    rows = report.front()
+    if json_output:
+        out.print_json(json.dumps({"objectives": report.labels, "directions": report.directions,
+                                   "hypervolume": report.hypervolume(), "front": rows}))
+        return
+    from rich.table import Table
+
+    title = "best candidate" if len(report.labels) == 1 else f"Pareto front · hypervolume {report.hypervolume():.4f}"
+    table = Table(title=f"{run_dir} · {title} · {report.count} candidates")
+    table.add_column("id", justify="right")
+    table.add_column("gen", justify="right")
+    for label, direction in zip(report.labels, report.directions):
+        table.add_column(f"{label} ({'↑' if direction == 'maximize' else '↓'})", justify="right")
+    table.add_column("method")
+    table.add_column("recipe hash")
+    for row in rows:
+        table.add_row(str(row["id"]), str(row["generation"]), *[f"{row['objectives'][k]:.4f}" for k in report.labels],
+                      row["recipe"]["merge_method"], row["recipe_hash"])
+    out.print(table)
+
+
 @zoo_app.command("build")
 def zoo_build(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Where to build (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed<N>).")] = None,

@@ -40,6 +40,8 @@ class Objective(BaseModel):
     direction: Literal["maximize", "minimize"] | None = None
     """Default: the task's own ``higher_is_better`` for the metric."""
     weight: float = 1.0
+    reference: float | None = None
+    """Hypervolume reference value (default: 0 for maximized metrics, the worst seen for minimized)."""
     name: str | None = None
     """Label in tables and logs; default ``task/metric``."""
 

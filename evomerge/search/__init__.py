@@ -1,0 +1,1 @@
+"""Search: optimizers behind one ask/tell interface, the driver loop, checkpoint and resume."""

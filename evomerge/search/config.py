@@ -1,0 +1,236 @@
+"""Run configuration (``configs/*.yaml``): search space, optimizer, objectives, runtime, tracking.
+
+Model references in the search space may be names from a toy zoo (``base``, ``reverse``, …) when a
+zoo is given: ``zoo:`` in the config, ``--set zoo=DIR``, or ``$EVOMERGE_ZOO_DIR`` (in that order);
+the zoo's task directory is then added to the include paths. Anything else is a path, relative to the
+config file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.eval.tasks import Objective
+from evomerge.space import SearchSpace, SpaceError, load_space
+
+MINIMIZED_METRICS = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["cma", "nsga2", "random"] = "nsga2"
+    population: int = Field(default=8, ge=2)
+    budget: int = Field(default=64, ge=1)
+    """Candidates to score (cached duplicates count)."""
+    sigma: float = Field(default=0.25, gt=0)
+    """CMA-ES initial step size, in units of the [0,1] gene range."""
+    seed: int = 0
+
+
+class RuntimeConfig(_Strict):
+    workers: int | None = Field(default=None, ge=0)
+    """Ray workers; None: as many as the machine has CPUs (local) or GPUs (cluster); 0: in-process."""
+    ray_address: str | None = None
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    timeout: float | None = Field(default=600.0, gt=0)
+    """Seconds one candidate may take before it is retried once elsewhere, then failed."""
+    time_limit: str | None = None
+    """Wall-clock bound for the whole run, e.g. 8h, 90m, 3600s."""
+    backend: Literal["fast", "lm-eval"] = "fast"
+    device: str | None = None
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None
+    experiment: str = "evomerge"
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    zoo: str | None = None
+    search_space: Union[str, dict[str, Any]]
+    objectives: list[Objective] = Field(min_length=1)
+    include_paths: list[str] = Field(default_factory=list)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _metrics_named(self) -> "RunConfig":
+        for i, objective in enumerate(self.objectives):
+            if objective.metric is None:
+                raise ValueError(f"objectives[{i}].metric: required in a run config (e.g. acc)")
+        return self
+
+
+class ResolvedRun:
+    """A validated config with its zoo, model paths, search space and objective directions resolved."""
+
+    def __init__(self, config: RunConfig, raw: dict[str, Any], base_dir: Path):
+        self.config = config
+        self.raw = raw
+        self.base_dir = base_dir
+        self.zoo_dir = _zoo_dir(config.zoo, base_dir)
+        zoo = json.loads((self.zoo_dir / "zoo.json").read_text()) if self.zoo_dir else None
+        self.names: dict[str, str] = {}
+        if zoo is not None:
+            self.names = {"base": str(self.zoo_dir / zoo["base"])}
+            self.names.update({k: str(self.zoo_dir / v) for k, v in zoo["models"].items()})
+        self.include_paths = [str(_path(p, base_dir)) for p in config.include_paths]
+        if zoo is not None:
+            self.include_paths.append(str(self.zoo_dir / zoo["include_path"]))
+        space_data = config.search_space
+        space_source = "search_space"
+        if isinstance(space_data, str):
+            space_path = _path(space_data, base_dir)
+            space_source = str(space_path)
+            try:
+                space_data = yaml.safe_load(space_path.read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"search_space: cannot read {space_path}: {exc}") from None
+        self.space_data: dict[str, Any] = self._resolve_models(dict(space_data), space_source)
+        try:
+            self.space: SearchSpace = load_space(self.space_data, source=space_source)
+        except SpaceError as exc:
+            raise ConfigError(str(exc)) from None
+        self.objectives = list(config.objectives)
+        self.directions = [direction_of(o) for o in self.objectives]
+        self.weights = [o.weight for o in self.objectives]
+
+    def _resolve_models(self, data: dict[str, Any], source: str) -> dict[str, Any]:
+        def resolve(ref: str) -> str:
+            if ref in self.names:
+                return self.names[ref]
+            path = _path(ref, self.base_dir)
+            if not path.exists():
+                known = f" (zoo names: {', '.join(self.names)})" if self.names else " (no zoo given: set zoo, --set zoo=DIR or EVOMERGE_ZOO_DIR)"
+                raise ConfigError(f"{source}: model {ref!r} is neither a zoo name nor an existing directory{known}")
+            return str(path)
+
+        if "models" in data:
+            data["models"] = [resolve(m) for m in data["models"]]
+        if data.get("base_model"):
+            data["base_model"] = resolve(data["base_model"])
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run as it will execute (paths resolved): what is saved in the run dir and logged."""
+        data = self.config.model_dump(mode="json")
+        data["zoo"] = str(self.zoo_dir) if self.zoo_dir else None
+        data["search_space"] = self.space.model_dump(mode="json")
+        data["include_paths"] = self.include_paths
+        return data
+
+
+def direction_of(objective: Objective) -> str:
+    """An objective's direction: as given, else minimize perplexity-type metrics, maximize the rest."""
+    if objective.direction:
+        return objective.direction
+    return "minimize" if (objective.metric or "") in MINIMIZED_METRICS else "maximize"
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> ResolvedRun:
+    """Read a run config YAML, apply ``key=value`` overrides (dotted keys), validate and resolve."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping (search_space, objectives, optimizer, ...)")
+    return resolve_run_config(raw, base_dir=path.parent.resolve(), overrides=overrides, source=str(path))
+
+
+def resolve_run_config(
+    raw: Mapping[str, Any], *, base_dir: Path, overrides: Sequence[str] = (), source: str = "config"
+) -> ResolvedRun:
+    data = copy.deepcopy(dict(raw))
+    for item in overrides:
+        apply_override(data, item)
+    data = _expand_env(data)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        from evomerge.recipe import _describe
+
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    return ResolvedRun(config, data, base_dir)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """``optimizer.budget=200`` -> data["optimizer"]["budget"] = 200 (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. optimizer.budget=200")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """``${VAR}`` and ``${VAR:-default}`` inside strings."""
+    if isinstance(value, str):
+        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value) or None
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def _path(ref: str, base_dir: Path) -> Path:
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _zoo_dir(configured: str | None, base_dir: Path) -> Path | None:
+    candidate = configured or os.environ.get("EVOMERGE_ZOO_DIR")
+    if not candidate:
+        from evomerge.zoo.build import default_zoo_dir
+
+        default = default_zoo_dir(0)
+        return default if (default / "zoo.json").exists() else None
+    path = _path(candidate, base_dir)
+    if not (path / "zoo.json").exists():
+        raise ConfigError(f"zoo: {path} has no zoo.json (build one with `evomerge zoo build {path}`)")
+    return path
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'8h', '90m', '45s', '1h30m', '3600' -> seconds."""
+    if text is None:
+        return None
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", s)
+    if not parts or "".join(a + b for a, b in parts) != s:
+        raise ConfigError(f"time limit {text!r}: expected a duration such as 8h, 90m, 1h30m or 3600")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)

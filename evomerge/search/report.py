@@ -1,0 +1,70 @@
+"""Read a run directory back: records, objectives, the front, hypervolume, the best candidate.
+
+Used by `evomerge front`, export and tracking; it only reads files, so it works on a live run, a
+finished one or a killed one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evomerge.search.config import direction_of
+from evomerge.eval.tasks import Objective
+from evomerge.search.front import hypervolume, pareto_indices, reference_point, to_minimize, weighted_score
+from evomerge.search.rundir import RunDir
+
+
+class RunReport:
+    def __init__(self, config: dict[str, Any], records: list[dict[str, Any]]):
+        self.config = config
+        self.records = records
+        objectives = [Objective.model_validate(o) for o in config["objectives"]]
+        self.labels = [o.label for o in objectives]
+        self.directions = [direction_of(o) for o in objectives]
+        self.weights = [o.weight for o in objectives]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunReport":
+        run_dir = RunDir(path)
+        if not (run_dir.path / "run.yaml").exists():
+            raise FileNotFoundError(f"{run_dir.path}: not a run directory (no run.yaml)")
+        return cls(run_dir.read_config(), list(run_dir.records()))
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["status"] == "ok" and all(k in r["objectives"] for k in self.labels)]
+
+    def values(self, records: list[dict[str, Any]]) -> list[list[float]]:
+        return [[r["objectives"][k] for k in self.labels] for r in records]
+
+    def front(self) -> list[dict[str, Any]]:
+        """Non-dominated candidates (for one objective: the best one), by id."""
+        ok = self.ok
+        if not ok:
+            return []
+        if len(self.labels) == 1:
+            return [self.best()]  # type: ignore[list-item]
+        F = to_minimize(self.values(ok), self.directions)
+        return sorted((ok[i] for i in pareto_indices(F)), key=lambda r: r["id"])
+
+    def best(self) -> dict[str, Any] | None:
+        ok = self.ok
+        if not ok:
+            return None
+        return max(ok, key=lambda r: (self.score(r), -r["id"]))
+
+    def score(self, record: dict[str, Any]) -> float:
+        return weighted_score([record["objectives"][k] for k in self.labels], self.directions, self.weights)
+
+    def hypervolume(self, records: list[dict[str, Any]] | None = None) -> float:
+        ok = self.ok if records is None else records
+        if not ok:
+            return 0.0
+        F = to_minimize(self.values(ok), self.directions)
+        references = [o.get("reference") for o in self.config["objectives"]]
+        return hypervolume(F, reference_point(self.directions, references, F))

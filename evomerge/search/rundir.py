@@ -1,0 +1,116 @@
+"""The run directory: nothing a search learned is lost.
+
+    RUN_DIR/run.yaml             the resolved run config (paths absolute), written at the start
+    RUN_DIR/evaluations.jsonl    one line per scored candidate, appended and fsync'ed as it arrives
+    RUN_DIR/state                the optimizer and the pending generation, pickled atomically after
+                                 every ask and every tell
+
+A run killed at any point (kill -9 included) resumes from these: candidates already in
+evaluations.jsonl are never scored again, and the pending generation is finished and told.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+EVALUATIONS = "evaluations.jsonl"
+STATE = "state"
+RUN_CONFIG = "run.yaml"
+
+
+@dataclass
+class SearchState:
+    optimizer: Any
+    generation: int = 0
+    next_id: int = 0
+    pending_ids: list[int] = field(default_factory=list)
+    pending_X: np.ndarray | None = None
+    """The asked-but-not-told generation (saved right after ask, so a resumed run tells the same X)."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def evaluations_path(self) -> Path:
+        return self.path / EVALUATIONS
+
+    def exists(self) -> bool:
+        return (self.path / STATE).exists() or self.evaluations_path.exists()
+
+    # --- config ---------------------------------------------------------------------------------
+    def write_config(self, data: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / RUN_CONFIG, yaml.safe_dump(data, sort_keys=False).encode())
+
+    def read_config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.path / RUN_CONFIG).read_text())
+
+    # --- evaluations ----------------------------------------------------------------------------
+    def append(self, record: dict[str, Any]) -> None:
+        """One candidate's record, durable before this returns."""
+        line = json.dumps(record, separators=(",", ":"), default=_json_default) + "\n"
+        with open(self.evaluations_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def repair(self) -> None:
+        """Cut a torn last line (a kill in the middle of a write) so appends start on a fresh line."""
+        path = self.evaluations_path
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every complete record (a torn last line from a kill is skipped)."""
+        if not self.evaluations_path.exists():
+            return
+        with open(self.evaluations_path) as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+    # --- optimizer state ------------------------------------------------------------------------
+    def save_state(self, state: SearchState) -> None:
+        _atomic_write(self.path / STATE, pickle.dumps(state))
+
+    def load_state(self) -> SearchState | None:
+        path = self.path / STATE
+        if not path.exists():
+            return None
+        return pickle.loads(path.read_bytes())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,75 @@
+"""Fake evaluators for the runtime tests (no model, no tasks): used as ``EvaluatorSpec.factory``.
+
+Each is chosen by a factory path ``"fake_evaluators:<name>"`` and scripted by the recipe: the first
+model's name says what to do, ``"<action>"`` or ``"<action>:<argument>"``:
+
+* ``sleep:<seconds>``  sleep, then succeed (``sleeper`` understands only this)
+* ``die``              ``os._exit(1)``: the worker process vanishes (``killer``)
+* ``die_once:<path>``  die unless ``<path>`` exists; create it first (writing our pid), so a retry succeeds
+* ``hang``             never return (``hanger``)
+
+A successful result reports ``{"seconds": <slept>, "pid": <worker pid>}`` as its objectives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from evomerge.eval.evaluator import CandidateResult
+
+
+def recipe_for(action: str) -> dict:
+    """A valid one-model linear recipe whose model name carries ``action``."""
+    return {"merge_method": "linear", "models": [{"model": action, "parameters": {"weight": 1.0}}]}
+
+
+class ScriptedEvaluator:
+    def __init__(self, spec, actions: frozenset[str]):
+        self.spec = spec
+        self.actions = actions
+        self.device = "cpu"
+
+    def evaluate(self, recipe) -> CandidateResult:
+        action, _, arg = recipe.models[0].model.partition(":")
+        if action not in self.actions:
+            raise ValueError(f"this fake does not do {action!r}")
+        slept = 0.0
+        if action == "sleep":
+            slept = float(arg or 0)
+            time.sleep(slept)
+        elif action == "die":
+            os._exit(1)
+        elif action == "die_once":
+            marker = Path(arg)
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+        elif action == "hang":
+            while True:
+                time.sleep(3600)
+        objectives = {"seconds": slept, "pid": float(os.getpid())}
+        return CandidateResult(recipe.content_hash(), "ok", objectives=objectives, seconds=slept)
+
+
+def sleeper(spec) -> ScriptedEvaluator:
+    return ScriptedEvaluator(spec, frozenset({"sleep"}))
+
+
+def killer(spec) -> ScriptedEvaluator:
+    return ScriptedEvaluator(spec, frozenset({"sleep", "die", "die_once"}))
+
+
+def hanger(spec) -> ScriptedEvaluator:
+    return ScriptedEvaluator(spec, frozenset({"sleep", "hang"}))
+
+
+def scripted(spec) -> ScriptedEvaluator:
+    """All of the above in one evaluator (one worker pool can serve several tests)."""
+    return ScriptedEvaluator(spec, frozenset({"sleep", "die", "die_once", "hang"}))
+
+
+def broken(spec):
+    """A factory that fails: the worker cannot build its evaluator."""
+    raise RuntimeError("no evaluator for you")

@@ -1,0 +1,221 @@
+"""Executors: parallel dispatch, timeouts and worker deaths (retried once, replaced), loopback-only Ray.
+
+One local Ray (3 logical CPUs) serves the whole file; one pool of 2 workers serves most tests. The
+evaluators are fakes from ``fake_evaluators.py`` (sleep / die / hang, scripted by the recipe), so
+nothing here needs a model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from evomerge.runtime import EvaluatorSpec, InProcessExecutor, Job, RayExecutor, start_local_ray  # noqa: E402
+from fake_evaluators import recipe_for  # noqa: E402
+
+TESTS_DIR = Path(__file__).resolve().parent
+FAKES_ENV = {"env_vars": {"PYTHONPATH": str(TESTS_DIR)}}
+"""How Ray workers import ``fake_evaluators`` (tests/ is not a package and not installed)."""
+TIMEOUT = 2.0
+
+
+def fake_spec(name: str = "scripted") -> EvaluatorSpec:
+    return EvaluatorSpec(objectives=[], factory=f"fake_evaluators:{name}")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    owned = not ray.is_initialized()
+    if owned:
+        start_local_ray(3)  # 2 pool workers + 1 spare for the start-failure test
+    yield ray
+    if owned:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray):
+    executor = RayExecutor(fake_spec(), workers=2, timeout=TIMEOUT, runtime_env=FAKES_ENV)
+    yield executor
+    executor.shutdown()
+
+
+def wait_all_idle(executor: RayExecutor, limit: float = 60.0) -> None:
+    """Replacement workers start in the background; wait for them before timing anything."""
+    deadline = time.monotonic() + limit
+    while any(w["state"] != "idle" for w in executor.workers()):
+        assert time.monotonic() < deadline, executor.workers()
+        time.sleep(0.05)
+
+
+def drain(executor, limit: float = 60.0) -> list:
+    outcomes = []
+    deadline = time.monotonic() + limit
+    while executor.pending():
+        outcome = executor.next_outcome(timeout=max(0.0, deadline - time.monotonic()))
+        assert outcome is not None, "no outcome in time"
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _is_loopback(host: str) -> bool:
+    ip = ipaddress.ip_address(host.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+# --- no Ray needed ---------------------------------------------------------------------------------
+def test_spec_is_picklable_and_builds_a_candidate_evaluator_by_default():
+    spec = EvaluatorSpec(objectives=[{"task": "t", "limit": 5}], include_paths=["/x"], seed=3, threads=2)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    with pytest.raises(ValueError, match="at least one objective"):  # reached CandidateEvaluator
+        EvaluatorSpec(objectives=[]).build()
+    with pytest.raises(ValueError, match="module:function"):
+        EvaluatorSpec(objectives=[], factory="fake_evaluators").build()
+    assert type(fake_spec().build()).__name__ == "ScriptedEvaluator"
+
+
+def test_inprocess_executor_runs_in_submit_and_reports_idle_time():
+    executor = InProcessExecutor(fake_spec())
+    assert executor.capacity == 1 and executor.pending() == 0 and executor.next_outcome() is None
+    executor.submit(Job(1, recipe_for("sleep:0.2")))
+    assert executor.pending() == 1  # already done, waiting to be taken
+    time.sleep(0.2)
+    outcome = executor.next_outcome()
+    assert outcome.worker == "inprocess" and outcome.result.ok and outcome.job.candidate_id == 1
+    assert outcome.result.objectives["pid"] == os.getpid()
+    assert executor.pending() == 0 and executor.next_outcome(timeout=0.1) is None
+    assert 0.3 < executor.idle_fraction() < 0.7
+    executor.shutdown()
+
+
+# --- Ray ---------------------------------------------------------------------------------------------
+def test_local_ray_listens_on_loopback_only(local_ray, pool):
+    import psutil
+
+    assert local_ray.util.get_node_ip_address() == "127.0.0.1"
+    me = psutil.Process()
+    listening, exposed = [], []
+    for proc in [me, *me.children(recursive=True)]:  # GCS, raylet, agents, the pool's actors, the driver
+        try:
+            name, conns = proc.name(), proc.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        for conn in conns:
+            bound = conn.status == psutil.CONN_LISTEN or (conn.status == psutil.CONN_NONE and not conn.raddr)
+            if not bound:
+                continue
+            listening.append((name, conn.laddr.ip, conn.laddr.port))
+            if not _is_loopback(conn.laddr.ip):
+                exposed.append((name, proc.pid, conn.laddr.ip, conn.laddr.port))
+    names = {n for n, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening
+    assert any(n.startswith("ray::_Worker") for n in names), listening  # the pool's actors were checked too
+    assert not exposed, f"listening on a non-loopback address: {exposed}"
+
+
+def test_jobs_run_in_parallel_on_two_workers(pool):
+    wait_all_idle(pool)
+    assert pool.capacity == 2
+    start = time.monotonic()
+    pool.submit(Job(1, recipe_for("sleep:1")))
+    pool.submit(Job(2, recipe_for("sleep:1.0")))
+    assert time.monotonic() - start < 0.5  # submit does not wait for the job
+    outcomes = drain(pool)
+    wall = time.monotonic() - start
+    assert wall < 1.8, f"two 1 s jobs took {wall:.2f} s on 2 workers"
+    assert sorted(o.job.candidate_id for o in outcomes) == [1, 2]
+    assert all(o.result.ok and o.result.objectives["seconds"] == 1.0 for o in outcomes)
+    assert len({o.worker for o in outcomes}) == 2 and len({o.result.objectives["pid"] for o in outcomes}) == 2
+    assert 0.0 <= pool.idle_fraction() < 0.5
+
+
+def test_worker_death_is_retried_on_another_worker(pool, tmp_path):
+    wait_all_idle(pool)
+    marker = tmp_path / "died"
+    pool.submit(Job(7, recipe_for(f"die_once:{marker}")))
+    (outcome,) = drain(pool)
+    assert outcome.result.ok, outcome.result.reason
+    assert outcome.job.candidate_id == 7 and outcome.job.attempt == 1
+    assert outcome.result.objectives["pid"] != int(marker.read_text())  # not the process that died
+    assert pool.capacity == 2
+
+
+def test_worker_that_keeps_dying_fails_and_capacity_is_kept(pool):
+    wait_all_idle(pool)
+    before = {w["name"] for w in pool.workers()}
+    pool.submit(Job(8, recipe_for("die")))
+    (outcome,) = drain(pool)
+    assert outcome.result.status == "failed" and outcome.job.attempt == 1
+    assert outcome.result.reason.startswith("worker died"), outcome.result.reason
+    assert "2 attempts" in outcome.result.reason and "process exited" in outcome.result.reason
+    assert outcome.result.recipe_hash and outcome.worker in before | {w["name"] for w in pool.workers()}
+    # both dead actors were replaced by fresh ones: two jobs still run side by side
+    assert pool.capacity == 2
+    wait_all_idle(pool)
+    after = {w["name"] for w in pool.workers()}
+    assert after.isdisjoint(before), (before, after)
+    start = time.monotonic()
+    pool.submit(Job(9, recipe_for("sleep:0.5")))
+    pool.submit(Job(10, recipe_for("sleep:0.5")))
+    outcomes = drain(pool)
+    assert all(o.result.ok for o in outcomes) and {o.worker for o in outcomes} == after
+    assert time.monotonic() - start < 0.9
+
+
+def test_timeout_is_retried_once_then_fails(pool):
+    wait_all_idle(pool)
+    start = time.monotonic()
+    pool.submit(Job(11, recipe_for("hang")))
+    pool.submit(Job(12, recipe_for("sleep:0")))
+    outcomes = {o.job.candidate_id: o for o in drain(pool)}
+    hung = outcomes[11]
+    assert hung.result.status == "failed" and hung.job.attempt == 1
+    assert hung.result.reason.startswith("timeout"), hung.result.reason
+    assert "2 attempts" in hung.result.reason
+    assert time.monotonic() - start >= 2 * TIMEOUT
+    assert outcomes[12].result.ok  # the other worker kept working meanwhile
+    # the killed attempts never report later, and the pool is whole again
+    assert pool.next_outcome(timeout=0.3) is None and pool.pending() == 0
+    assert pool.capacity == 2
+    pool.submit(Job(13, recipe_for("sleep:0")))
+    (after,) = drain(pool)
+    assert after.result.ok and after.job.candidate_id == 13
+
+
+def test_inprocess_and_ray_give_the_same_results(pool):
+    jobs = [
+        Job(20, recipe_for("sleep:0")),
+        Job(21, recipe_for("sleep:0.1")),
+        Job(22, {"merge_method": "no-such-method", "models": [{"model": "x"}]}),  # invalid recipe
+        Job(23, recipe_for("explode")),  # the evaluator raises
+    ]
+    inprocess = InProcessExecutor(fake_spec())
+    for job in jobs:
+        inprocess.submit(job)
+        pool.submit(job)
+    local = {o.job.candidate_id: o.result for o in drain(inprocess)}
+    remote = {o.job.candidate_id: o.result for o in drain(pool)}
+    assert local.keys() == remote.keys() == {20, 21, 22, 23}
+    for cid in local:
+        a, b = local[cid], remote[cid]
+        assert (a.status, a.recipe_hash, a.reason) == (b.status, b.recipe_hash, b.reason), cid
+        assert {k: v for k, v in a.objectives.items() if k != "pid"} == \
+               {k: v for k, v in b.objectives.items() if k != "pid"}
+    assert local[20].ok and local[21].ok
+    assert "no-such-method" in local[22].reason
+    assert "ValueError" in local[23].reason and "explode" in local[23].reason
+
+
+def test_a_worker_that_cannot_build_its_evaluator_fails_fast(local_ray):
+    with pytest.raises(RuntimeError, match="no evaluator for you"):
+        RayExecutor(fake_spec("broken"), workers=1, runtime_env=FAKES_ENV, startup_timeout=60)
