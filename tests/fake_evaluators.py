@@ -73,3 +73,37 @@ def scripted(spec) -> ScriptedEvaluator:
 def broken(spec):
     """A factory that fails: the worker cannot build its evaluator."""
     raise RuntimeError("no evaluator for you")
+
+
+class QuadraticEvaluator:
+    """A deterministic stand-in for scoring PS recipes: objective k is 1 - mean squared distance of
+    the recipe's weights to target k, so optimizers have a real landscape to climb in milliseconds."""
+
+    def __init__(self, spec):
+        from evomerge.eval.tasks import Objective
+
+        self.labels = [Objective.model_validate(o).label for o in spec.objectives]
+
+    @staticmethod
+    def _numbers(setting) -> list[float]:
+        if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+            return [float(setting)]
+        if isinstance(setting, list):
+            return [v for item in setting for v in QuadraticEvaluator._numbers(item)]
+        if hasattr(setting, "value"):
+            return QuadraticEvaluator._numbers(setting.value)
+        return []
+
+    def evaluate(self, recipe) -> CandidateResult:
+        import numpy as np
+
+        weights = np.array([v for m in recipe.models for v in self._numbers((m.parameters or {}).get("weight"))])
+        objectives = {}
+        for k, label in enumerate(self.labels):
+            target = (k + 1) / (len(self.labels) + 1)
+            objectives[label] = float(1.0 - np.mean((weights - target) ** 2))
+        return CandidateResult(recipe.content_hash(), "ok", objectives=objectives, seconds=0.0)
+
+
+def quadratic(spec) -> QuadraticEvaluator:
+    return QuadraticEvaluator(spec)

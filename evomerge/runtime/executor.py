@@ -772,6 +772,7 @@ def make_executor(run: Any, *, address: str | None = None) -> Executor:
         backend=runtime.backend,
         device=runtime.device,
         base_dir=str(run.base_dir),
+        factory=runtime.evaluator_factory,
     )
     if runtime.workers == 0:
         return InProcessExecutor(spec)

@@ -1,0 +1,305 @@
+"""Search: genome decoding edge cases, optimizer determinism, the checkpointed driver and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.runtime.executor import InProcessExecutor, make_executor
+from evomerge.search.config import ConfigError, parse_duration, resolve_run_config
+from evomerge.search.driver import Search, SearchError
+from evomerge.search.optimizers import make_optimizer
+from evomerge.search.report import RunReport
+from evomerge.search.rundir import RunDir
+from evomerge.space import Genome, SpaceError, load_space
+
+TESTS = Path(__file__).parent
+
+
+# --- genome --------------------------------------------------------------------------------------
+
+
+def ps_space(**overrides) -> dict:
+    space = {
+        "models": ["/m/a", "/m/b"], "base_model": "/m/base", "method": "ties",
+        "parameters": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 0.2, "high": 1.0}},
+    }
+    space.update(overrides)
+    return space
+
+
+def layer_values(recipe, model_index: int, key: str, layers: int, name: str = "mlp") -> list[float]:
+    from evomerge.recipe import evaluate_setting
+
+    setting = recipe.models[model_index].parameters[key]
+    return [
+        evaluate_setting(setting, f"model.layers.{i}.{name}.x.weight", i / (layers - 1) if layers > 1 else 1.0)
+        for i in range(layers)
+    ]
+
+
+def test_bounds_map_to_the_ends_of_the_range() -> None:
+    genome = Genome(load_space(ps_space()), num_layers=4)
+    low, high = genome.decode(np.zeros(genome.dim)), genome.decode(np.ones(genome.dim))
+    assert low.models[0].parameters == {"weight": 0.0, "density": 0.2}
+    assert high.models[1].parameters == {"weight": 2.0, "density": 1.0}
+    # out-of-range genes are clipped, never an invalid recipe
+    assert genome.decode(np.full(genome.dim, 7.0)) == high
+
+
+def test_granularity_that_does_not_divide_the_layer_count() -> None:
+    genome = Genome(load_space(ps_space(granularity=2)), num_layers=5)
+    assert [len(g) for g in genome.groups] == [2, 2, 1]
+    x = np.zeros(genome.dim)
+    for g in range(3):
+        x[genome._param_slots[("weight", "/m/a", g, "all")]] = [0.1, 0.5, 0.9][g]
+    values = layer_values(genome.decode(x), 0, "weight", 5)
+    assert values == pytest.approx([0.2, 0.2, 1.0, 1.0, 1.8])
+
+
+def test_per_layer_and_attention_mlp_split() -> None:
+    genome = Genome(load_space(ps_space(granularity="layer", split_attn_mlp=True)), num_layers=3)
+    assert genome.dim == 2 * 2 * 3 * 2
+    x = np.random.default_rng(0).random(genome.dim)
+    recipe = genome.decode(x)
+    attn = layer_values(recipe, 1, "density", 3, "self_attn")
+    mlp = layer_values(recipe, 1, "density", 3, "mlp")
+    for layer in range(3):
+        assert attn[layer] == pytest.approx(0.2 + 0.8 * x[genome._param_slots[("density", "/m/b", layer, "attn")]], abs=1e-6)
+        assert mlp[layer] == pytest.approx(0.2 + 0.8 * x[genome._param_slots[("density", "/m/b", layer, "rest")]], abs=1e-6)
+    again = genome.decode(genome.encode(recipe))
+    assert again == recipe
+
+
+def test_method_and_normalize_genes() -> None:
+    genome = Genome(load_space(ps_space(method=["ties", "task_arithmetic", "dare_linear"], normalize="search")), num_layers=2)
+    assert genome.names[:2] == ["method", "normalize"]
+    picks = {genome.decode(np.r_[m, n, np.full(genome.dim - 2, 0.5)]).merge_method for m in (0.0, 0.5, 1.0) for n in (0, 1)}
+    assert picks == {"ties", "task_arithmetic", "dare_linear"}
+    recipe = genome.decode(np.r_[0.0, 0.9, np.full(genome.dim - 2, 0.5)])
+    assert recipe.parameters["normalize"] is True
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (ps_space(parameters={"density": {"low": 0.2, "high": 1.0}}), "parameters.weight: method 'ties' needs it"),
+        (ps_space(parameters={"weight": {"low": 1.0, "high": 0.0}}), "low <= high"),
+        (ps_space(parameters={"weight": 1.0, "t": {"low": 0, "high": 1}}), "parameters.t: not a parameter"),
+        (ps_space(base_model=None), "base_model: method 'ties' needs a base model"),
+        (ps_space(granularity=0), "block size must be >= 1"),
+        ({"kind": "dfs", "models": ["/m/a"], "scale": {"low": 0.0, "high": 2.0}}, "scales must be > 0"),
+        ({"kind": "xyz", "models": ["/m/a"]}, "kind: 'xyz' is not valid"),
+    ],
+)
+def test_invalid_spaces_name_the_field(space, message) -> None:
+    with pytest.raises(SpaceError, match=message):
+        load_space(space)
+
+
+def test_dfs_paths_are_repaired_not_rejected() -> None:
+    space = load_space({"kind": "dfs", "models": ["/m/a", "/m/b"], "repeats": 2, "max_path_length": 5, "min_path_length": 2})
+    genome = Genome(space, num_layers=3)
+    n = len(genome.slots)
+    assert n == 2 * 2 * 3 and genome.dim == 2 * n
+    # nothing selected: the strongest two slots are used
+    x = np.zeros(genome.dim)
+    x[4], x[9] = 0.4, 0.3
+    path = genome.decode_path(x)
+    assert len(path) == 2 and {(h.model, h.layer) for h in path} == {genome.slots[4], genome.slots[9]}
+    # everything selected: the five strongest, in slot order
+    x = np.ones(genome.dim)
+    x[:n] = np.linspace(0.6, 1.0, n)
+    path = genome.decode_path(x)
+    assert [(h.model, h.layer) for h in path] == genome.slots[n - 5:]
+    # scales are log-uniform between the bounds
+    x[n:] = 0.5
+    assert [h.scale for h in genome.decode_path(x)] == pytest.approx([1.0] * 5)
+    recipe = genome.decode(x)
+    assert recipe.merge_method == "passthrough" and len(recipe.slices) == 5
+    assert genome.decode_path(genome.encode(recipe)) == genome.decode_path(x)
+
+
+# --- optimizers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cma", "nsga2", "random"])
+def test_same_seed_and_scores_give_the_same_candidates(name) -> None:
+    def run(seed: int) -> list[np.ndarray]:
+        opt = make_optimizer(name, 5, 2, population=6, seed=seed, sigma=0.3)
+        asked = []
+        for _ in range(4):
+            X = opt.ask()
+            F = np.stack([((X - 0.2) ** 2).sum(1), ((X - 0.8) ** 2).sum(1)], axis=1)
+            F[1] = np.nan  # a failed candidate
+            opt.tell(X, F)
+            asked.append(X)
+        return asked
+
+    first, again, other = run(0), run(0), run(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+    assert all(((X >= 0) & (X <= 1)).all() for X in first)
+
+
+def test_cma_improves_on_a_simple_landscape() -> None:
+    opt = make_optimizer("cma", 4, 1, population=8, seed=0, sigma=0.3)
+    best = []
+    for _ in range(12):
+        X = opt.ask()
+        F = ((X - 0.25) ** 2).sum(1, keepdims=True)
+        opt.tell(X, F)
+        best.append(F.min())
+    assert best[-1] < best[0] / 10
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+
+def run_config(family, tmp_path, **overrides) -> dict:
+    config = {
+        "name": "quad",
+        "search_space": {"models": [str(family["a"]), str(family["b"])], "base_model": str(family["base"]),
+                         "method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 1}}, "granularity": 2},
+        "objectives": [{"task": "t1", "metric": "acc", "name": "first"}, {"task": "t2", "metric": "acc", "name": "second"}],
+        "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
+        "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def search(family, tmp_path, run_dir: Path, resume: bool = False, budget: int | None = None, **overrides):
+    run = resolve_run_config(run_config(family, tmp_path, **overrides), base_dir=tmp_path)
+    executor = make_executor(run)
+    try:
+        return Search(run, RunDir(run_dir), executor, budget=budget).execute(resume=resume)
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("optimizer", ["nsga2", "cma", "random"])
+def test_search_records_everything_and_resumes_exactly(random_family, tmp_path, optimizer) -> None:
+    whole = search(random_family, tmp_path, tmp_path / "whole", **{"optimizer.name": optimizer})
+    assert whole.evaluated == 24 and whole.stopped == "budget"
+    records = list(RunDir(tmp_path / "whole").records())
+    assert [r["id"] for r in records] == list(range(24))
+    assert {"id", "generation", "genome", "recipe_hash", "objectives", "status", "worker", "seconds"} <= records[0].keys()
+
+    # the same run in three pieces (budget 7, then 15, then the rest) ends in the same place
+    part = tmp_path / "parts"
+    search(random_family, tmp_path, part, budget=7, **{"optimizer.name": optimizer})
+    search(random_family, tmp_path, part, resume=True, budget=15, **{"optimizer.name": optimizer})
+    resumed = search(random_family, tmp_path, part, resume=True, **{"optimizer.name": optimizer})
+    assert resumed.evaluated == 24
+    pieces = list(RunDir(part).records())
+    assert [r["genome"] for r in pieces] == [r["genome"] for r in records]
+    assert [r["id"] for r in resumed.front] == [r["id"] for r in whole.front]
+
+
+def test_identical_candidates_are_scored_once(random_family, tmp_path) -> None:
+    # a space with one coarse gene: many candidates decode to the same recipe
+    summary = search(random_family, tmp_path, tmp_path / "dup", **{
+        "search_space.parameters": {"weight": {"low": 0.5, "high": 0.5}}, "optimizer.name": "random",
+        "search_space.granularity": "model", "optimizer.budget": 12,
+    })
+    records = list(RunDir(tmp_path / "dup").records())
+    assert summary.evaluated == 12 and summary.cached == 11
+    assert len({r["recipe_hash"] for r in records}) == 1
+
+
+def test_run_dir_guards(random_family, tmp_path) -> None:
+    search(random_family, tmp_path, tmp_path / "run", budget=6)
+    with pytest.raises(SearchError, match="already holds a run"):
+        search(random_family, tmp_path, tmp_path / "run")
+    with pytest.raises(SearchError, match="nothing to resume"):
+        search(random_family, tmp_path, tmp_path / "empty", resume=True)
+    with pytest.raises(SearchError, match="the objectives differs|objectives"):
+        search(random_family, tmp_path, tmp_path / "run", resume=True, **{"objectives": [{"task": "t9", "metric": "acc"}]})
+
+
+def test_torn_last_line_is_repaired_on_resume(random_family, tmp_path) -> None:
+    run_dir = tmp_path / "torn"
+    search(random_family, tmp_path, run_dir, budget=6)
+    with open(run_dir / "evaluations.jsonl", "a") as f:
+        f.write('{"id": 99, "half a rec')
+    summary = search(random_family, tmp_path, run_dir, resume=True, budget=12)
+    assert summary.evaluated == 12
+    assert [r["id"] for r in RunDir(run_dir).records()] == list(range(12))
+
+
+def test_config_errors_name_the_field(random_family, tmp_path) -> None:
+    bad = run_config(random_family, tmp_path)
+    bad["optimizer"]["population"] = 1
+    with pytest.raises(ConfigError, match="optimizer.population"):
+        resolve_run_config(bad, base_dir=tmp_path)
+    bad = run_config(random_family, tmp_path)
+    bad["objectives"][0].pop("metric")
+    with pytest.raises(ConfigError, match=r"objectives\[0\].metric: required"):
+        resolve_run_config(bad, base_dir=tmp_path)
+    bad = run_config(random_family, tmp_path)
+    bad["search_space"]["models"] = ["nonexistent-name"]
+    with pytest.raises(ConfigError, match="neither a zoo name nor an existing directory"):
+        resolve_run_config(bad, base_dir=tmp_path)
+    assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45
+    with pytest.raises(ConfigError, match="expected a duration"):
+        parse_duration("soon")
+
+
+# --- the real thing: a search process on the zoo, killed with SIGKILL and resumed ------------------
+
+
+def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_to_the_same_front(zoo_dir, tmp_path) -> None:
+    env = {**os.environ, "EVOMERGE_ZOO_DIR": str(zoo_dir), "PYTHONPATH": str(TESTS.parent)}
+    config = TESTS.parent / "configs" / "zoo-ps-nsga2.yaml"
+    common = ["--set", "optimizer.budget=24", "--set", "optimizer.population=6", "--workers", "0", "-q"]
+    small = [*common, "--set", "objectives=[{task: zoo_reverse, metric: acc, limit: 20}, {task: zoo_sort, metric: acc, limit: 20}]"]
+
+    whole = cli("search", str(config), "--run-dir", str(tmp_path / "whole"), *small, env=env)
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+
+    killed_dir = tmp_path / "killed"
+    victim = cli("search", str(config), "--run-dir", str(killed_dir), *small, env=env)
+    evaluations = killed_dir / "evaluations.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if evaluations.exists() and len(evaluations.read_text().splitlines()) >= 9:
+            break
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done_before = len(list(RunDir(killed_dir).records()))
+    assert 9 <= done_before < 24
+
+    resumed = cli("search", str(config), "--run-dir", str(killed_dir), "--resume", *small, env=env)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    before, after = list(RunDir(tmp_path / "whole").records()), list(RunDir(killed_dir).records())
+    assert [r["id"] for r in after] == list(range(24)), "a candidate was lost or scored twice"
+    assert [r["genome"] for r in after] == [r["genome"] for r in before]
+    assert [r["objectives"] for r in after] == [r["objectives"] for r in before]
+    assert [r["id"] for r in RunReport.load(killed_dir).front()] == [r["id"] for r in RunReport.load(tmp_path / "whole").front()]
+
+    shown = subprocess.run([sys.executable, "-m", "evomerge.cli", "front", str(killed_dir), "--json"],
+                           env=env, capture_output=True, text=True, check=True)
+    payload = json.loads(shown.stdout)
+    assert [r["id"] for r in payload["front"]] == [r["id"] for r in RunReport.load(killed_dir).front()]
