@@ -203,6 +203,33 @@ def front(
     _print_front(run_dir, json_output)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
+    pick: Annotated[str, typer.Option(help="knee (balanced front member), best:OBJECTIVE, or a candidate id.")] = "knee",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the picked recipe here (YAML).")] = None,
+    front_dir: Annotated[Optional[Path], typer.Option(help="Write every front member's recipe here, plus index.json.")] = None,
+) -> None:
+    """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run."""
+    from evomerge.search.export import ExportError, export_front, pick as pick_record, recipe_of
+    from evomerge.search.report import RunReport
+
+    if output is None and front_dir is None:
+        _fail("give -o FILE (one picked recipe) and/or --front-dir DIR (every front member)")
+    try:
+        report = RunReport.load(run_dir)
+        if output is not None:
+            record = pick_record(report, pick)
+            recipe_of(record).save(output)
+            values = ", ".join(f"{k}={v:.4f}" for k, v in record["objectives"].items())
+            err.print(f"candidate {record['id']} ({values}) -> {output}", highlight=False)
+        if front_dir is not None:
+            files = export_front(report, front_dir)
+            err.print(f"{len(files)} front recipes -> {front_dir} (index.json lists them)", highlight=False)
+    except (FileNotFoundError, ExportError, *_user_errors()) as exc:
+        _fail(str(exc))
+
+
 def _print_front(run_dir: Path, json_output: bool) -> None:
     import json
 

@@ -1,0 +1,75 @@
+"""Export: picks from a run, and exported YAML that mergekit reproduces tensor for tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.merge.engine import merge_to_disk
+from evomerge.recipe import Recipe
+from evomerge.search.export import ExportError, knee, pick
+from evomerge.search.report import RunReport
+
+from test_mergekit_parity import assert_same_model, run_mergekit
+from test_search import search
+
+
+@pytest.fixture(scope="module")
+def ps_run(random_family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ps_run")
+    search(random_family, root, root / "run", **{"optimizer.budget": 18})
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def dfs_run(random_family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dfs_run")
+    space = {"kind": "dfs", "models": [str(random_family["a"]), str(random_family["b"])], "repeats": 2, "max_path_length": 6}
+    search(random_family, root, root / "run", **{"search_space": space, "optimizer.budget": 18})
+    return root / "run"
+
+
+def test_picks(ps_run) -> None:
+    report = RunReport.load(ps_run)
+    front = report.front()
+    assert knee(report) in front
+    first, second = report.labels
+    best_first = pick(report, f"best:{first}")
+    assert best_first["objectives"][first] == max(r["objectives"][first] for r in report.ok)
+    assert pick(report, "3")["id"] == 3
+    with pytest.raises(ExportError, match="no objective 'nope'"):
+        pick(report, "best:nope")
+    with pytest.raises(ExportError, match="no such candidate"):
+        pick(report, "999")
+    with pytest.raises(ExportError, match="use knee, best:OBJECTIVE or a candidate id"):
+        pick(report, "favourite")
+
+
+@pytest.mark.parametrize("run", ["ps_run", "dfs_run"])
+def test_exported_recipes_are_reproduced_by_mergekit(request, run, tmp_path) -> None:
+    run_dir = request.getfixturevalue(run)
+    runner = CliRunner()
+    out = tmp_path / "knee.yaml"
+    result = runner.invoke(app, ["export", str(run_dir), "--pick", "knee", "-o", str(out), "--front-dir", str(tmp_path / "front")])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "front" / "index.json").read_text())
+    assert [m["id"] for m in index["front"]] == [r["id"] for r in RunReport.load(run_dir).front()]
+    assert sum(m["knee"] for m in index["front"]) == 1
+
+    recipe = Recipe.load(out)
+    if run == "dfs_run":
+        assert recipe.merge_method == "passthrough" and recipe.slices
+    ours = merge_to_disk(recipe, tmp_path / "ours")
+    theirs = run_mergekit(recipe.to_dict(), tmp_path / "mergekit")
+    assert_same_model(ours, theirs)
+
+
+def test_export_errors(ps_run, tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(ps_run)])
+    assert result.exit_code == 2 and "-o FILE" in result.output
+    result = runner.invoke(app, ["export", str(tmp_path), "-o", str(tmp_path / "x.yaml")])
+    assert result.exit_code == 2 and "not a run directory" in result.output
