@@ -198,8 +198,18 @@ def search(
 def front(
     run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    rescore: Annotated[Optional[str], typer.Option(help="Re-score the front on this held-out split (e.g. test) first; shown next to the search scores.")] = None,
+    device: Annotated[str, typer.Option(help="For --rescore: auto (CUDA if present), cpu or cuda.")] = "auto",
 ) -> None:
     """Print the current Pareto front of a run (the best candidate, for one objective)."""
+    if rescore:
+        from evomerge.eval.tasks import TaskError
+        from evomerge.search.rescore import rescore_front
+
+        try:
+            rescore_front(run_dir, rescore, device=device)
+        except (FileNotFoundError, TaskError, RuntimeError, ValueError) as exc:
+            _fail(str(exc))
     _print_front(run_dir, json_output)
 
 
@@ -239,8 +249,13 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
         report = RunReport.load(run_dir)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    from evomerge.search.rescore import load_rescores
+
     rows = report.front()
+    rescores = load_rescores(run_dir)
     if json_output:
+        for row in rows:
+            row["rescored"] = {split: values[row["id"]] for split, values in rescores.items() if row["id"] in values}
         out.print_json(json.dumps({"objectives": report.labels, "directions": report.directions,
                                    "hypervolume": report.hypervolume(), "front": rows}))
         return
@@ -252,11 +267,17 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
     table.add_column("gen", justify="right")
     for label, direction in zip(report.labels, report.directions):
         table.add_column(f"{label} ({'↑' if direction == 'maximize' else '↓'})", justify="right")
+        for split in rescores:
+            table.add_column(f"[{split}]", justify="right", style="cyan")
     table.add_column("method")
     table.add_column("recipe hash")
     for row in rows:
-        table.add_row(str(row["id"]), str(row["generation"]), *[f"{row['objectives'][k]:.4f}" for k in report.labels],
-                      row["recipe"]["merge_method"], row["recipe_hash"])
+        cells = []
+        for label in report.labels:
+            cells.append(f"{row['objectives'][label]:.4f}")
+            for values in rescores.values():
+                cells.append(f"{values[row['id']][label]:.4f}" if row["id"] in values else "-")
+        table.add_row(str(row["id"]), str(row["generation"]), *cells, row["recipe"]["merge_method"], row["recipe_hash"])
     out.print(table)
 
 
