@@ -52,9 +52,11 @@ def merge(
     seed: Annotated[int, typer.Option(help="Seed for randomized methods (dare, della).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Materialize a recipe as a Hugging Face checkpoint (streaming, sharded safetensors)."""
-    from evomerge.merge.engine import merge_to_disk
-    from evomerge.recipe import Recipe
+    """Materialize a recipe as a Hugging Face checkpoint (streaming, sharded safetensors).
+
+    A multi-document YAML of named stages (mergekit-multi's form) is merged stage by stage."""
+    from evomerge.merge.engine import merge_chain_to_disk
+    from evomerge.recipe import load_recipe_chain
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         _fail(f"--device: {device!r} is not valid; use cpu or cuda")
@@ -65,9 +67,9 @@ def merge(
             _fail("--device cuda: no CUDA device is available on this machine")
     start = time.perf_counter()
     try:
-        parsed = Recipe.load(recipe)
-        merge_to_disk(
-            parsed,
+        chain = load_recipe_chain(recipe)
+        merge_chain_to_disk(
+            chain,
             out_dir,
             device=device,
             out_shard_size=out_shard_size,
@@ -221,7 +223,7 @@ def export(
     front_dir: Annotated[Optional[Path], typer.Option(help="Write every front member's recipe here, plus index.json.")] = None,
 ) -> None:
     """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run."""
-    from evomerge.search.export import ExportError, export_front, pick as pick_record, recipe_of
+    from evomerge.search.export import ExportError, export_front, export_yaml, pick as pick_record
     from evomerge.search.report import RunReport
 
     if output is None and front_dir is None:
@@ -230,7 +232,9 @@ def export(
         report = RunReport.load(run_dir)
         if output is not None:
             record = pick_record(report, pick)
-            recipe_of(record).save(output)
+            tmp = output.with_name(f".{output.name}.tmp")
+            tmp.write_text(export_yaml(record))
+            tmp.replace(output)
             values = ", ".join(f"{k}={v:.4f}" for k, v in record["objectives"].items())
             err.print(f"candidate {record['id']} ({values}) -> {output}", highlight=False)
         if front_dir is not None:
@@ -279,6 +283,62 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
                 cells.append(f"{values[row['id']][label]:.4f}" if row["id"] in values else "-")
         table.add_row(str(row["id"]), str(row["generation"]), *cells, row["recipe"]["merge_method"], row["recipe_hash"])
     out.print(table)
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow backend store to serve, e.g. sqlite:///runs/x/mlflow.db (default: $MLFLOW_TRACKING_URI).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="A search's run directory: serve its store (RUN_DIR/mlflow.db).")] = None,
+    port: Annotated[int, typer.Option(help="Port to serve on, bound to 127.0.0.1.")] = 5000,
+    experiment: Annotated[Optional[str], typer.Option(help="Experiment to open (default: the run's, else evomerge).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = 120.0,
+) -> None:
+    """Serve the MLflow UI for a run's store on 127.0.0.1 (one worker) and print the experiment's URL; Ctrl-C stops it."""
+    import signal
+
+    from evomerge.tracking.server import MlflowServer, ServerError, store_for
+    from evomerge.tracking.store import RunLink
+
+    if not 0 < port < 65536:
+        _fail(f"--port: {port} is not a port number")
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        out.print(tracking_uri, highlight=False)  # already a server: nothing to start
+        return
+    try:
+        store = store_for(run_dir.resolve() if run_dir else None, tracking_uri)
+    except ServerError as exc:
+        _fail(str(exc))
+    link = RunLink.read(run_dir) if run_dir and experiment is None else None
+    if link is not None and link.tracking_uri != store:
+        link = None
+    if experiment is None and run_dir is not None and (run_dir / "run.yaml").exists():
+        import yaml
+
+        experiment = ((yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("tracking") or {}).get("experiment")
+    server = MlflowServer(store, port=port, cwd=run_dir.resolve() if run_dir else None)
+
+    def _stop(signum, frame):  # SIGTERM/SIGHUP end the command like Ctrl-C: the server goes with it
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        server.start()
+        err.print(f"starting mlflow server for {store} (pid {server.process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
+        server.wait_ready(timeout)
+        experiment_id = link.experiment_id if link else server.experiment_id(experiment or "evomerge")
+        err.print(f"MLflow UI on {server.url} - Ctrl-C to stop", highlight=False, soft_wrap=True)
+        out.print(server.experiment_url(experiment_id), highlight=False, soft_wrap=True)
+        while server.alive():
+            time.sleep(0.5)
+        _fail(f"mlflow server exited (code {server.process.returncode}):\n{server.log_tail()}")
+    except ServerError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("stopping the MLflow UI", highlight=False)
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @zoo_app.command("build")

@@ -106,6 +106,8 @@ class Recipe(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None
+    name: str | None = None
+    """A stage name in a multi-stage recipe (mergekit-multi's ``name``); later stages use it as a model."""
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -206,6 +208,55 @@ class Recipe(_Strict):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_yaml())
         tmp.replace(path)
+
+
+# --- multi-stage recipes ----------------------------------------------------------------------
+
+
+def load_recipe_chain(path: str | Path) -> list[Recipe]:
+    """A YAML file of one recipe, or of several ``---``-separated named stages (mergekit-multi's form),
+    where a later stage may name an earlier one as a model."""
+    path = Path(path)
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not documents:
+        raise RecipeError(f"{path}: empty file; expected a recipe with merge_method and models/slices")
+    chain = []
+    for i, data in enumerate(documents):
+        where = str(path) if len(documents) == 1 else f"{path} (document {i + 1})"
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{where}: expected a mapping with merge_method and models/slices")
+        chain.append(Recipe.from_dict(data, source=where))
+    names = [r.name for r in chain[:-1]]
+    if len(chain) > 1 and (None in names or len(set(names)) != len(names)):
+        raise RecipeError(f"{path}: every stage but the last needs a distinct name (got {names})")
+    return chain
+
+
+def substitute_models(recipe: Recipe, mapping: Mapping[str, str]) -> Recipe:
+    """The recipe with model references renamed (stage names -> checkpoint paths, or back)."""
+    data = recipe.to_dict()
+    rename = lambda ref: mapping.get(ref, ref)  # noqa: E731
+    for key in ("base_model", "tokenizer_source"):
+        if data.get(key):
+            data[key] = rename(data[key])
+    for entry in data.get("models") or []:
+        entry["model"] = rename(entry["model"])
+    for out_slice in data.get("slices") or []:
+        if out_slice.get("base_model"):
+            out_slice["base_model"] = rename(out_slice["base_model"])
+        for source in out_slice["sources"]:
+            source["model"] = rename(source["model"])
+    return Recipe.from_dict(data)
+
+
+def chain_to_yaml(chain: list[Recipe]) -> str:
+    """Several stages as one multi-document YAML (what ``mergekit-multi`` reads)."""
+    return "---\n".join(r.to_yaml() for r in chain)
 
 
 # --- parameter settings: validation and evaluation ---------------------------------------------

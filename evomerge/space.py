@@ -112,6 +112,8 @@ class DataFlowSpace(_Strict):
     min_path_length: int = Field(default=1, ge=1)
     scale: Bounds = Bounds(low=0.5, high=2.0)
     """Input scale per hop, searched log-uniformly between the bounds (both > 0)."""
+    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """PS+DFS: earlier stages usable as models by name, ``{run: RUN_DIR, pick: knee}`` or ``{recipe: FILE}``."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     @model_validator(mode="after")

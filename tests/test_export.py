@@ -73,3 +73,28 @@ def test_export_errors(ps_run, tmp_path) -> None:
     assert result.exit_code == 2 and "-o FILE" in result.output
     result = runner.invoke(app, ["export", str(tmp_path), "-o", str(tmp_path / "x.yaml")])
     assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_ps_dfs_chain_exports_as_stages_and_merges(random_family, ps_run, tmp_path, monkeypatch) -> None:
+    from evomerge.merge.routing import recipe_to_routing
+    from evomerge.recipe import load_recipe_chain, substitute_models
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    space = {"kind": "dfs", "models": ["ps", str(random_family["b"])], "stages": {"ps": {"run": str(ps_run), "pick": "knee"}},
+             "repeats": 1, "max_path_length": 4}
+    search(random_family, tmp_path, tmp_path / "dfs", **{"search_space": space, "optimizer.budget": 12})
+    out = tmp_path / "chain.yaml"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "dfs"), "--pick", "knee", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    chain = load_recipe_chain(out)
+    knee_ps = Recipe.from_dict(knee(RunReport.load(ps_run))["recipe"])
+    assert len(chain) == 2 and chain[0].name == "ps"
+    assert chain[0].model_copy(update={"name": None}) == knee_ps
+    assert recipe_to_routing(chain[1]) is not None and "ps" in chain[1].referenced_models()
+
+    merged = CliRunner().invoke(app, ["merge", str(out), str(tmp_path / "merged"), "-q"])
+    assert merged.exit_code == 0, merged.output
+    # the same two stages merged one by one, by mergekit
+    stage = run_mergekit(knee_ps.to_dict(), tmp_path / "mk_stage")
+    final = substitute_models(chain[1].model_copy(update={"name": None}), {"ps": str(stage)})
+    assert_same_model(tmp_path / "merged", run_mergekit(final.to_dict(), tmp_path / "mk_final"))

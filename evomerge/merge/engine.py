@@ -17,7 +17,7 @@ from torch import nn
 
 from evomerge.merge.io import ShardedWriter, parse_size
 from evomerge.merge.plan import MergePlan, PlanError, TensorJob, TensorRef, build_plan, open_checkpoints
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, substitute_models
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -133,6 +133,26 @@ def merge_to_disk(
     finally:
         plan.close()
     return out_dir
+
+
+def merge_chain_to_disk(chain: list[Recipe], out_dir: str | Path, **options) -> Path:
+    """A multi-stage recipe: each named stage is merged (into a temporary directory) and then used
+    as a model by the stages after it; the last stage lands in ``out_dir``."""
+    if len(chain) == 1:
+        return merge_to_disk(chain[0], out_dir, **options)
+    out_dir = Path(out_dir)
+    progress = options.pop("progress", False)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.stages-{uuid.uuid4().hex[:8]}"
+    try:
+        paths: dict[str, str] = {}
+        for stage in chain[:-1]:
+            target = work / str(stage.name)
+            merge_to_disk(substitute_models(stage, paths), target, progress=progress, **options)
+            paths[str(stage.name)] = str(target)
+        return merge_to_disk(substitute_models(chain[-1], paths), out_dir, progress=progress, **options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _write_metadata(plan: MergePlan, out: Path, base_dir: Path | None) -> None:

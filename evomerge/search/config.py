@@ -117,7 +117,16 @@ class ResolvedRun:
         self.weights = [o.weight for o in self.objectives]
 
     def _resolve_models(self, data: dict[str, Any], source: str) -> dict[str, Any]:
+        stages = data.get("stages") or {}
+
         def resolve(ref: str) -> str:
+            if ref in stages:
+                from evomerge.search.stages import StageError, materialize_stage, stage_recipe
+
+                try:
+                    return str(materialize_stage(ref, stage_recipe(ref, stages[ref], self.base_dir)))
+                except StageError as exc:
+                    raise ConfigError(f"{source}: {exc}") from None
             if ref in self.names:
                 return self.names[ref]
             path = _path(ref, self.base_dir)

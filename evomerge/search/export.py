@@ -64,6 +64,14 @@ def recipe_of(record: dict[str, Any]) -> Recipe:
     return Recipe.from_dict(record["recipe"], source=f"candidate {record['id']}")
 
 
+def export_yaml(record: dict[str, Any]) -> str:
+    """The candidate's recipe as YAML; with earlier stages (PS+DFS) as a multi-document chain."""
+    from evomerge.recipe import chain_to_yaml
+    from evomerge.search.stages import chain_of
+
+    return chain_to_yaml(chain_of(recipe_of(record)))
+
+
 def export_front(report: RunReport, out_dir: Path) -> list[Path]:
     """One YAML per front member plus ``index.json`` (ids, objectives, files), written atomically."""
     import shutil
@@ -79,7 +87,7 @@ def export_front(report: RunReport, out_dir: Path) -> list[Path]:
         index = []
         for record in front:
             name = f"candidate-{record['id']:05d}.yaml"
-            (tmp / name).write_text(recipe_of(record).to_yaml())
+            (tmp / name).write_text(export_yaml(record))
             index.append({"id": record["id"], "file": name, "objectives": record["objectives"],
                           "recipe_hash": record["recipe_hash"], "knee": record["id"] == knee(report)["id"]})
         (tmp / "index.json").write_text(json.dumps({"objectives": report.labels, "directions": report.directions,

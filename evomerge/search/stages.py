@@ -1,0 +1,70 @@
+"""Multi-stage searches (PS+DFS): an earlier stage's recipe used as a model by a later search.
+
+A stage is fixed while the later search runs, so it is merged to disk once, into a cache keyed by its
+recipe hash, and the later search's recipes name that checkpoint like any other model. On export the
+chain is put back together: the stage as a named document, the later recipe naming it, as a
+multi-document YAML that ``evomerge merge`` and ``mergekit-multi`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evomerge.recipe import Recipe, substitute_models
+
+STAGE_MARKER = "evomerge_stage.json"
+
+
+class StageError(ValueError):
+    """A stage that cannot be resolved; the message names it."""
+
+
+def stage_cache_dir() -> Path:
+    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / "stages"
+
+
+def stage_recipe(name: str, source: Mapping[str, Any], base_dir: Path) -> Recipe:
+    """``{run: RUN_DIR, pick: knee|best:OBJ|ID}`` or ``{recipe: FILE}`` -> the stage's recipe."""
+    from evomerge.search.export import ExportError, pick
+    from evomerge.search.report import RunReport
+
+    if set(source) - {"run", "pick", "recipe"} or ("run" in source) == ("recipe" in source):
+        raise StageError(f"stages.{name}: give either run: RUN_DIR (with an optional pick:) or recipe: FILE")
+    if "recipe" in source:
+        return Recipe.load(base_dir / str(source["recipe"]))
+    run_dir = (base_dir / str(source["run"])).resolve()
+    try:
+        record = pick(RunReport.load(run_dir), str(source.get("pick", "knee")))
+    except (FileNotFoundError, ExportError) as exc:
+        raise StageError(f"stages.{name}: {exc} (run the earlier stage's search first)") from None
+    return Recipe.from_dict(record["recipe"])
+
+
+def materialize_stage(name: str, recipe: Recipe) -> Path:
+    """The stage's checkpoint, merged once into the stage cache."""
+    from evomerge.merge.engine import merge_to_disk
+
+    target = stage_cache_dir() / f"{name}-{recipe.content_hash()}"
+    if not (target / STAGE_MARKER).exists():
+        merge_to_disk(recipe, target, overwrite=True)
+        (target / STAGE_MARKER).write_text(json.dumps({"name": name, "recipe": recipe.to_dict()}))
+    return target
+
+
+def chain_of(recipe: Recipe) -> list[Recipe]:
+    """The recipe with every stage checkpoint it reads put back as a named stage before it."""
+    stages: list[Recipe] = []
+    mapping: dict[str, str] = {}
+    for ref in recipe.referenced_models():
+        marker = Path(ref) / STAGE_MARKER
+        if marker.exists():
+            info = json.loads(marker.read_text())
+            inner = chain_of(Recipe.from_dict(info["recipe"]))
+            stages.extend(inner[:-1])
+            stages.append(inner[-1].model_copy(update={"name": info["name"]}))
+            mapping[ref] = info["name"]
+    return [*stages, substitute_models(recipe, mapping)] if stages else [recipe]

@@ -1,0 +1,179 @@
+"""Pictures of a run: the front, and the per-layer weights of the best recipes.
+
+matplotlib's object API on the Agg canvas (no pyplot, no GUI, no global figure registry), so this is
+safe in the tracker's background thread and nothing stays open after a file is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.recipe import Recipe
+from evomerge.tracking.summary import layer_count, layer_values, short_name
+
+DPI = 110
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    fig.clear()
+    return path
+
+
+def _axis_label(label: str, direction: str) -> str:
+    return f"{label} ({'higher' if direction == 'maximize' else 'lower'} is better)"
+
+
+def plot_front(
+    path: Path,
+    values: Sequence[Sequence[float]],
+    front: Sequence[int],
+    labels: Sequence[str],
+    directions: Sequence[str],
+    *,
+    ids: Sequence[int] | None = None,
+    generations: Sequence[int] | None = None,
+) -> Path:
+    """Every scored candidate and the front: 1 objective, value per candidate with the best so far;
+    2, a scatter with the front highlighted; 3 or more, parallel coordinates (up is better on every axis).
+
+    ``values``: one row per candidate (objective values in ``labels`` order); ``front``: row indices."""
+    V = np.asarray(values, dtype=float).reshape(-1, len(labels))
+    ids = list(ids) if ids is not None else list(range(len(V)))
+    on_front = np.zeros(len(V), dtype=bool)
+    on_front[list(front)] = True
+    color = np.asarray(generations if generations is not None else np.zeros(len(V)), dtype=float)
+    if len(labels) == 1:
+        return _save(_single(V[:, 0], ids, directions[0], labels[0]), path)
+    if len(labels) == 2:
+        return _save(_scatter(V, on_front, color, ids, labels, directions), path)
+    return _save(_parallel(V, on_front, labels, directions), path)
+
+
+def _single(v: np.ndarray, ids: list[int], direction: str, label: str):
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    order = np.argsort(ids)
+    x, y = np.asarray(ids)[order], v[order]
+    ax.scatter(x, y, s=14, color="0.55", label="candidates")
+    best = np.maximum.accumulate(y) if direction == "maximize" else np.minimum.accumulate(y)
+    ax.step(x, best, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("candidate id")
+    ax.set_ylabel(_axis_label(label, direction))
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _scatter(V: np.ndarray, on_front: np.ndarray, color: np.ndarray, ids: list[int], labels, directions):
+    fig = _figure(6.4, 4.8)
+    ax = fig.add_subplot()
+    rest = ~on_front
+    points = ax.scatter(V[rest, 0], V[rest, 1], s=16, c=color[rest], cmap="viridis", alpha=0.6,
+                        vmin=color.min(initial=0), vmax=max(color.max(initial=0), 1e-9), label="candidates")
+    F = V[on_front]
+    order = np.argsort(F[:, 0])
+    ax.plot(F[order, 0], F[order, 1], "-o", color="tab:red", markersize=6, linewidth=1.2, label="Pareto front")
+    for i in np.flatnonzero(on_front):
+        ax.annotate(str(ids[i]), (V[i, 0], V[i, 1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    fig.colorbar(points, ax=ax, label="generation", ticks=MaxNLocator(integer=True))
+    ax.set_xlabel(_axis_label(labels[0], directions[0]))
+    ax.set_ylabel(_axis_label(labels[1], directions[1]))
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _parallel(V: np.ndarray, on_front: np.ndarray, labels, directions):
+    k = len(labels)
+    fig = _figure(max(6.4, 1.6 * k), 4.4)
+    ax = fig.add_subplot()
+    low, high = V.min(axis=0), V.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    U = (V - low) / span
+    flip = np.array([d != "maximize" for d in directions])
+    U[:, flip] = 1.0 - U[:, flip]  # up is better everywhere
+    x = np.arange(k)
+    for row in U[~on_front]:
+        ax.plot(x, row, color="0.6", alpha=0.35, linewidth=0.8)
+    for row in U[on_front]:
+        ax.plot(x, row, color="tab:red", alpha=0.9, linewidth=1.4)
+    for j in range(k):
+        ax.axvline(j, color="0.2", linewidth=0.8)
+        top, bottom = (high[j], low[j]) if not flip[j] else (low[j], high[j])
+        ax.annotate(f"{top:.3g}", (j, 1.0), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.annotate(f"{bottom:.3g}", (j, 0.0), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    ax.set_xticks(x, [f"{l}\n({'max' if d == 'maximize' else 'min'})" for l, d in zip(labels, directions)], fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_title(f"{int(on_front.sum())} on the front (red) of {len(V)} candidates", fontsize=9)
+    return fig
+
+
+def weight_rows(records: Sequence[dict[str, Any]], key: str = "weight") -> tuple[list[str], np.ndarray]:
+    """Rows (recipe × model) of per-layer values of ``key``: each model's setting evaluated per layer for
+    an MLP tensor, layers from the recipe's gradient lengths. Recipes without ``models:`` are skipped."""
+    names: list[str] = []
+    rows: list[list[float]] = []
+    for record in records:
+        recipe = Recipe.from_dict(record["recipe"], source="record")
+        if recipe.models is None:
+            continue
+        layers = layer_count(recipe)
+        for entry in recipe.models:
+            setting = (entry.parameters or {}).get(key, (recipe.parameters or {}).get(key))
+            if setting is None:
+                continue
+            values = layer_values(setting, layers, "mlp")
+            names.append(f"#{record['id']} {short_name(entry.model)}")
+            rows.append([math.nan if v is None else v for v in values])
+    width = max((len(r) for r in rows), default=0)
+    matrix = np.full((len(rows), width), math.nan)
+    for i, row in enumerate(rows):
+        matrix[i, : len(row)] = row
+    return names, matrix
+
+
+def plot_weights(path: Path, records: Sequence[dict[str, Any]], key: str = "weight") -> Path | None:
+    """Heatmap of the per-layer ``key`` (rows: recipe × model, columns: layers); None when no recipe
+    has that parameter (e.g. routings)."""
+    names, matrix = weight_rows(records, key)
+    if not names:
+        return None
+    rows, cols = matrix.shape
+    fig = _figure(min(2.5 + 0.45 * cols, 16), min(1.2 + 0.32 * rows, 14))
+    ax = fig.add_subplot()
+    finite = matrix[np.isfinite(matrix)]
+    image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis",
+                      vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    ax.set_yticks(range(rows), names, fontsize=7)
+    ax.set_xticks(range(cols), [str(i) for i in range(cols)], fontsize=7)
+    ax.set_xlabel("layer")
+    if rows * cols <= 400:
+        low, high = image.get_clim()
+        middle = (low + high) / 2
+        for i in range(rows):
+            for j in range(cols):
+                if math.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="k" if matrix[i, j] > middle else "w")
+    fig.colorbar(image, ax=ax, label=key)
+    ax.set_title(f"per-layer {key} of the best {len({n.split()[0] for n in names})} recipes", fontsize=9)
+    return _save(fig, path)
