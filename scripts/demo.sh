@@ -1,36 +1,41 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: set up, build the toy zoo (cached), merge two of its specialists
-# with TIES, and show how the merge scores next to the specialists.
+# The whole job on embedded defaults, from a clean clone: set up, build the toy zoo (cached), run a
+# short NSGA-II search on a local Ray with a local MLflow store, print the front (re-scored on held-out
+# items), export the knee recipe, materialize it, score it, and say how to open the MLflow UI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 evomerge=.venv/bin/evomerge
 out=${EVOMERGE_DEMO_DIR:-out/demo}
+budget=${EVOMERGE_DEMO_BUDGET:-48}
+rm -rf "$out/run" "$out/front"   # the demo's own previous run; real runs resume with --resume
 mkdir -p "$out"
 
-zoo_json=$("$evomerge" zoo build)          # prints the path of zoo.json
+echo "== 1/5 toy zoo (built once, then cached)"
+zoo_json=$("$evomerge" zoo build)
 zoo=$(dirname "$zoo_json")
-echo "== zoo: $zoo"
+export EVOMERGE_ZOO_DIR="$zoo"
+tasks=$(.venv/bin/python -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks'].values()))" "$zoo_json")
 
-.venv/bin/python - "$zoo" "$out/ties.yaml" <<'PY'
-import json, sys
-from pathlib import Path
-from evomerge.recipe import Recipe
-zoo = Path(sys.argv[1]); manifest = json.loads((zoo / "zoo.json").read_text())
-skills = list(manifest["models"])[:2]
-recipe = Recipe.from_dict({
-    "merge_method": "ties",
-    "base_model": str(zoo / manifest["base"]),
-    "models": [{"model": str(zoo / manifest["models"][s]), "parameters": {"weight": 1.0, "density": 0.7}} for s in skills],
-    "parameters": {"normalize": False},
-    "dtype": "float32",
-})
-recipe.save(sys.argv[2])
-print(f"== recipe ({' + '.join(skills)}): {sys.argv[2]}")
-print(recipe.to_yaml())
-PY
+echo "== 2/5 NSGA-II search over per-layer TIES parameters ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
+"$evomerge" search configs/zoo-ps-nsga2.yaml --run-dir "$out/run" --budget "$budget"
 
-"$evomerge" merge "$out/ties.yaml" "$out/merged" --overwrite
-echo "== merged checkpoint: $out/merged"
-.venv/bin/python -m evomerge.zoo.quality "$zoo" "$out/merged"
+echo "== 3/5 the front, re-scored on the held-out test items"
+"$evomerge" front "$out/run" --rescore test
+
+echo "== 4/5 export the knee recipe (mergekit-compatible) and materialize it"
+"$evomerge" export "$out/run" --pick knee -o "$out/knee.yaml" --front-dir "$out/front"
+"$evomerge" merge "$out/knee.yaml" "$out/merged" --overwrite
+cat "$out/knee.yaml"
+
+echo "== 5/5 the merged checkpoint on the held-out test items"
+"$evomerge" eval "$out/merged" --tasks "$tasks" --include-path "$zoo/tasks" --split test
+
+cat <<MSG
+
+Done. Look around:
+  evomerge ui --run-dir $out/run          # MLflow UI: parent run, one child per candidate, front plots
+  evomerge front $out/run                 # the Pareto front again
+  mergekit-yaml $out/knee.yaml OUT_DIR    # mergekit runs the exported recipe unmodified
+MSG

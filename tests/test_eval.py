@@ -119,12 +119,14 @@ def test_failures_are_results_not_exceptions(zoo, fast, monkeypatch) -> None:
     result = fast.evaluate(missing)
     assert result.status == "failed" and "does not exist" in result.reason
 
-    # NaN logits from finite weights (e.g. overflow): the scorer catches them
+    # with the weight check out of the way, the NaN logits that follow are caught by the scorer
     import evomerge.eval.evaluator as evaluator_module
 
     monkeypatch.setattr(evaluator_module, "_check_finite", lambda model: None)
-    huge = Recipe.from_dict({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1e38}}], "parameters": {"normalize": False}})
-    result = fast.evaluate(huge)
+    also_nan = Recipe.from_dict(
+        {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 2.0}}, {"model": b, "parameters": {"weight": -2.0}}]}
+    )
+    result = fast.evaluate(also_nan)
     assert result.status == "failed" and "NaN" in result.reason
     monkeypatch.undo()
 
@@ -178,9 +180,9 @@ def test_matches_plain_lm_eval_cli(zoo, tmp_path) -> None:
     skill, model = list(zoo["models"].items())[1]
     tasks = ",".join(zoo["tasks"].values())
     command = [
-        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+        sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
         "--include_path", zoo["include"], "--tasks", tasks, "--device", "cpu", "--batch_size", "32",
-        "--bootstrap_iters", "0", "--output_path", str(tmp_path / "lm_eval_out"),
+        "--output_path", str(tmp_path / "lm_eval_out"),
     ]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     results_file = next((tmp_path / "lm_eval_out").rglob("results*.json"))
