@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+
+# Library progress bars (tqdm in transformers, lm-eval, mergekit) would interleave with ours.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(
     help="Evolutionary merge-optimization for LLMs: merge fine-tunes of one base model by searched recipes.",
@@ -301,13 +305,13 @@ def ui(
 
     if not 0 < port < 65536:
         _fail(f"--port: {port} is not a port number")
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
-        out.print(tracking_uri, highlight=False)  # already a server: nothing to start
-        return
     try:
         store = store_for(run_dir.resolve() if run_dir else None, tracking_uri)
     except ServerError as exc:
         _fail(str(exc))
+    if store.startswith(("http://", "https://")):
+        out.print(store, highlight=False, soft_wrap=True)  # already a server: nothing to start
+        return
     link = RunLink.read(run_dir) if run_dir and experiment is None else None
     if link is not None and link.tracking_uri != store:
         link = None
