@@ -183,13 +183,27 @@ def search(
         executor = make_executor(run, address=address)
     except (*_user_errors(), ConfigError, SearchError) as exc:
         _fail(str(exc))
+    from evomerge.tracking.tracker import Tracker
+
+    tracker = Tracker.from_config(run.to_dict(), directory.path)
+    started: list[bool] = []
+
+    def start_tracking() -> None:  # only once the run dir is known to be ours
+        tracker.start(resume=resume)
+        started.append(True)
+
+    status = "FAILED"
     try:
-        job = Search(run, directory, executor, budget=budget, time_limit=seconds, progress=not quiet)
+        job = Search(run, directory, executor, budget=budget, time_limit=seconds, progress=not quiet,
+                     on_record=tracker.on_record, on_generation=tracker.on_generation, on_start=start_tracking)
         summary = job.execute(resume=resume)
+        status = "KILLED" if summary.stopped == "interrupted" else "FINISHED"
     except (ConfigError, SearchError) as exc:
         _fail(str(exc))
     finally:
         executor.shutdown()
+        if started:
+            tracker.close(status)
     err.print(
         f"{summary.stopped}: {summary.evaluated} candidates ({summary.failed} failed, {summary.cached} cached) "
         f"in {summary.seconds:.0f}s · run dir {directory.path}",

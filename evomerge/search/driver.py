@@ -57,6 +57,7 @@ class Search:
         time_limit: float | None = None,
         on_record: RecordHook | None = None,
         on_generation: Callable[[int], None] | None = None,
+        on_start: Callable[[], None] | None = None,
         progress: bool = False,
     ):
         self.run = run
@@ -66,6 +67,7 @@ class Search:
         self.time_limit = time_limit
         self.on_record = on_record
         self.on_generation = on_generation
+        self.on_start = on_start
         self.progress = progress
         self.genome = Genome(run.space)
         self.labels = [o.label for o in run.objectives]
@@ -103,6 +105,8 @@ class Search:
     # --- the loop ------------------------------------------------------------------------------------
     def execute(self, resume: bool = False) -> RunSummary:
         state = self.start(resume)
+        if self.on_start is not None:
+            self.on_start()
         started = time.monotonic()
         deadline = started + self.time_limit if self.time_limit else math.inf
         records = {r["id"]: r for r in self.run_dir.records()}

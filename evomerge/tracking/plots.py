@@ -20,6 +20,8 @@ DPI = 110
 
 
 def _figure(width: float, height: float):
+    """A figure on the Agg canvas. No layout engine: tight/constrained layout doubles the drawing time,
+    and these are redrawn every generation; margins are set where labels vary."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -30,7 +32,7 @@ def _figure(width: float, height: float):
 
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
+    fig.savefig(path, format="png")
     fig.clear()
     return path
 
@@ -123,6 +125,7 @@ def _parallel(V: np.ndarray, on_front: np.ndarray, labels, directions):
     ax.set_xticks(x, [f"{l}\n({'max' if d == 'maximize' else 'min'})" for l, d in zip(labels, directions)], fontsize=8)
     ax.set_yticks([])
     ax.set_ylim(-0.08, 1.08)
+    ax.set_xlim(-0.15, k - 1 + 0.35)  # room for the value labels right of each axis
     ax.set_title(f"{int(on_front.sum())} on the front (red) of {len(V)} candidates", fontsize=9)
     return fig
 
@@ -164,9 +167,11 @@ def plot_weights(path: Path, records: Sequence[dict[str, Any]], key: str = "weig
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis",
                       vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
     ax.set_yticks(range(rows), names, fontsize=7)
+    width_in = fig.get_size_inches()[0]
+    fig.subplots_adjust(left=min(0.5, (0.25 + 0.06 * max(len(n) for n in names)) / width_in), right=0.95)
     ax.set_xticks(range(cols), [str(i) for i in range(cols)], fontsize=7)
     ax.set_xlabel("layer")
-    if rows * cols <= 400:
+    if rows * cols <= 96:  # numbers in the cells while they stay readable (and cheap to draw)
         low, high = image.get_clim()
         middle = (low + high) / 2
         for i in range(rows):

@@ -8,6 +8,7 @@ overrides it (e.g. a tracking server ``http://host:5000``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -115,6 +116,7 @@ class RunLink:
         tmp.replace(path)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the evomerge checkout in use, or None (not a git checkout, no git)."""
     import evomerge

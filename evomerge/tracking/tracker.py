@@ -10,7 +10,10 @@ calls, in batches:
   steady-state optimizers): the parent's step metrics (hypervolume, best value per objective;
   step = generation), ``front.csv``, ``plots/front.png``, ``plots/weights.png``, and the ``pareto``
   tag of the child runs that joined or left the front. Sorted by an objective, MLflow's run table
-  is the leaderboard; ``tags.pareto = 'true'`` filters it to the front.
+  is the leaderboard; ``tags.pareto = 'true'`` filters it to the front. Plots are redrawn at most
+  as often as keeps drawing under 5% of the time (every generation, unless generations are
+  seconds apart). At close, the last generation's step is logged too, also when it was cut short
+  (budget, time limit, Ctrl-C); a step is never logged twice with the same candidates.
 
 A tracking server that is down never stops the search: every MLflow error is caught and logged as a
 warning (once per outage), the records stay queued (up to ``max_queue``; older ones are then dropped
@@ -51,6 +54,9 @@ PARENT_TAG = "mlflow.parentRunId"
 MAX_TAG_LENGTH = 5000
 BATCH_PARAMS = 100
 """MLflow takes at most 100 params (and 100 tags) per log_batch."""
+PLOT_SHARE = 0.05
+"""The plots are redrawn at every summary unless that would spend more than this share of the time
+drawing (fast generations); then as often as that allows, and always at close."""
 _RESERVED_METRICS = {"generation", "seconds", "materialize_seconds", "score_seconds"}
 
 
@@ -66,7 +72,8 @@ class Tracker:
         experiment: str = "evomerge",
         flush_every: int = 8,
         max_queue: int = 10_000,
-        close_timeout: float = 120.0,
+        close_timeout: float = 300.0,
+        close_stall: float = 30.0,
         best_few: int = 4,
     ):
         self.run_config = dict(run_config)
@@ -76,6 +83,7 @@ class Tracker:
         self.flush_every = max(1, int(flush_every))
         self.max_queue = max(1, int(max_queue))
         self.close_timeout = close_timeout
+        self.close_stall = close_stall
         self.best_few = best_few
         template = RunReport(self.run_config, [])
         self.labels: list[str] = template.labels
@@ -107,6 +115,9 @@ class Tracker:
         self._summary_steps: set[int] = set()
         self._artifacts_at = -1
         """How many records the parent's artifacts showed when last logged."""
+        self._plot_seconds = 0.0
+        self._plotted_at = -math.inf
+        """How long the last drawing took, and when it ended (see PLOT_SHARE)."""
         self._since_summary = 0
         self._generation_hooks = 0
         self._requested = 0
@@ -202,9 +213,10 @@ class Tracker:
             return self._done_cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Final flush, then end the parent run with ``status`` (FINISHED, FAILED or KILLED). Waits at
-        most ``close_timeout`` seconds; never raises. Whatever could not be logged is in
-        evaluations.jsonl and is synced by the next ``start(resume=True)``."""
+        """Final flush, then end the parent run with ``status`` (FINISHED, FAILED or KILLED). Waits while
+        the flush makes progress, at most ``close_timeout`` seconds, and gives up after ``close_stall``
+        seconds without a candidate logged (a store that does not answer); never raises. Whatever
+        could not be logged is in evaluations.jsonl and is synced by the next ``start(resume=True)``."""
         began = time.perf_counter()
         if self._closed:
             return
@@ -217,11 +229,17 @@ class Tracker:
                 self._final_status = status
                 self._requested += 1
             self._wake.set()
-            self._thread.join(self.close_timeout)
+            deadline = time.monotonic() + self.close_timeout
+            progress, last = self.stats["logged"], time.monotonic()
+            while self._thread.is_alive() and time.monotonic() < min(deadline, last + self.close_stall):
+                self._thread.join(0.2)
+                if self.stats["logged"] != progress:
+                    progress, last = self.stats["logged"], time.monotonic()
             if self._thread.is_alive():
                 log.warning(
-                    "MLflow tracking: not done after %.0fs; %d records not logged yet (they are in %s; "
-                    "resuming the run logs them)", self.close_timeout, len(self._pending), self.run_dir / "evaluations.jsonl",
+                    "MLflow tracking at %s: gave up waiting for the final flush; %d records are not logged yet "
+                    "(they are in %s; resuming the run logs them)", self.uri, len(self._pending),
+                    self.run_dir / "evaluations.jsonl",
                 )
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow tracking: close: %s", _short(exc))
@@ -252,7 +270,7 @@ class Tracker:
                         self._pending.pop(record["id"], None)
                 self._update_pareto(front)
                 self._log_steps(self._complete_generations())
-                self._log_artifacts()
+                self._log_artifacts(final=True)
             self._recovered()
         except Exception as exc:  # noqa: BLE001
             self._fail("sync", exc)
@@ -318,7 +336,7 @@ class Tracker:
             self._summary_steps -= requested
             changed = len(self._slim) != self._artifacts_at
         if changed:
-            self._log_artifacts()
+            self._log_artifacts(final=final)
         self._backfill = False
 
     def _finish(self, status: str) -> None:
@@ -471,6 +489,7 @@ class Tracker:
             "status": str(record.get("status")),
             "pareto": "true" if on_front else "false",
             "recipe_hash": str(record.get("recipe_hash", "")),
+            "worker": str(record.get("worker", "")),
         }
         if record.get("reason"):
             tags["reason"] = str(record["reason"])[:MAX_TAG_LENGTH]
@@ -481,8 +500,7 @@ class Tracker:
                                          run_name=f"candidate-{cid}")
             run_id = run.info.run_id
             self._incomplete[cid] = run_id
-            tags = {}
-        tags["worker"] = str(record.get("worker", ""))
+            tags = {}  # given to create_run; a reused run (begun, never finished) gets them below
         stamp = int(ended * 1000)
         metrics = [
             Metric(self.metric_keys[label], float(value), stamp, 0)
@@ -575,7 +593,8 @@ class Tracker:
             self.client.log_batch(self.parent_run_id, metrics=metrics[i: i + 1000])
         self._steps_logged.update(counts)
 
-    def _log_artifacts(self) -> None:
+    def _log_artifacts(self, *, final: bool = False) -> None:
+        """front.csv, and (see PLOT_SHARE) plots/front.png and plots/weights.png."""
         from evomerge.tracking.plots import plot_front, plot_weights
 
         report = self._report()
@@ -591,15 +610,18 @@ class Tracker:
                                      f"{report.score(row):.6g}", row["method"], row["recipe_hash"],
                                      self._children.get(row["id"], "")])
             ok = report.ok
-            if ok:
+            drawn = time.monotonic()
+            if ok and (final or (drawn - self._plotted_at) * PLOT_SHARE >= self._plot_seconds):
                 index = {r["id"]: i for i, r in enumerate(ok)}
                 plot_front(root / "plots" / "front.png", report.values(ok), [index[r["id"]] for r in front],
                            self.labels, self.directions, ids=[r["id"] for r in ok],
                            generations=[r["generation"] for r in ok])
-            with self._lock:
-                best = [record for _, _, record in sorted(self._top, key=lambda t: (-t[0], -t[1]))]
-            if best:
-                plot_weights(root / "plots" / "weights.png", best)
+                with self._lock:
+                    best = [record for _, _, record in sorted(self._top, key=lambda t: (-t[0], -t[1]))]
+                if best:
+                    plot_weights(root / "plots" / "weights.png", best)
+                self._plotted_at = time.monotonic()
+                self._plot_seconds = self._plotted_at - drawn
             self.client.log_artifacts(self.parent_run_id, tmp)
         self._artifacts_at = counted
 
