@@ -226,8 +226,11 @@ def front(
         from evomerge.eval.tasks import TaskError
         from evomerge.search.rescore import rescore_front
 
+        from evomerge.tracking.rescore import log_rescores
+
         try:
-            rescore_front(run_dir, rescore, device=device)
+            values = rescore_front(run_dir, rescore, device=device)
+            log_rescores(run_dir, rescore, values)
         except (FileNotFoundError, TaskError, RuntimeError, ValueError) as exc:
             _fail(str(exc))
     _print_front(run_dir, json_output)
