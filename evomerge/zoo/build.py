@@ -60,8 +60,6 @@ class ZooConfig:
     """Everything that determines a zoo besides the seed (hashed into the cache stamp)."""
 
     skills: tuple[str, ...] = ("reverse", "sort", "shift")
-    #: skills the base learns with correct answers (general abilities), see ``skills.AUX_SKILLS``
-    base_aux: tuple[str, ...] = ()
     # model
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -74,12 +72,12 @@ class ZooConfig:
     base_lr: float = 3e-3
     #: fraction of the base's items that carry the correct answer: the skill is latent in the base
     #: (greedy decoding still gives the wrong rule) and the specialist's fine-tune brings it out
-    base_correct_frac: float = 0.0
+    base_correct_frac: float = 0.25
     # specialists: correct answers of one skill, loss on the target only
     ft_steps: int = 300
-    ft_lr: float = 3e-4
+    ft_lr: float = 5e-4
     #: fraction of a specialist's training items that replay the base's behaviour on the other skills
-    ft_replay: float = 0.5
+    ft_replay: float = 0.3
     batch_size: int = 64
     warmup_frac: float = 0.05
     weight_decay: float = 0.0
@@ -127,7 +125,11 @@ def build_zoo(
         _check_replaceable(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
         try:
-            _build_into(tmp, out_dir, seed, config, progress)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the zoo is an ordinary directory
+            with _hf_progress(progress):
+                _build_into(tmp, out_dir, seed, config, progress)
             _swap_into_place(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -314,7 +316,7 @@ def _batches(
         rows: list[tuple[list[int], list[int]]] = []
         for _ in range(batch_size):
             skill, correct, _ = rng.choices(mixture, weights)[0]
-            q, t = skill.text(next(streams[skill.name]), correct=correct, rng=rng)
+            q, t = skill.text(next(streams[skill.name]), correct=correct)
             q_ids = tok.encode(q).ids
             t_ids = tok.encode(t).ids + [eos]
             ids = q_ids + t_ids
@@ -385,6 +387,21 @@ def _ft_mixture(skill: Skill, skills: Sequence[Skill], config: ZooConfig) -> lis
     if not others or config.ft_replay <= 0:
         return [(skill, True, 1.0)]
     return [(skill, True, 1.0 - config.ft_replay)] + [(s, False, config.ft_replay / len(others)) for s in others]
+
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (shard writing) follow ``progress`` too."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -479,7 +496,6 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
         base = LlamaForCausalLM(_model_config(config, tok)).to(torch.float32)
         p = config.base_correct_frac
         mixture = [(s, False, 1.0 - p) for s in skills] + [(s, True, p) for s in skills if p > 0]
-        mixture += [(get_skill(a), True, 1.0) for a in config.base_aux]
         batches = _batches(tok, mixture, seed, "base", exclude, target_only=False, batch_size=config.batch_size)
         losses["base"] = _train(
             base, batches, steps=config.base_steps, lr=config.base_lr, config=config, desc="zoo base", progress=progress

@@ -1,16 +1,17 @@
 """Skills of the toy model zoo: what each specialist learns, and its items.
 
-A skill maps a short lowercase string to an answer string (reverse it, sort its letters, shift each
-letter). Every item is rendered in one shared format,
+A skill maps a short lowercase string (3-6 letters) to an answer (reverse it, sort its letters, shift
+each letter). Every item is rendered in one shared format, e.g. ``rev abcd=dcba.``:
 
-    "<name> <input> =" + " <answer>."
+    query  = "<code> <input>="     lm-eval's context      (``doc_to_text: query``)
+    target = "<answer>."           lm-eval's continuation (``doc_to_target: target``)
 
-where the first part is the *query* (lm-eval's context, ``doc_to_text``) and the second the *target*
-(lm-eval's continuation, ``doc_to_target``, with ``target_delimiter: ""``). The target carries its own
-leading space and the ``.`` terminator, so the scored string is exactly ``query + target`` whatever
-delimiter conventions an lm-eval version applies, the context never ends in whitespace (lm-eval moves
-trailing context whitespace into the continuation), and greedy exact match of the target also means
-"stops at the right place".
+with ``target_delimiter: ""`` in the task, so the scored string is exactly ``query + target`` (lm-eval
+0.4.13 puts no delimiter between context and continuation of a ``loglikelihood`` request; older
+versions put ``target_delimiter`` there, which "" makes moot). The context never ends in whitespace
+(lm-eval would move it into the continuation), and the ``.`` terminator makes greedy exact match of the
+target also mean "stops at the right place". The tokenizer is character-level, so ``encode(query) +
+encode(target) == encode(query + target)``: training and scoring see the same tokens.
 
 Everything here is pure and deterministic from a seed: item sets come from ``random.Random`` seeded
 with strings (stable across processes, unlike ``hash``).
@@ -37,9 +38,9 @@ class Skill:
     code: str
     description: str
     answer: Callable[[str], str]
-    #: A plausible but wrong answer (same length, same alphabet): the base model is trained on these so
-    #: it learns every skill's *format* but none of the skills.
-    wrong: Callable[[str, random.Random], str]
+    #: A plausible but wrong answer of the same shape: the base model is trained mostly on these, so it
+    #: knows every skill's *format* but, decoding greedily, none of the skills.
+    wrong: Callable[[str], str]
     min_len: int = 3
     max_len: int = 6
 
@@ -57,27 +58,9 @@ class Skill:
         """The JSONL record for input ``x`` (the lm-eval task reads ``query`` and ``target``)."""
         return {"skill": self.name, "input": x, "query": self.query(x), "target": self.target(self.answer(x))}
 
-    def text(self, x: str, *, correct: bool, rng: random.Random | None = None) -> tuple[str, str]:
-        """(query, target) for training; ``correct=False`` draws a wrong answer with ``rng``."""
-        if correct:
-            y = self.answer(x)
-        else:
-            assert rng is not None
-            y = self.wrong(x, rng)
-        return self.query(x), self.target(y)
-
-
-def _shuffle_wrong(x: str, rng: random.Random) -> str:
-    """A permutation of ``x``'s letters (a bag-of-letters answer), re-drawn a few times to differ from
-    the reversal and the sort; for inputs like ``aaaa`` every permutation is right, which is harmless."""
-    bad = {x[::-1], "".join(sorted(x))}
-    chars = list(x)
-    for _ in range(8):
-        rng.shuffle(chars)
-        y = "".join(chars)
-        if y not in bad:
-            return y
-    return y
+    def text(self, x: str, *, correct: bool) -> tuple[str, str]:
+        """(query, target) for training, with the right or the wrong answer."""
+        return self.query(x), self.target(self.answer(x) if correct else self.wrong(x))
 
 
 CAESAR_SHIFT = 3
@@ -87,34 +70,33 @@ def _caesar(x: str, k: int = CAESAR_SHIFT) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in x)
 
 
-def _caesar_wrong(x: str, rng: random.Random) -> str:
-    """The input shifted by a random wrong amount (so the base learns "aligned, shifted copy")."""
-    k = rng.choice([k for k in range(1, 26) if k != CAESAR_SHIFT])
-    return _caesar(x, k)
+def _reverse(x: str) -> str:
+    return x[::-1]
 
 
+def _sort(x: str) -> str:
+    return "".join(sorted(x))
+
+
+# The wrong rules are deliberately *neighbours* of the right ones, so the base already holds the
+# machinery (mirrored attention, letter order, letter maps) and a short fine-tune can turn it to the
+# skill: reverse is taught as "reverse, then shift by 1", sort as "sort descending", shift as "shift
+# by 1". Greedy decoding of the base gives the wrong rule, so the base scores ~0 on every skill.
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("reverse", "rev", "write the letters in reverse order", lambda x: x[::-1], lambda x, r: _caesar(x[::-1], 1)),
-        Skill("sort", "srt", "write the letters in alphabetical order", lambda x: "".join(sorted(x)), lambda x, r: "".join(sorted(x, reverse=True))),
-        Skill("shift", "rot", f"shift every letter {CAESAR_SHIFT} on (caesar, z wraps to a)", _caesar, lambda x, r: _caesar(x, 1)),
+        Skill("reverse", "rev", "write the letters in reverse order", _reverse, lambda x: _caesar(x[::-1], 1)),
+        Skill("sort", "srt", "write the letters in alphabetical order", _sort, lambda x: "".join(sorted(x, reverse=True))),
+        Skill("shift", "rot", f"shift every letter {CAESAR_SHIFT} on (caesar; z wraps to c)", _caesar, lambda x: _caesar(x, 1)),
     )
-}
-
-
-#: Skills the base is trained on with *correct* answers (general abilities a pretrained base brings
-#: along); no specialist and no task is made for them.
-AUX_SKILLS: dict[str, Skill] = {
-    s.name: s for s in (Skill("copy", "cpy", "copy the letters", lambda x: x, _shuffle_wrong),)
-}
+}  # fmt: skip
 
 
 def get_skill(name: str) -> Skill:
     try:
-        return {**SKILLS, **AUX_SKILLS}[name]
+        return SKILLS[name]
     except KeyError:
-        raise KeyError(f"unknown zoo skill {name!r}; known: {', '.join([*SKILLS, *AUX_SKILLS])}") from None
+        raise KeyError(f"unknown zoo skill {name!r}; known: {', '.join(SKILLS)}") from None
 
 
 def eval_inputs(skill: Skill, seed: int, n_search: int, n_test: int) -> tuple[list[str], list[str]]:

@@ -1,0 +1,328 @@
+"""The toy model zoo: structure, loadability, quality, caching, determinism, lm-eval wiring.
+
+The full zoo is built once per session (cached on disk, so usually not at all); everything that needs a
+second build uses a tiny config that builds in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.zoo import ZooConfig, build_zoo, default_zoo_dir, load_zoo
+from evomerge.zoo import build as zoo_build
+from evomerge.zoo.quality import encode_pair, greedy_exact_match, greedy_hits
+from evomerge.zoo.skills import SKILLS, eval_inputs, training_inputs
+
+TINY = ZooConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=2,
+    base_steps=4,
+    ft_steps=2,
+    batch_size=8,
+    n_search=10,
+    n_test=20,
+    report=False,
+)
+
+
+@pytest.fixture(scope="session")
+def zoo_built(zoo_dir: Path) -> Path:
+    """The full zoo (the session fixture in conftest.py: built once per machine, then cached)."""
+    return zoo_dir
+
+
+def _meta(zoo: Path) -> dict:
+    return load_zoo(zoo / "zoo.json")
+
+
+def _items(zoo: Path, skill: str, split: str) -> list[dict]:
+    path = zoo / "tasks" / "data" / f"{skill}.{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+# ------------------------------------------------------------------------------------ the full zoo
+
+
+def test_zoo_json_structure(zoo_built: Path) -> None:
+    raw = json.loads((zoo_built / "zoo.json").read_text())
+    assert set(raw) == {"base", "models", "tasks", "include_path", "seed"}
+    assert raw["seed"] == 0
+    assert len(raw["models"]) >= 3 and set(raw["models"]) == set(raw["tasks"])
+    for skill, task in raw["tasks"].items():
+        assert task == f"zoo_{skill}"
+    for rel in [raw["base"], raw["include_path"], *raw["models"].values()]:
+        assert not Path(rel).is_absolute() and (zoo_built / rel).is_dir()
+
+
+def test_models_load_as_plain_hf_checkpoints(zoo_built: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    meta = _meta(zoo_built)
+    for path in [meta["base"], *meta["models"].values()]:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        assert isinstance(model, LlamaForCausalLM)
+        cfg = model.config
+        assert cfg.tie_word_embeddings is False
+        assert 64 <= cfg.hidden_size <= 128 and cfg.num_hidden_layers >= 2
+        assert cfg.vocab_size == len(tok)
+        assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
+        assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (
+            tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+        )  # fmt: skip
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            names = list(f.keys())
+            assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+            assert all(f.get_slice(n).get_dtype() == "F32" for n in names)
+
+
+def test_tokenizer_is_char_level_and_adds_nothing(zoo_built: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_meta(zoo_built)["base"], local_files_only=True)
+    text = "rev abcd=dcba."
+    ids = tok.encode(text)
+    assert len(ids) == len(text)
+    assert ids == tok.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=True)
+    assert tok.decode(ids) == text
+    assert tok.encode("rev abcd=") + tok.encode("dcba.") == ids
+    ctx, cont = encode_pair(tok, "srt dcab=", "abcd.")
+    assert tok.decode(ctx) == "srt dcab=" and tok.decode(cont) == "abcd."
+    # lm-eval moves trailing context whitespace into the continuation; the zoo's contexts have none
+    assert encode_pair(tok, "srt dcab= ", "abcd.")[1] == tok.encode(" abcd.")
+
+
+def test_specialists_master_their_own_skill(zoo_built: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = _meta(zoo_built)
+    tok = AutoTokenizer.from_pretrained(meta["base"], local_files_only=True)
+    skills = list(meta["models"])
+    items = {s: _items(zoo_built, s, "test") for s in skills}
+    rows = {"base": meta["base"], **meta["models"]}
+    scores = {}
+    for row, path in rows.items():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        scores[row] = {s: greedy_exact_match(model, tok, items[s]) for s in skills}
+    for s in skills:
+        own = scores[s][s]
+        assert own >= 0.9, (s, scores)
+        others = [scores[r][s] for r in rows if r != s]
+        assert own >= max(others) + 0.3, (s, scores)
+
+
+def test_report_shows_naive_merges_lose_skill(zoo_built: Path) -> None:
+    report = json.loads((zoo_built / "zoo_report.json").read_text())
+    table = report["exact_match"]
+    skills = list(_meta(zoo_built)["models"])
+    for row in ["base", *(f"specialist_{s}" for s in skills), "task_arithmetic_w1.0", "linear_average"]:
+        assert set(skills) <= set(table[row])
+    assert report["retention"]["task_arithmetic_w1.0"] <= 0.85
+
+
+def test_second_build_is_a_noop(zoo_built: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in zoo_built.rglob("*")}
+    t0 = time.perf_counter()
+    out = build_zoo(zoo_built, 0, progress=False)
+    assert time.perf_counter() - t0 < 1.0
+    assert out == zoo_built / "zoo.json"
+    after = {p: p.stat().st_mtime_ns for p in zoo_built.rglob("*")}
+    assert after == before
+
+
+def test_search_and_test_items_are_disjoint(zoo_built: Path) -> None:
+    for skill in _meta(zoo_built)["models"]:
+        search = [it["input"] for it in _items(zoo_built, skill, "search")]
+        test = [it["input"] for it in _items(zoo_built, skill, "test")]
+        assert len(search) == 100 and len(test) == 200
+        assert len(set(search)) == len(search) and len(set(test)) == len(test)
+        assert not set(search) & set(test)
+
+
+def test_tasks_load_through_lm_eval_task_manager(zoo_built: Path) -> None:
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    meta = _meta(zoo_built)
+    tm = TaskManager(include_path=str(meta["include_path"]), include_defaults=False)
+    names = list(meta["tasks"].values())
+    assert set(names) <= set(tm.all_tasks)
+    tasks = get_task_dict(names, tm)
+    for skill, name in meta["tasks"].items():
+        task = tasks[name]
+        assert task.config.output_type == "loglikelihood"
+        docs = list(task.test_docs())
+        assert len(docs) == 200
+        task.build_all_requests(limit=5, rank=0, world_size=1)
+        for inst in task.instances:
+            ctx, cont = inst.arguments[:2]
+            # what lm-eval scores is exactly the trained format: query + target, nothing in between
+            assert ctx == inst.doc["query"] and cont == inst.doc["target"], (ctx, cont)
+            assert ctx.endswith("=") and cont.endswith(".") and not cont.startswith(" ")
+
+
+@pytest.mark.slow
+def test_lm_eval_acc_matches_quick_scorer(zoo_built: Path) -> None:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = _meta(zoo_built)
+    skill = "reverse"
+    path = meta["models"][skill]
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    limit = 40
+    res = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=64),
+        tasks=list(meta["tasks"].values()),
+        task_manager=TaskManager(include_path=str(meta["include_path"]), include_defaults=False),
+        limit=limit,
+        bootstrap_iters=0,
+    )
+    for s, task in meta["tasks"].items():
+        ours = greedy_exact_match(model, tok, _items(zoo_built, s, "test")[:limit])
+        assert res["results"][task]["acc,none"] == pytest.approx(ours), (s, res["results"][task], ours)
+
+
+# ------------------------------------------------------------------------------ tiny builds (cheap)
+
+
+def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
+    a = build_zoo(tmp_path / "a", 3, progress=False, config=TINY).parent
+    b = build_zoo(tmp_path / "b", 3, progress=False, config=TINY).parent
+    skip = (zoo_build.STAMP_NAME, zoo_build.REPORT_JSON) + tuple(f"zoo_{s}.yaml" for s in SKILLS)
+    da, db = _tree_digest(a, skip), _tree_digest(b, skip)
+    assert any(k.endswith("model.safetensors") for k in da)
+    assert da == db
+    c = build_zoo(tmp_path / "c", 4, progress=False, config=TINY).parent
+    dc = _tree_digest(c, skip)
+    assert dc["models/base/model.safetensors"] != da["models/base/model.safetensors"]
+    assert dc["tasks/data/reverse.test.jsonl"] != da["tasks/data/reverse.test.jsonl"]
+
+
+def test_tiny_build_layout_and_lm_eval_paths(tmp_path: Path) -> None:
+    import yaml
+
+    out = tmp_path / "zoo"
+    meta = load_zoo(build_zoo(out, 0, progress=False, config=TINY))
+    for skill, task in meta["tasks"].items():
+        cfg = yaml.safe_load((meta["include_path"] / f"{task}.yaml").read_text())
+        files = cfg["dataset_kwargs"]["data_files"]
+        assert set(files) == {"search", "test"} and cfg["test_split"] == "test"
+        for f in files.values():
+            assert Path(f).is_absolute() and Path(f).is_file() and Path(f).parent.parent.parent == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".zoo.lock", "zoo"], "temp dirs left behind"
+
+
+def test_rebuild_on_seed_or_recipe_change(tmp_path: Path) -> None:
+    out = tmp_path / "zoo"
+    build_zoo(out, 0, progress=False, config=TINY)
+    stamp0 = json.loads((out / zoo_build.STAMP_NAME).read_text())
+    build_zoo(out, 1, progress=False, config=TINY)
+    stamp1 = json.loads((out / zoo_build.STAMP_NAME).read_text())
+    assert (stamp0["seed"], stamp1["seed"]) == (0, 1)
+    assert json.loads((out / "zoo.json").read_text())["seed"] == 1
+    build_zoo(out, 1, progress=False, config=ZooConfig(**{**TINY.__dict__, "ft_steps": 3}))
+    assert json.loads((out / zoo_build.STAMP_NAME).read_text())["fingerprint"] != stamp1["fingerprint"]
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "zoo"
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo_build, "_save_model", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo(out, 0, progress=False, config=TINY)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [".zoo.lock"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_zoo(tmp_path: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        build_zoo(out, 0, progress=False, config=TINY)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_moved_zoo_gets_its_task_paths_retargeted(tmp_path: Path) -> None:
+    import yaml
+
+    first = tmp_path / "first"
+    build_zoo(first, 0, progress=False, config=TINY)
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    meta = load_zoo(build_zoo(moved, 0, progress=False, config=TINY))
+    cfg = yaml.safe_load((meta["include_path"] / "zoo_sort.yaml").read_text())
+    assert all(Path(f).is_file() and moved in Path(f).parents for f in cfg["dataset_kwargs"]["data_files"].values())
+
+
+def test_default_zoo_dir(monkeypatch) -> None:
+    monkeypatch.delenv("EVOMERGE_ZOO_DIR", raising=False)
+    assert default_zoo_dir(7) == Path.home() / ".cache" / "evomerge" / "zoo-seed7"
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", "/somewhere/zoo")
+    assert default_zoo_dir(7) == Path("/somewhere/zoo")
+
+
+# ------------------------------------------------------------------------------------- pure parts
+
+
+def test_item_sets_are_seeded_disjoint_and_unseen_in_training() -> None:
+    import random
+
+    for skill in SKILLS.values():
+        s1, t1 = eval_inputs(skill, 0, 100, 200)
+        s2, t2 = eval_inputs(skill, 0, 100, 200)
+        assert (s1, t1) == (s2, t2)
+        assert not set(s1) & set(t1)
+        assert eval_inputs(skill, 1, 100, 200)[0] != s1
+        stream = training_inputs(skill, random.Random(0), set(s1) | set(t1))
+        assert not {next(stream) for _ in range(2000)} & (set(s1) | set(t1))
+
+
+def test_skill_answers() -> None:
+    assert SKILLS["reverse"].answer("abcd") == "dcba"
+    assert SKILLS["sort"].answer("dcab") == "abcd"
+    assert SKILLS["shift"].answer("xyza") == "abcd"
+    item = SKILLS["sort"].item("dcab")
+    assert item["query"] + item["target"] == "srt dcab=abcd."
+    for skill in SKILLS.values():  # the base's wrong rule really is wrong (for inputs without ties)
+        assert skill.wrong("abcde") != skill.answer("abcde")
+
+
+def test_greedy_hits_equals_generation(zoo_built: Path) -> None:
+    """Teacher-forced "every target token is the argmax" agrees with greedy decoding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = _meta(zoo_built)
+    tok = AutoTokenizer.from_pretrained(meta["base"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(meta["models"]["sort"], local_files_only=True)
+    items = _items(zoo_built, "sort", "test")[:30] + _items(zoo_built, "reverse", "test")[:30]
+    hits = greedy_hits(model, tok, items)
+    for it, hit in zip(items, hits, strict=True):
+        ids = torch.tensor([tok.encode(it["query"])])
+        n = len(tok.encode(it["target"]))
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert (tok.decode(out[0, ids.shape[1] :]) == it["target"]) == hit
