@@ -36,6 +36,7 @@ class ScriptedEvaluator:
         if action not in self.actions:
             raise ValueError(f"this fake does not do {action!r}")
         slept = 0.0
+        started = time.time()
         if action == "sleep":
             slept = float(arg or 0)
             time.sleep(slept)
@@ -49,7 +50,7 @@ class ScriptedEvaluator:
         elif action == "hang":
             while True:
                 time.sleep(3600)
-        objectives = {"seconds": slept, "pid": float(os.getpid())}
+        objectives = {"seconds": slept, "pid": float(os.getpid()), "started": started, "ended": time.time()}
         return CandidateResult(recipe.content_hash(), "ok", objectives=objectives, seconds=slept)
 
 

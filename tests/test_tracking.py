@@ -141,7 +141,6 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     tracker = Tracker(config, run_dir.path)
     drive(tracker, run_dir, records)
     assert tracker.stats["failures"] == 0
-    assert tracker.stats["hook_seconds"] < 5.0  # the hooks only queue
 
     link = RunLink.read(run_dir.path)
     assert link is not None and link.tracking_uri == f"sqlite:///{(run_dir.path / DB_FILE).resolve()}"
