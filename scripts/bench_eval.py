@@ -91,7 +91,6 @@ def time_disk(objectives, include, candidates: list[Recipe], work: Path) -> dict
         out = merge_to_disk(recipe, work / f"cand{i}", overwrite=True)
         merged = time.perf_counter()
         result = evaluator.evaluate_checkpoint(out)
-        done = time.perf_counter()
         merge_s += merged - start + result.materialize_seconds  # write + reload
         score_s += result.score_seconds
         values.append(result.objectives)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from evomerge.cli import app

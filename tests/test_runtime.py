@@ -164,12 +164,12 @@ def test_worker_that_keeps_dying_fails_and_capacity_is_kept(pool):
     wait_all_idle(pool)
     after = {w["name"] for w in pool.workers()}
     assert after.isdisjoint(before), (before, after)
-    start = time.monotonic()
     pool.submit(Job(9, recipe_for("sleep:0.5")))
     pool.submit(Job(10, recipe_for("sleep:0.5")))
     outcomes = drain(pool)
     assert all(o.result.ok for o in outcomes) and {o.worker for o in outcomes} == after
-    assert time.monotonic() - start < 0.9
+    starts = [o.result.objectives["started"] for o in outcomes]
+    assert max(starts) < min(o.result.objectives["ended"] for o in outcomes)  # side by side
 
 
 def test_timeout_is_retried_once_then_fails(pool):

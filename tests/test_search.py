@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from evomerge.runtime.executor import InProcessExecutor, make_executor
+from evomerge.runtime.executor import make_executor
 from evomerge.search.config import ConfigError, parse_duration, resolve_run_config
 from evomerge.search.driver import Search, SearchError
 from evomerge.search.optimizers import make_optimizer

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -140,9 +139,7 @@ def test_report_shows_naive_merges_lose_skill(zoo_built: Path) -> None:
 
 def test_second_build_is_a_noop(zoo_built: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in zoo_built.rglob("*")}
-    t0 = time.perf_counter()
     out = build_zoo(zoo_built, 0, progress=False)
-    assert time.perf_counter() - t0 < 1.0
     assert out == zoo_built / "zoo.json"
     after = {p: p.stat().st_mtime_ns for p in zoo_built.rglob("*")}
     assert after == before
