@@ -137,7 +137,11 @@ def test_report_shows_naive_merges_lose_skill(zoo_built: Path) -> None:
     assert report["retention"]["task_arithmetic_w1.0"] <= 0.85
 
 
-def test_second_build_is_a_noop(zoo_built: Path) -> None:
+def test_second_build_is_a_noop(zoo_built: Path, monkeypatch) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached zoo must not be rebuilt")
+
+    monkeypatch.setattr(zoo_build, "_build_into", no_training)
     before = {p: p.stat().st_mtime_ns for p in zoo_built.rglob("*")}
     out = build_zoo(zoo_built, 0, progress=False)
     assert out == zoo_built / "zoo.json"
@@ -175,7 +179,6 @@ def test_tasks_load_through_lm_eval_task_manager(zoo_built: Path) -> None:
             assert ctx.endswith("=") and cont.endswith(".") and not cont.startswith(" ")
 
 
-@pytest.mark.slow
 def test_lm_eval_acc_matches_quick_scorer(zoo_built: Path) -> None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -183,11 +186,10 @@ def test_lm_eval_acc_matches_quick_scorer(zoo_built: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = _meta(zoo_built)
-    skill = "reverse"
-    path = meta["models"][skill]
+    path = meta["models"]["sort"]  # sort is the specialist with a few misses: a non-trivial number to match
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    limit = 40
+    limit = 200
     res = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tok, batch_size=64),
         tasks=list(meta["tasks"].values()),
@@ -316,7 +318,7 @@ def test_greedy_hits_equals_generation(zoo_built: Path) -> None:
     meta = _meta(zoo_built)
     tok = AutoTokenizer.from_pretrained(meta["base"], local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(meta["models"]["sort"], local_files_only=True)
-    items = _items(zoo_built, "sort", "test")[:30] + _items(zoo_built, "reverse", "test")[:30]
+    items = _items(zoo_built, "sort", "test")[:15] + _items(zoo_built, "reverse", "test")[:15]
     hits = greedy_hits(model, tok, items)
     for it, hit in zip(items, hits, strict=True):
         ids = torch.tensor([tok.encode(it["query"])])

@@ -10,9 +10,16 @@ Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directo
     tasks/zoo_<skill>.yaml, tasks/zoo.yaml (group), tasks/data/<skill>.{search,test}.jsonl
     .zoo-stamp.json       seed + recipe version + config fingerprint, written last
 
-Recipe (see DESIGN.md, "Toy model zoo"): the base is trained on every skill's *format* with wrong
-answers, so it knows the formats but none of the skills; each specialist is a short, low-lr fine-tune of
-the base on its skill's correct answers. The build writes into a temporary sibling directory and renames
+Recipe (DESIGN.md, "Toy model zoo", adjusted; see ``ZooConfig``): a 4-layer, hidden-128 Llama base is
+trained 1200 steps (batch 64, lr 3e-3) on every skill's *format*, 75% of the items with a wrong answer
+from a neighbouring rule (``skills.py``) and 25% with the right one, so greedy decoding gives the wrong
+rule (base ~0% on every skill) while the skill is latent. Each specialist is a 300-step fine-tune at lr
+5e-4 (loss on the answer only) on its skill's correct answers, with 30% of its items replaying the base's
+answers on the other skills so that it changes the behaviour behind its own prompt only. Specialists
+reach 97-100% on their skill, ~0% on the others; naive merges of all three (task arithmetic 1.0/0.5,
+linear average) keep almost nothing, so there is something to search for.
+
+The build writes into a temporary sibling directory and renames
 it into place at the end, so an interrupted build never leaves a directory that looks complete; a build
 whose stamp matches (same seed, recipe and config) is reused untouched.
 """

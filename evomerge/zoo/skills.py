@@ -70,26 +70,39 @@ def _caesar(x: str, k: int = CAESAR_SHIFT) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in x)
 
 
+def _shift1(x: str) -> str:
+    return _caesar(x, 1)
+
+
 def _reverse(x: str) -> str:
     return x[::-1]
+
+
+def _reverse_shift1(x: str) -> str:
+    return _caesar(x[::-1], 1)
 
 
 def _sort(x: str) -> str:
     return "".join(sorted(x))
 
 
+def _sort_descending(x: str) -> str:
+    return "".join(sorted(x, reverse=True))
+
+
 # The wrong rules are deliberately *neighbours* of the right ones, so the base already holds the
 # machinery (mirrored attention, letter order, letter maps) and a short fine-tune can turn it to the
-# skill: reverse is taught as "reverse, then shift by 1", sort as "sort descending", shift as "shift
-# by 1". Greedy decoding of the base gives the wrong rule, so the base scores ~0 on every skill.
+# skill: the base is taught reverse as "reverse, then shift by 1", sort as "sort descending", shift as
+# "shift by 1". (Copy as the wrong rule of reverse left the reversal specialist at ~65% after the same
+# fine-tune.) Greedy decoding of the base gives the wrong rule, so the base scores ~0 on every skill.
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("reverse", "rev", "write the letters in reverse order", _reverse, lambda x: _caesar(x[::-1], 1)),
-        Skill("sort", "srt", "write the letters in alphabetical order", _sort, lambda x: "".join(sorted(x, reverse=True))),
-        Skill("shift", "rot", f"shift every letter {CAESAR_SHIFT} on (caesar; z wraps to c)", _caesar, lambda x: _caesar(x, 1)),
+        Skill("reverse", "rev", "write the letters in reverse order", _reverse, _reverse_shift1),
+        Skill("sort", "srt", "write the letters in alphabetical order", _sort, _sort_descending),
+        Skill("shift", "rot", f"shift every letter {CAESAR_SHIFT} on (caesar; z wraps to c)", _caesar, _shift1),
     )
-}  # fmt: skip
+}
 
 
 def get_skill(name: str) -> Skill:
