@@ -1,7 +1,8 @@
 """Engine: execute a merge plan tensor by tensor, to disk (sharded safetensors) or into a live model.
 
-Both entry points share ``compute_tensor``, so the model a search scores in memory is bit-for-bit the
-model ``evomerge merge`` writes. Peak memory of a disk merge is the inputs and output of one tensor.
+Both entry points share ``compute_blocks``, so the model a search scores in memory is bit-for-bit the
+model ``evomerge merge`` writes. Large tensors are merged a block of rows at a time (``blocks.py``),
+so peak memory of a disk merge is a few blocks, not a few whole tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evomerge.merge.blocks import BLOCK_KERNELS, WHOLE_TENSOR_MAX, Block, JobInputs
 from evomerge.merge.io import ShardedWriter, parse_size
 from evomerge.merge.plan import MergePlan, PlanError, TensorJob, TensorRef, build_plan, open_checkpoints
 from evomerge.recipe import Recipe, substitute_models
@@ -43,6 +45,59 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def job_inputs(
+    plan: MergePlan,
+    job: TensorJob,
+    *,
+    device: torch.device | str = "cpu",
+    source: TensorSource | None = None,
+) -> JobInputs:
+    """The job's stored tensors, ready to be read block by block in the compute dtype (float32, or
+    float64 when any input is float64). Reading from the plan's checkpoints releases the mapped
+    pages of each block once the next one is read."""
+    read = source or (lambda ref: plan.checkpoints[ref[0]].get(ref[1]))
+    stored = [read(ref) for ref in job.inputs]
+    base = read(job.base) if job.base is not None else None
+    every = stored + ([base] if base is not None else [])
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in every) else torch.float32
+    refs = job.inputs + ((job.base,) if job.base is not None else ())
+
+    def release(rows: slice) -> None:
+        for model, name in refs:
+            plan.checkpoints[model].release(name, rows if isinstance(rows, slice) else None)
+
+    return JobInputs(stored, base, dtype=dtype, device=device, release=None if source else release)
+
+
+def compute_blocks(
+    plan: MergePlan,
+    job: TensorJob,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    source: TensorSource | None = None,
+) -> Iterator[Block]:
+    """Merge one output tensor as ``(rows, merged rows)`` pieces, in row order.
+
+    Large float32 tensors of methods with a block kernel are merged block-wise (``merge/blocks.py``);
+    the rest whole, by the method's function, as one piece covering every row. Pieces are in the
+    compute dtype, or the stored dtype for plain copies; callers cast to the output dtype.
+    """
+    inputs = job_inputs(plan, job, device=device, source=source)
+    job_seed = tensor_seed(seed, job.name)
+    kernel = BLOCK_KERNELS.get(plan.method.name)
+    if kernel is not None and inputs.numel > WHOLE_TENSOR_MAX and inputs.dtype == torch.float32 and inputs.shape:
+        yield from kernel(inputs, job.model_params, job.params, job_seed)
+        return
+    everything = Ellipsis  # every row (and valid for 0-d tensors, unlike slice(None))
+    tensors, base = inputs.read(everything)
+    generator = None
+    if plan.method.randomized:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(job_seed)
+    yield everything, plan.method.fn(tensors, base, job.model_params, job.params, generator)
+
+
 def compute_tensor(
     plan: MergePlan,
     job: TensorJob,
@@ -51,19 +106,26 @@ def compute_tensor(
     seed: int = 0,
     source: TensorSource | None = None,
 ) -> torch.Tensor:
-    """Merge one output tensor; returns it in the compute dtype (float32, or float64 for float64 inputs)."""
-    read = source or (lambda ref: plan.checkpoints[ref[0]].get(ref[1]))
-    stored = [read(ref) for ref in job.inputs]
-    base_stored = read(job.base) if job.base is not None else None
-    every = stored + ([base_stored] if base_stored is not None else [])
-    compute_dtype = torch.float64 if any(t.dtype == torch.float64 for t in every) else torch.float32
-    tensors = [t.to(device=device, dtype=compute_dtype) for t in stored]
-    base = base_stored.to(device=device, dtype=compute_dtype) if base_stored is not None else None
-    generator = None
-    if plan.method.randomized:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(tensor_seed(seed, job.name))
-    return plan.method.fn(tensors, base, job.model_params, job.params, generator)
+    """Merge one output tensor whole (pieces from ``compute_blocks`` put together)."""
+    pieces = list(compute_blocks(plan, job, device=device, seed=seed, source=source))
+    if len(pieces) == 1:
+        return pieces[0][1]
+    return torch.cat([piece for _, piece in pieces])
+
+
+def stored_copy(plan: MergePlan, job: TensorJob) -> tuple[Path, int, int] | None:
+    """(file, offset, bytes) of a passthrough input that goes to the output unchanged (no scale,
+    stored in the output dtype): the disk merge copies those bytes file to file."""
+    if plan.method.name != "passthrough" or job.model_params[0].get("scale") is not None:
+        return None
+    model, name = job.inputs[0]
+    checkpoint = plan.checkpoints.get(model)
+    if checkpoint is None or checkpoint.pickled:
+        return None
+    info = checkpoint.tensors[name]
+    if info.dtype != plan.out_dtype or info.shape != job.shape:
+        return None
+    return info.file, info.start, info.nbytes
 
 
 def _release(plan: MergePlan, job: TensorJob) -> None:
@@ -120,9 +182,12 @@ def merge_to_disk(
     try:
         writer = ShardedWriter(tmp, plan.output_layout(), shard_bytes)
         for job in _progress(plan.jobs, progress, "merging"):
-            merged = compute_tensor(plan, job, device=device, seed=seed)
-            writer.write(job.name, merged.to(plan.out_dtype))
-            del merged
+            copy = stored_copy(plan, job)
+            if copy is not None:
+                writer.copy_range(job.name, *copy)
+                continue
+            pieces = compute_blocks(plan, job, device=device, seed=seed)
+            writer.write_pieces(job.name, (piece.to(plan.out_dtype) for _, piece in pieces))
             _release(plan, job)
         writer.finish()
         _write_metadata(plan, tmp, base_dir)
@@ -202,5 +267,5 @@ def materialize_into(
             target = targets[job.name]
             if tuple(target.shape) != job.shape:
                 raise PlanError(f"{job.name}: model has shape {list(target.shape)}, merge gives {list(job.shape)}")
-            merged = compute_tensor(plan, job, device=target.device, seed=seed, source=source)
-            target.data.copy_(merged)
+            for rows, piece in compute_blocks(plan, job, device=target.device, seed=seed, source=source):
+                target.data[rows].copy_(piece)

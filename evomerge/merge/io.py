@@ -143,6 +143,11 @@ class Checkpoint:
     def vocab_size(self) -> int | None:
         return self.config.get("vocab_size")
 
+    @property
+    def pickled(self) -> bool:
+        """Weights loaded from pickle (.bin) files, so not readable as byte ranges."""
+        return self._pickled is not None
+
     # --- tensors --------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
@@ -158,15 +163,26 @@ class Checkpoint:
         flat = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return flat.view(info.dtype).view(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the mapped pages of ``name`` from memory (no-op for pickled checkpoints)."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop the mapped pages of ``name`` (or of its ``rows``, a range over dimension 0) from
+        memory (no-op for pickled checkpoints). For a row range only the pages wholly inside it
+        are dropped, so neighbouring rows stay mapped."""
         info = self.tensors[name]
         buffer = self._maps.get(info.file)
         if buffer is None or info.nbytes == 0:
             return
         page = mmap.PAGESIZE
-        start = info.start - info.start % page
-        buffer.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        if rows is None:
+            start, end = info.start - info.start % page, info.end
+        else:
+            row_bytes = info.nbytes // info.shape[0]
+            first, stop, _ = rows.indices(info.shape[0])
+            start = info.start + first * row_bytes
+            end = info.start + stop * row_bytes
+            start += -start % page
+            end -= end % page
+        if end > start:
+            buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         for buffer in self._maps.values():
@@ -246,27 +262,70 @@ class ShardedWriter:
             offset += tensor.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._file = open(self.out_dir / self.filenames[index], "wb")
+        self._file = open(self.out_dir / self.filenames[index], "wb", buffering=0)  # writes are large
         self._file.write(struct.pack("<Q", len(encoded)))
         self._file.write(encoded)
         self._current = index
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _next(self, name: str, shape: tuple[int, ...] | None) -> OutputTensor:
         try:
             shard, expected = next(self._order)
         except StopIteration:
             raise RuntimeError(f"unexpected tensor {name}: all planned tensors were written") from None
-        if expected.name != name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        if expected.name != name or (shape is not None and shape != expected.shape):
             raise RuntimeError(
-                f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned "
-                f"{expected.name} {expected.shape} {expected.dtype}"
+                f"tensor {name} {shape} does not match the planned {expected.name} {expected.shape} {expected.dtype}"
             )
         if shard != self._current:
             self._open_shard(shard)
+        return expected
+
+    def copy_range(self, name: str, source: Path, offset: int, nbytes: int) -> None:
+        """Write the next planned tensor as a byte range of another file (a tensor copied unchanged),
+        copied by the kernel (``copy_file_range``) without passing through this process's memory."""
+        expected = self._next(name, None)
+        if nbytes != expected.nbytes:
+            raise RuntimeError(f"tensor {name}: source range has {nbytes} bytes, planned {expected.nbytes}")
         assert self._file is not None
-        data = tensor.detach().to("cpu").contiguous()
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+        out = self._file.fileno()
+        with open(source, "rb", buffering=0) as src:
+            done = 0
+            try:
+                while done < nbytes:
+                    step = os.copy_file_range(src.fileno(), out, nbytes - done, offset + done)
+                    if step == 0:
+                        raise OSError("copy_file_range copied nothing")
+                    done += step
+            except OSError:  # not supported here (old kernel, some filesystems): plain reads and writes
+                src.seek(offset + done)
+                while done < nbytes:
+                    chunk = src.read(min(1 << 24, nbytes - done))
+                    if not chunk:
+                        raise RuntimeError(f"{source}: ends inside tensor {name}") from None
+                    self._file.write(chunk)
+                    done += len(chunk)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor, whole."""
+        self.write_pieces(name, [tensor], shape=tuple(tensor.shape))
+
+    def write_pieces(
+        self, name: str, pieces: Iterable[torch.Tensor], *, shape: tuple[int, ...] | None = None
+    ) -> None:
+        """Write the next planned tensor from consecutive pieces (blocks of rows, in order), so a
+        large tensor never has to exist whole in memory."""
+        expected = self._next(name, shape)
+        assert self._file is not None
+        written = 0
+        for piece in pieces:
+            if piece.dtype != expected.dtype:
+                raise RuntimeError(f"tensor {name}: got {piece.dtype}, planned {expected.dtype}")
+            data = piece.detach().to("cpu").contiguous()
+            if data.numel():
+                self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            written += data.numel() * data.element_size()
+        if written != expected.nbytes:
+            raise RuntimeError(f"tensor {name}: wrote {written} bytes, planned {expected.nbytes}")
 
     def finish(self) -> None:
         if next(self._order, None) is not None:

@@ -36,6 +36,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,7 @@ MethodFn = Callable[
 REQUIRED = object()
 """Marks a parameter that has no default: a recipe must set it."""
 
-EXACT_SORT_MAX_NUMEL = 1 << 20
+EXACT_SORT_MAX_NUMEL = 1 << 16
 """Magnitude selection sorts (as mergekit does) up to this many elements, else uses ``kthvalue``."""
 
 
@@ -203,6 +204,21 @@ def passthrough(
 # spherical interpolation
 
 
+def slerp_coefficients(
+    t: float, dot: float, norm_a: float, norm_b: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float]:
+    """Slerp's two coefficients from the inputs' dot product and norms (shared with the block-wise
+    kernel, which accumulates those three numbers over blocks)."""
+    norm_a = norm_a if norm_a > eps else 1.0
+    norm_b = norm_b if norm_b > eps else 1.0
+    cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+    if abs(cos) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
 def slerp_tensors(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """mergekit's ``slerp``: spherical interpolation of whole (flattened) tensors.
 
@@ -215,18 +231,14 @@ def slerp_tensors(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.999
     b = v1.reshape(-1).to(work)
     if a.numel() == 0:
         return v0.clone()
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = (torch.dot(a, b) / (norm_a * norm_b)).clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        coef_a, coef_b = 1 - t, t
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_a = float(torch.sin((1 - t) * theta) / sin_theta)
-        coef_b = float(torch.sin(t * theta) / sin_theta)
+    coef_a, coef_b = slerp_coefficients(
+        t,
+        float(torch.dot(a, b)),
+        float(torch.linalg.vector_norm(a)),
+        float(torch.linalg.vector_norm(b)),
+        dot_threshold=dot_threshold,
+        eps=eps,
+    )
     out = a * coef_a
     out.add_(b, alpha=coef_b)
     return out.to(v0.dtype).reshape(v0.shape)
@@ -521,7 +533,6 @@ def generalized_task_arithmetic(
     if not tensors:
         return base
     rescale = bool(params["rescale"])
-    normalize = bool(params["normalize"])
     weights = [float(p["weight"]) for p in model_params]
 
     def task_vector(x: Tensor, p: Mapping[str, Any]) -> Tensor:
@@ -538,20 +549,40 @@ def generalized_task_arithmetic(
             return sparsify_della(delta, density, float(p["epsilon"]), rescale, gen)
         return delta
 
+    deltas = [task_vector(x, p) for x, p in zip(tensors, model_params)]
+    return combine_task_vectors(deltas, base, weights, params, consensus=consensus, name=name)
+
+
+def combine_task_vectors(
+    deltas: list[Tensor],
+    base: Tensor,
+    weights: Sequence[float],
+    params: Mapping[str, Any],
+    *,
+    consensus: str | None,
+    name: str,
+) -> Tensor:
+    """The element-wise second half of the task-arithmetic family: weight, elect signs, sum,
+    normalize, scale by ``lambda``, add the base. Consumes (writes into) ``deltas``.
+
+    Shared by the whole-tensor functions and the block-wise kernels (``merge/blocks.py``), so both
+    do the same float operations on every element.
+    """
+    normalize = bool(params["normalize"])
     if consensus is None:
         mixed = None
-        for x, p, w in zip(tensors, model_params, weights):
-            delta = task_vector(x, p)
+        for delta, w in zip(deltas, weights):
             if mixed is None:
                 mixed = delta.mul_(w)
             else:
                 mixed.add_(delta, alpha=w)
-            del delta
+        deltas.clear()
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
             mixed.div_(total)
     else:
-        deltas = [task_vector(x, p).mul_(w) for x, p, w in zip(tensors, model_params, weights)]
+        for d, w in zip(deltas, weights):
+            d.mul_(w)
         if consensus == "sum":
             elected = deltas[0].clone()
             for d in deltas[1:]:
@@ -562,12 +593,13 @@ def generalized_task_arithmetic(
                 elected.add_(d.sign())
         else:
             raise ValueError(f"{name}: unknown consensus method {consensus!r}")
-        positive = elected >= 0
+        # +1 where the elected sign is >= 0, else -1: d agrees with it iff d * sign > 0 (zeros never do)
+        sign = torch.ge(elected, 0).to(elected.dtype).mul_(2).sub_(1)
         del elected
         mixed = None
         divisor = torch.zeros_like(base) if normalize else None
         for d, w in zip(deltas, weights):
-            agrees = torch.where(positive, d > 0, d < 0)
+            agrees = torch.mul(d, sign).gt_(0)
             d.mul_(agrees)
             if mixed is None:
                 mixed = d
@@ -576,9 +608,10 @@ def generalized_task_arithmetic(
             if divisor is not None:
                 divisor.add_(agrees, alpha=w)
             del agrees
-        del deltas, positive
+        deltas.clear()
+        del sign
         if divisor is not None:
-            divisor.masked_fill_(divisor == 0, 1)
+            divisor.add_(divisor == 0)  # no agreeing input: divide by 1
             mixed.div_(divisor)
     lam = float(params["lambda"])
     if lam != 1:
