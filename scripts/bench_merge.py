@@ -817,10 +817,12 @@ def summarize(results: list[dict[str, Any]], methods: list[str], bw: float) -> d
                 "merge_s_min": min(r["merge_s"] for r in good),
                 "process_s": statistics.median(r["process_s"] for r in good),
                 "peak_rss": max(r["peak_rss"] or 0 for r in good),
+                "peak_anon": max((r.get("sampled_peak") or {}).get("RssAnon", 0) for r in good),
                 "rss_before_merge": statistics.median(r.get("rss_before_merge") or 0 for r in good),
                 "output_bytes": good[-1]["output_bytes"],
                 "disk_read_bytes": max(r.get("disk_read_bytes", 0) for r in good),
                 "cpu_cores": statistics.median(r["merge_cpu_s"] / r["merge_s"] for r in good),
+                "cpu_s": statistics.median(r["merge_cpu_s"] for r in good),
                 "other_load_cores": max(r["load"]["other_cores"] for r in good),
                 "steal_cores": max(r["load"]["steal_cores"] for r in good),
                 "repeats": len(good),
@@ -835,9 +837,9 @@ def summarize(results: list[dict[str, Any]], methods: list[str], bw: float) -> d
 
 def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], bench: dict[str, Any]) -> str:
     lines = []
-    lines.append("| method | evomerge s | mergekit s | speedup | evomerge peak RSS GB | mergekit peak RSS GB "
-                 "| bytes moved GB | bytes-moved limit s | evomerge × limit | mergekit × limit |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| method | evomerge s | mergekit s | speedup | evomerge CPU s | mergekit CPU s | evomerge peak RSS GB "
+                 "| mergekit peak RSS GB | bytes moved GB | bytes-moved limit s | evomerge × limit | mergekit × limit |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, row in summary.items():
         evo, mk = row.get("evomerge"), row.get("mergekit")
 
@@ -850,18 +852,27 @@ def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], benc
             return f"{_fmt_s(r['merge_s'])} ({_fmt_s(r['process_s'])}){busy}"
 
         def cell_rss(r):
-            return _fmt_gb(r["peak_rss"]) if r and "peak_rss" in r else "—"
+            if not r or "peak_rss" not in r:
+                return "—"
+            anon = f" ({r['peak_anon'] / GB:.2f})" if r.get("peak_anon") else ""
+            return _fmt_gb(r["peak_rss"]) + anon
 
         def times(r):
             return f"{r['merge_s'] / row['limit_s']:.1f}×" if r and "merge_s" in r and row["limit_s"] else "—"
 
+        def cell_cpu(r):
+            return _fmt_s(r["cpu_s"]) if r and "cpu_s" in r else "—"
+
         speed = (f"{mk['merge_s'] / evo['merge_s']:.2f}×" if evo and mk and "merge_s" in evo and "merge_s" in mk else "—")
-        lines.append(f"| {method} | {cell_s(evo)} | {cell_s(mk)} | {speed} | {cell_rss(evo)} | {cell_rss(mk)} | "
+        lines.append(f"| {method} | {cell_s(evo)} | {cell_s(mk)} | {speed} | {cell_cpu(evo)} | {cell_cpu(mk)} | "
+                     f"{cell_rss(evo)} | {cell_rss(mk)} | "
                      f"{_fmt_gb(row['bytes_moved'])} | {_fmt_s(row['limit_s'])} | {times(evo)} | {times(mk)} |")
     lines.append("")
     lines.append("Times: median merge-call wall time over repeats (in parentheses: the whole subprocess, interpreter "
-                 "start and imports included). Speedup = mergekit s / evomerge s. Peak RSS = the merge process's "
-                 "VmHWM (resident anon + file-backed pages, Python/torch import included). Bytes moved = source tensor "
+                 "start and imports included). Speedup = mergekit s / evomerge s. CPU s = user + system CPU time of the merge call "
+                 "(less sensitive than wall time to other load on this shared machine). Peak RSS = the merge process's "
+                 "VmHWM (resident anon + file-backed pages, Python/torch import included" + _import_rss(summary) + "); in parentheses the anonymous part at the sampled peak (mergekit's "
+                 "RSS is mostly mapped safetensors pages, i.e. shared page cache). Bytes moved = source tensor "
                  "bytes the recipe reads + output bytes written; limit = bytes moved / memory-copy bandwidth "
                  f"({bench['memory']['copy_gbps']:.1f} GB/s read+write)."
                  + (" † = other processes (or the hypervisor) took more than a quarter of a core during that merge: "
@@ -917,6 +928,15 @@ def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], benc
     return "\n".join(lines)
 
 
+def _import_rss(summary: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for tool in TOOLS:
+        values = [row[tool]["rss_before_merge"] for row in summary.values() if _ok(row, tool) and row[tool].get("rss_before_merge")]
+        if values:
+            parts.append(f"{tool} {statistics.median(values) / GB:.2f} GB")
+    return ": RSS after imports, before merging: " + ", ".join(parts) if parts else ""
+
+
 def _busy(run: dict[str, Any]) -> bool:
     """Other processes (or the hypervisor) took a real share of the CPU during this merge."""
     load = run.get("load") or {}
@@ -930,7 +950,7 @@ def _ok(row: dict[str, Any], tool: str) -> bool:
 def markdown_section(table: str, bench: dict[str, Any]) -> str:
     m, mem, disk = bench["machine"], bench["memory"], bench["disk"]
     shape = SIZES[bench["size"]]
-    return f"""## Merge
+    return f"""## Merge: evomerge vs mergekit
 
 evomerge's streaming engine vs mergekit {m.get('mergekit')}, same recipes, same inputs, same disk. Generated by
 `scripts/bench_merge.py`; rerun it to refresh this section.
@@ -939,8 +959,8 @@ evomerge's streaming engine vs mergekit {m.get('mergekit')}, same recipes, same 
 - Date: {bench['date']}
 - Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, no GPU; torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}; evomerge {m.get('evomerge_commit')}
 - Models: synthetic Llama, {bench['params'] / 1e9:.2f}B parameters, bf16 (hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, {shape['heads']} heads / {shape['kv_heads']} KV heads, vocab {shape['vocab']}, untied head), a base + 3 fine-tunes (base + N(0, {FINETUNE_STD}) noise), {bench['source_model_bytes'] / GB:.2f} GB each
-- Memory-copy bandwidth (1 GiB buffers, read + write): torch {mem['torch_copy_gbps']:.1f} GB/s, numpy {mem['numpy_copy_gbps']:.1f} GB/s, bf16→fp32 upcast {mem['bf16_to_fp32_gbps']:.1f} GB/s
-- Disk ({disk['probe_bytes'] / GB:.1f} GB probe): write {disk['disk_write_gbps']:.2f} GB/s (fsync'd), cold read {disk['disk_read_cold_gbps']:.2f} GB/s, page-cache read {disk['page_cache_read_gbps']:.2f} GB/s; warming all sources before each merge read {bench['warm_gbps']:.2f} GB/s
+- Memory-copy bandwidth (1 GiB buffers, read + write, best of a measurement before and after the merges): torch {mem['torch_copy_gbps']:.1f} GB/s, numpy {mem['numpy_copy_gbps']:.1f} GB/s, bf16→fp32 upcast {mem['bf16_to_fp32_gbps']:.1f} GB/s
+- Disk ({disk['probe_bytes'] / GB:.1f} GB probe, best of before and after): write {disk['disk_write_gbps']:.2f} GB/s (fsync'd), cold read {disk['disk_read_cold_gbps']:.2f} GB/s, page-cache read {disk['page_cache_read_gbps']:.2f} GB/s; warming all sources before each merge read {bench['warm_gbps']:.2f} GB/s
 - Method: each merge runs in its own fresh subprocess, started once other processes leave the CPU idle; the page cache is warmed by reading every source file right before each merge (and the benchmark keeps the sources mapped so this VM's DAMON proactive reclaim cannot evict them mid-merge; per-merge disk reads are checked), dirty pages are synced between merges, and the tool order alternates between methods and repeats. Outputs are bf16 (`dtype: bfloat16`), one shard (5 GB limit, both tools' default), to the same disk, without fsync (neither tool syncs). mergekit runs with its default options except `copy_tokenizer=False` (the synthetic models have no tokenizer), `random_seed={bench['seed']}` and `quiet=True`; evomerge runs `merge_to_disk(recipe, out, device="cpu", out_shard_size="5GB", seed={bench['seed']})`. Repeats: {bench['repeats']}; a merge during which other processes used more than a quarter of a core is rerun (up to {bench['retry_busy']} time(s)) and flagged † if still not clean.
 - Recipes: linear over the 3 fine-tunes (0.4/0.3/0.3); slerp base↔ft1 (t gradients [0, .5, .3, .7, 1] for self_attn, reversed for mlp, 0.5 elsewhere); ties and dare_ties over the 3 fine-tunes with the base (density 0.5, weight 0.5); task_arithmetic (weight 0.5 each); passthrough stacking layers {bench['passthrough']}. The YAML files are written to `<work-dir>/recipes/` and read by both tools.
 
@@ -948,15 +968,36 @@ evomerge's streaming engine vs mergekit {m.get('mergekit')}, same recipes, same 
 """
 
 
+MANUAL_MARKER = "<!-- bench_merge.py: generated above; text below this line is kept when the section is regenerated -->"
+
+
 def update_markdown(path: Path, section: str) -> None:
-    """Replace the '## Merge' section (up to the next '## ' heading) or append it."""
+    """Replace the '## Merge...' section (up to the next '## ' heading) or append it.
+
+    Hand-written notes after ``MANUAL_MARKER`` inside the old section are carried over; any further
+    '## Merge' sections (duplicates) are dropped.
+    """
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Merge[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text, count=1)
+    pattern = re.compile(r"^## Merge\b[^\n]*\n.*?(?=^## |\Z)", re.S | re.M)
+    found = list(pattern.finditer(text))
+    notes = ""
+    for match in found:
+        if MANUAL_MARKER in match.group(0):
+            notes = match.group(0).split(MANUAL_MARKER, 1)[1].strip()
+            break
+    block = section.rstrip() + "\n\n" + MANUAL_MARKER + "\n" + (("\n" + notes + "\n") if notes else "") + "\n"
+    if found:
+        first = found[0]
+        pieces = [text[: first.start()], block]
+        last = first.end()
+        for match in found[1:]:
+            pieces.append(text[last: match.start()])
+            last = match.end()
+        pieces.append(text[last:])
+        text = "".join(pieces)
     else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    text = text.rstrip() + "\n"
+        text = text.rstrip() + "\n\n" + block
+    text = re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -989,6 +1030,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-markdown", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument("--no-compare", action="store_true", help="skip the evomerge-vs-mergekit output comparison")
     p.add_argument("--keep-outputs", action="store_true", help="keep merged checkpoints under <work-dir>/out")
+    p.add_argument("--from-json", type=Path, metavar="PATH",
+                   help="do not run anything: re-render the tables (and BENCHMARKS.md) from a --json file of an earlier run")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, one extra untimed evomerge run per method under py-spy "
                         "(raw stacks in <work-dir>/profiles, summary printed and in the JSON)")
@@ -1009,6 +1052,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report_from_json(args: argparse.Namespace, log) -> int:
+    payload = json.loads(args.from_json.read_text())
+    bench = {k: v for k, v in payload.items()
+             if k not in ("summary", "runs", "comparisons", "profiles", "recipes", "discarded_busy_runs")}
+    bench.setdefault("retry_busy", 0)
+    summary = summarize(payload["runs"], bench["methods"], bench["memory"]["copy_gbps"])
+    table = render(summary, payload.get("comparisons", {}), bench)
+    print(table)
+    if not args.no_markdown:
+        update_markdown(args.markdown, markdown_section(table, bench))
+        log(f"updated the '## Merge' section of {args.markdown}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -1017,6 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--work-dir {args.work_dir} is inside the repository; pick a path outside it", file=sys.stderr)
         return 2
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.from_json:
+        return report_from_json(args, log)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     command = "python scripts/bench_merge.py " + " ".join(
         a if not any(c in a for c in " '\"") else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -1152,6 +1211,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if pin is not None:
         pin.close()
+    # bandwidths are ceilings: measure again at the end (idle permitting) and keep the best of the two
+    if args.wait_idle > 0:
+        wait_for_idle(min(args.wait_idle, 120))
+    again = measure_memory_bandwidth()
+    for key in ("torch_copy_gbps", "numpy_copy_gbps", "bf16_to_fp32_gbps"):
+        bench["memory"][key] = max(bench["memory"][key], again[key])
+    bench["memory"]["copy_gbps"] = max(bench["memory"]["torch_copy_gbps"], bench["memory"]["numpy_copy_gbps"])
+    disk_again = measure_disk(args.work_dir, min(bench["source_model_bytes"], 2 * 2**30))
+    for key in ("disk_write_gbps", "disk_read_cold_gbps", "page_cache_read_gbps"):
+        bench["disk"][key] = max(bench["disk"][key], disk_again[key])
+    log("bandwidth, best of start and end: copy {copy_gbps:.1f} GB/s (read+write)".format(**bench["memory"]))
     summary = summarize(results, args.methods, bench["memory"]["copy_gbps"])
     table = render(summary, comparisons, bench)
     print()
