@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Search quality and throughput on the toy zoo, side by side in one run.
 
-Quality: CMA-ES, NSGA-II and random search over configs/zoo-ps-*.yaml's space at equal budgets and
-several seeds (in-process workers, so runs are deterministic): best mean accuracy on the search split,
+Quality: CMA-ES (objectives summed, and ``cma-worst``: the worst objective), NSGA-II and random
+search over configs/zoo-ps-*.yaml's space at equal budgets and several seeds (in-process workers, so
+runs are deterministic): best mean accuracy and best worst-skill accuracy on the search split,
 hypervolume, the candidates CMA-ES needed to reach random search's final best, and the best evolved
-merge's held-out test scores next to hand-set baselines (uniform linear, task arithmetic, TIES at
-default parameters) and to each specialist.
+merges' held-out test scores next to hand-set baselines (uniform linear, task arithmetic, TIES at
+default parameters) and to each specialist, with how much of each specialist's own-skill score the
+weakest skill keeps.
 
 Throughput: candidates per minute with the in-process executor and with 1 and 2 Ray workers, and the
 fraction of worker time spent idle.
@@ -57,11 +59,26 @@ def mean_acc(objectives: dict, labels: list[str]) -> float:
     return float(np.mean([objectives[k] for k in labels]))
 
 
+def worst_acc(objectives: dict, labels: list[str]) -> float:
+    return float(np.min([objectives[k] for k in labels]))
+
+
+OPTIMIZER_OVERRIDES = {
+    "cma": ["optimizer.name=cma"],
+    "cma-worst": ["optimizer.name=cma", "optimizer.scalarize=worst"],
+    "nsga2": ["optimizer.name=nsga2"],
+    "random": ["optimizer.name=random"],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=int, nargs="+", default=[60, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--optimizers", nargs="+", default=["cma", "nsga2", "random"])
+    parser.add_argument("--optimizers", nargs="+", default=["cma", "cma-worst", "nsga2", "random"],
+                        choices=sorted(OPTIMIZER_OVERRIDES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra run-config override for the quality runs (as `evomerge search --set`)")
     parser.add_argument("--throughput-budget", type=int, default=32)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -78,26 +95,35 @@ def main() -> None:
         # --- quality: one run per (optimizer, seed) at the largest budget; smaller budgets are its prefix
         for name in args.optimizers:
             for seed in args.seeds:
-                config = "zoo-ps-cma.yaml" if name == "cma" else "zoo-ps-nsga2.yaml"
-                overrides = [f"optimizer.name={name}", f"optimizer.seed={seed}", "runtime.workers=0"]
+                config = "zoo-ps-cma.yaml" if name.startswith("cma") else "zoo-ps-nsga2.yaml"
+                overrides = OPTIMIZER_OVERRIDES[name] + [f"optimizer.seed={seed}", "runtime.workers=0", *args.overrides]
                 run, summary, wall, _ = run_search(config, work / f"{name}-{seed}", overrides, budget)
                 report = RunReport.load(work / f"{name}-{seed}")
                 labels = report.labels
-                curve = []
-                best = -1.0
+                out["searched_tasks"] = [label.split("/")[0] for label in labels]
+                curve, worst_curve = [], []
+                best = best_worst = -1.0
                 for record in report.records:
                     if record["status"] == "ok":
                         best = max(best, mean_acc(record["objectives"], labels))
+                        best_worst = max(best_worst, worst_acc(record["objectives"], labels))
                     curve.append(best)
-                entry = {"optimizer": name, "seed": seed, "wall_s": wall, "curve": curve, "budgets": {}}
+                    worst_curve.append(best_worst)
+                entry = {"optimizer": name, "seed": seed, "wall_s": wall, "curve": curve, "worst_curve": worst_curve,
+                         "budgets": {}}
                 for b in args.budgets:
                     prefix = report.records[:b]
                     ok = [r for r in prefix if r["status"] == "ok"]
                     entry["budgets"][b] = {"best_mean_acc": curve[min(b, len(curve)) - 1],
+                                           "best_worst_acc": worst_curve[min(b, len(worst_curve)) - 1],
                                            "hypervolume": report.hypervolume(ok)}
                 entry["best_recipe"] = max(report.ok, key=lambda r: mean_acc(r["objectives"], labels))["recipe"]
+                entry["best_worst_recipe"] = max(
+                    report.ok, key=lambda r: (worst_acc(r["objectives"], labels), mean_acc(r["objectives"], labels))
+                )["recipe"]
                 out["quality"].append(entry)
-                print(f"{name} seed {seed}: best mean acc {curve[-1]:.3f} after {len(curve)} in {wall:.0f}s", flush=True)
+                print(f"{name} seed {seed}: best mean acc {curve[-1]:.3f}, best worst-skill acc {worst_curve[-1]:.3f} "
+                      f"after {len(curve)} in {wall:.0f}s", flush=True)
 
         # --- held-out test scores: specialists, hand-set baselines, best evolved merges
         test = CandidateEvaluator([Objective(task=t, metric="acc", split="test") for t in manifest["tasks"].values()],
@@ -107,17 +133,24 @@ def main() -> None:
         rows = {}
         for skill, path in models.items():
             rows[f"specialist {skill}"] = test.evaluate_checkpoint(path).objectives
+        searched = set(out.get("searched_tasks") or manifest["tasks"].values())
+        merged = {k: v for k, v in models.items() if manifest["tasks"][k] in searched}  # baselines merge the searched skills
         baselines = {
-            "linear (uniform)": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models.values()]},
-            "task arithmetic (w=1)": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models.values()]},
-            "task arithmetic (w=0.5)": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 0.5}} for m in models.values()]},
-            "TIES (defaults: w=1, density=0.5)": {"merge_method": "ties", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in models.values()]},
+            "linear (uniform)": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in merged.values()]},
+            "task arithmetic (w=1)": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0}} for m in merged.values()]},
+            "task arithmetic (w=0.5)": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 0.5}} for m in merged.values()]},
+            "TIES (defaults: w=1, density=0.5)": {"merge_method": "ties", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in merged.values()]},
         }
         for label, recipe in baselines.items():
             rows[label] = test.evaluate(Recipe.from_dict({**recipe, "dtype": "float32"})).objectives
         for name in args.optimizers:
-            best_entry = max((q for q in out["quality"] if q["optimizer"] == name), key=lambda q: q["curve"][-1])
-            rows[f"best {name} (seed {best_entry['seed']}, {budget} cand.)"] = test.evaluate(Recipe.from_dict(best_entry["best_recipe"])).objectives
+            entries = [q for q in out["quality"] if q["optimizer"] == name]
+            by_mean = max(entries, key=lambda q: q["curve"][-1])
+            rows[f"best mean, {name} (seed {by_mean['seed']}, {budget} cand.)"] = test.evaluate(
+                Recipe.from_dict(by_mean["best_recipe"])).objectives
+            by_worst = max(entries, key=lambda q: q["worst_curve"][-1])
+            rows[f"best worst-skill, {name} (seed {by_worst['seed']}, {budget} cand.)"] = test.evaluate(
+                Recipe.from_dict(by_worst["best_worst_recipe"])).objectives
         out["test"] = rows
 
         # --- throughput
@@ -131,22 +164,26 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print_tables(out, args, list(manifest["tasks"].values()), models)
+    print_tables(out, args, manifest["tasks"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 
 
-def print_tables(out: dict, args, tasks: list[str], models: dict) -> None:
-    print(f"\n# bench_search · {os.cpu_count()} cores · seeds {args.seeds}\n")
-    print("| optimizer | budget | best mean acc (search), mean ± sd over seeds | hypervolume, mean | ")
-    print("|---|---:|---:|---:|")
+def print_tables(out: dict, args, skill_tasks: dict[str, str]) -> None:
+    tasks = list(skill_tasks.values())
+    print(f"\n# bench_search · {os.cpu_count()} cores · seeds {args.seeds} · overrides {args.overrides}\n")
+    print("| optimizer | budget | best mean acc (search), mean ± sd over seeds "
+          "| best worst-skill acc (search), mean ± sd | hypervolume, mean |")
+    print("|---|---:|---:|---:|---:|")
     for name in args.optimizers:
         entries = [q for q in out["quality"] if q["optimizer"] == name]
         for b in args.budgets:
             bests = [q["budgets"][b]["best_mean_acc"] for q in entries]
+            worsts = [q["budgets"][b]["best_worst_acc"] for q in entries]
             hvs = [q["budgets"][b]["hypervolume"] for q in entries]
-            print(f"| {name} | {b} | {np.mean(bests):.3f} ± {np.std(bests):.3f} | {np.mean(hvs):.4f} |")
-    randoms = [q for q in out["quality"] if q["optimizer"] == "random"]
+            print(f"| {name} | {b} | {np.mean(bests):.3f} ± {np.std(bests):.3f} "
+                  f"| {np.mean(worsts):.3f} ± {np.std(worsts):.3f} | {np.mean(hvs):.4f} |")
+    randoms = [q for q in out["quality"] if q["optimizer"] == "random"]  # CMA-ES (summed) vs random, on mean acc
     if randoms and any(q["optimizer"] == "cma" for q in out["quality"]):
         target = float(np.mean([q["curve"][-1] for q in randoms]))
         needed = []
@@ -154,11 +191,16 @@ def print_tables(out: dict, args, tasks: list[str], models: dict) -> None:
             hit = next((i + 1 for i, v in enumerate(q["curve"]) if v >= target), None)
             needed.append(hit)
         print(f"\nCMA-ES candidates to reach random search's {max(args.budgets)}-candidate best ({target:.3f}): {needed}")
-    print("\n| held-out test split | " + " | ".join(tasks) + " | mean |")
-    print("|---|" + "---:|" * (len(tasks) + 1))
+    own = {t: out["test"][f"specialist {skill}"][f"{t}/acc"] for skill, t in skill_tasks.items()}
+    searched = out.get("searched_tasks") or tasks
+    print(f"\nSearched skills: {', '.join(searched)}. Kept = test accuracy / the specialist's own test accuracy.")
+    print("\n| held-out test split | " + " | ".join(tasks) + " | mean (searched) | weakest searched skill kept |")
+    print("|---|" + "---:|" * (len(tasks) + 2))
     for label, values in out["test"].items():
         cells = [values[f"{t}/acc"] for t in tasks]
-        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + f" | {np.mean(cells):.3f} |")
+        mean = np.mean([values[f"{t}/acc"] for t in searched])
+        kept = min(values[f"{t}/acc"] / own[t] for t in searched if own[t] > 0)
+        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + f" | {mean:.3f} | {kept:.0%} |")
     if out["throughput"]:
         print("\n| executor | candidates/min | idle worker time |")
         print("|---|---:|---:|")

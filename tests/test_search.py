@@ -161,6 +161,19 @@ def test_cma_improves_on_a_simple_landscape() -> None:
     assert best[-1] < best[0] / 10
 
 
+def test_cma_scalarizations() -> None:
+    """weighted_sum adds the objectives; worst keeps the worst one, so a balanced candidate beats a
+    lopsided one with the same sum; bad names are refused with the valid ones."""
+    F = np.array([[-1.0, 0.0], [-0.5, -0.5], [np.nan, -2.0]])
+    summed = make_optimizer("cma", 3, 2, population=4, seed=0).scalar(F)
+    worst = make_optimizer("cma", 3, 2, population=4, seed=0, scalarize="worst").scalar(F)
+    assert summed[:2].tolist() == [-1.0, -1.0]
+    assert worst[:2].tolist() == [0.0, -0.5]
+    assert worst[2] > worst[:2].max()  # a failed candidate (NaN) is penalized below every finite one
+    with pytest.raises(ValueError, match="scalarize.*weighted_sum, worst"):
+        make_optimizer("cma", 3, 2, population=4, seed=0, scalarize="median")
+
+
 # --- driver --------------------------------------------------------------------------------------
 
 

@@ -40,6 +40,9 @@ class OptimizerConfig(_Strict):
     """Candidates to score (cached duplicates count)."""
     sigma: float = Field(default=0.25, gt=0)
     """CMA-ES initial step size, in units of the [0,1] gene range."""
+    scalarize: Literal["weighted_sum", "worst"] = "weighted_sum"
+    """CMA-ES: how objectives become one value: their weighted sum, or the worst weighted one
+    (a merge is as good as its weakest skill)."""
     seed: int = 0
 
 

@@ -77,7 +77,7 @@ class Search:
         opt = self.run.config.optimizer
         optimizer = make_optimizer(
             opt.name, self.genome.dim, len(self.labels), population=opt.population, seed=opt.seed,
-            weights=self.run.weights, sigma=opt.sigma,
+            weights=self.run.weights, sigma=opt.sigma, scalarize=opt.scalarize,
         )
         return SearchState(optimizer=optimizer)
 

@@ -5,7 +5,10 @@ All of them minimize a matrix of objective values ``F`` (one row per candidate);
 that batch back with its values, in the same order. The whole object pickles, which is how a run's
 state is checkpointed: same seed and same scores give the same sequence of candidates.
 
-- ``cma``: CMA-ES (package ``cma``), bounded to [0,1], objectives combined by their weights.
+- ``cma``: CMA-ES (package ``cma``), bounded to [0,1], objectives combined into one value:
+  ``weighted_sum`` (the default) or ``worst`` (the largest weighted value, i.e. the worst objective:
+  a merge scores only as well as its weakest skill, which steers toward merges that keep every
+  skill instead of one specialist rebuilt inside the merge).
 - ``nsga2``: NSGA-II (package ``pymoo``) through its ask/tell API, all objectives kept.
 - ``random``: uniform random search, the baseline every other method must beat.
 """
@@ -52,13 +55,21 @@ class Optimizer(ABC):
         return F
 
 
+SCALARIZATIONS = ("weighted_sum", "worst")
+
+
 class CMAES(Optimizer):
     name = "cma"
 
     def __init__(self, dim: int, n_objectives: int, *, population: int, seed: int,
-                 weights: Sequence[float] | None = None, sigma: float = 0.25, x0: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, sigma: float = 0.25, x0: Sequence[float] | None = None,
+                 scalarize: str = "weighted_sum"):
         super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
         import cma
+
+        if scalarize not in SCALARIZATIONS:
+            raise ValueError(f"optimizer.scalarize: {scalarize!r} is not valid; use {', '.join(SCALARIZATIONS)}")
+        self.scalarize = scalarize
 
         if dim < 2:
             raise ValueError("optimizer cma: needs at least 2 genes (use random or nsga2 for a 1-gene space)")
@@ -76,8 +87,14 @@ class CMAES(Optimizer):
     def ask(self) -> np.ndarray:
         return np.clip(np.asarray(self.es.ask(), dtype=float), 0.0, 1.0)
 
+    def scalar(self, F: np.ndarray) -> np.ndarray:
+        """One value per candidate (to minimize) from its objective values."""
+        weighted = self._penalize(F) * self.weights
+        worst = getattr(self, "scalarize", "weighted_sum") == "worst"  # states pickled before the option
+        return weighted.max(axis=1) if worst else weighted.sum(axis=1)
+
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
-        scalar = self._penalize(F) @ self.weights
+        scalar = self.scalar(F)
         self.es.tell([np.asarray(x) for x in X], scalar.tolist())
 
 
@@ -134,4 +151,5 @@ def make_optimizer(name: str, dim: int, n_objectives: int, **options) -> Optimiz
     if cls is not CMAES:
         options.pop("sigma", None)
         options.pop("x0", None)
+        options.pop("scalarize", None)
     return cls(dim, n_objectives, **options)
