@@ -8,6 +8,8 @@ out-of-range values are errors that name the offending field.
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 import json
 import math
@@ -344,14 +346,50 @@ _RecipeDumper.add_representer(list, _represent_list)
 _RecipeDumper.add_representer(tuple, _represent_list)
 
 
+_BRANCH = re.compile(r"^(bool|int|float|str|none|list\[.*\]|dict\[.*\]|union\[.*\]|function-.*|[A-Z]\w*)$")
+"""Loc entries that name a union branch (pydantic tries every type of a union), not a field."""
+
+_VALID = re.compile(r"^Input should be (?:a )?valid (.+)$")
+
+
 def _describe(exc: ValidationError) -> str:
-    """Turn pydantic's report into one line per problem, each naming its field path."""
-    lines = []
+    """Turn pydantic's report into one line per problem, each naming its field path.
+
+    For a union-typed field pydantic reports every branch it tried; only the branch that got
+    furthest into the value is kept (the closest reading of what the user meant), and its
+    "Input should be a valid X" messages are merged into one "expected X or Y" line.
+    """
+    groups: dict[str, list[tuple[int, str, str, Any]]] = {}
+    order: list[str] = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union")))
+        loc = [str(p) for p in err["loc"]]
+        first_branch = next((i for i, p in enumerate(loc) if _BRANCH.match(p)), len(loc))
+        key = ".".join(loc[:first_branch])
+        path = ".".join(p for p in loc if not _BRANCH.match(p))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    # pydantic reports every union branch; keep each distinct message once
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append((len(loc) - first_branch, path, msg, err.get("input")))
+    lines = []
+    for key in order:
+        errors = groups[key]
+        deepest = max(depth for depth, *_ in errors)
+        kept = [(path, msg, value) for depth, path, msg, value in errors if depth == deepest]
+        by_path: dict[str, list[str]] = {}
+        inputs: dict[str, Any] = {}
+        for path, msg, value in kept:
+            by_path.setdefault(path, []).append(msg)
+            inputs.setdefault(path, value)
+        for path, messages in by_path.items():
+            messages = list(dict.fromkeys(messages))
+            wanted = [m.group(1) for m in map(_VALID.match, messages) if m]
+            if len(messages) > 1 and len(wanted) == len(messages):
+                kinds = list(dict.fromkeys(wanted))
+                text = f"expected {', '.join(kinds[:-1])} or {kinds[-1]} (got {inputs[path]!r})"
+            else:
+                text = "; ".join(messages)
+            lines.append(f"{path}: {text}" if path else text)
     return "; ".join(dict.fromkeys(lines))

@@ -134,3 +134,19 @@ def test_gradients_and_filters_follow_mergekit() -> None:
                 ours = evaluate_setting(ours_setting, name, t)
                 theirs = mk_evaluate(name, theirs_setting, t, validate=float)
                 assert ours == pytest.approx(theirs, abs=1e-12), (raw, name, t)
+
+
+def test_union_errors_are_one_readable_line() -> None:
+    """A bad value in a union-typed field (scalar, gradient or filter list) is reported once, at the
+    deepest path pydantic reached, without pydantic's per-branch type labels."""
+    data = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": "/x", "layer_range": [0, 2],
+                                 "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": None}]}}]}],
+    }
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_dict(data)
+    message = str(info.value)
+    assert "slices.0.sources.0.parameters.scale.1.value: expected" in message
+    assert "(got None)" in message
+    assert "list[" not in message and "ConditionalParameter]" not in message and message.count(";") == 0
