@@ -291,17 +291,26 @@ def start_local_ray(num_cpus: int | None = None, *, num_gpus: int | None = None,
     """Start a private Ray in this process, bound to loopback only, sized to the machine by default."""
     import ray
 
-    with _loopback_node_ip():
-        ray.init(
-            address="local",  # never pick up RAY_ADDRESS or a running cluster here
-            num_cpus=num_cpus if num_cpus is not None else machine_cpus(),
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            log_to_driver=not quiet,
-            logging_level=logging.WARNING if quiet else logging.INFO,
-            runtime_env=runtime_env,
-            _node_ip_address=LOOPBACK,
-        )
+    # Ray turns token authentication on for a local cluster and warns about it on every start; the
+    # embedded Ray listens on loopback only and keeps the token, so the notice is noise there.
+    token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    saved_level = token_notice.level
+    if quiet:
+        token_notice.setLevel(logging.ERROR)
+    try:
+        with _loopback_node_ip():
+            ray.init(
+                address="local",  # never pick up RAY_ADDRESS or a running cluster here
+                num_cpus=num_cpus if num_cpus is not None else machine_cpus(),
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                log_to_driver=not quiet,
+                logging_level=logging.WARNING if quiet else logging.INFO,
+                runtime_env=runtime_env,
+                _node_ip_address=LOOPBACK,
+            )
+    finally:
+        token_notice.setLevel(saved_level)
     node_ip = ray.util.get_node_ip_address()
     if not _is_loopback(node_ip):
         log.warning("the local Ray took node IP %s instead of %s: its ports are reachable from the network",
