@@ -18,6 +18,11 @@ from rich.console import Console
 # Library progress bars (tqdm in transformers, lm-eval, mergekit) would interleave with ours.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+def _number(value: float) -> str:
+    """Four decimals, or scientific notation for huge values (perplexities of broken merges)."""
+    return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
 app = typer.Typer(
     help="Evolutionary merge-optimization for LLMs: merge fine-tunes of one base model by searched recipes.",
     no_args_is_help=True,
@@ -138,7 +143,7 @@ def eval_command(
         table.add_column(column, justify="right" if column == "value" else "left")
     for task_split, metrics in result.metrics.items():
         for metric, value in metrics.items():
-            table.add_row(task_split.split("@")[0], metric, f"{value:.4f}")
+            table.add_row(task_split.split("@")[0], metric, _number(value))
     out.print(table)
     err.print(
         f"materialize {result.materialize_seconds:.2f}s · score {result.score_seconds:.2f}s", highlight=False
@@ -256,7 +261,7 @@ def export(
             tmp = output.with_name(f".{output.name}.tmp")
             tmp.write_text(export_yaml(record))
             tmp.replace(output)
-            values = ", ".join(f"{k}={v:.4f}" for k, v in record["objectives"].items())
+            values = ", ".join(f"{k}={_number(v)}" for k, v in record["objectives"].items())
             err.print(f"candidate {record['id']} ({values}) -> {output}", highlight=False)
         if front_dir is not None:
             files = export_front(report, front_dir)
@@ -299,9 +304,9 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
     for row in rows:
         cells = []
         for label in report.labels:
-            cells.append(f"{row['objectives'][label]:.4f}")
+            cells.append(_number(row['objectives'][label]))
             for values in rescores.values():
-                cells.append(f"{values[row['id']][label]:.4f}" if row["id"] in values else "-")
+                cells.append(_number(values[row["id"]][label]) if row["id"] in values else "-")
         table.add_row(str(row["id"]), str(row["generation"]), *cells, row["recipe"]["merge_method"], row["recipe_hash"])
     out.print(table)
 
