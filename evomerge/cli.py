@@ -291,23 +291,39 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
         return
     from rich.table import Table
 
+    from rich import box
+
     title = "best candidate" if len(report.labels) == 1 else f"Pareto front · hypervolume {report.hypervolume():.4f}"
-    table = Table(title=f"{run_dir} · {title} · {report.count} candidates")
-    table.add_column("id", justify="right")
-    table.add_column("gen", justify="right")
+    methods = {row["recipe"]["merge_method"] for row in rows}
+    one_method = len(methods) == 1
+    title = f"{run_dir} · {title} · {report.count} candidates" + (f" · {methods.pop()}" if one_method else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)  # room for 3 objectives + re-scores in 80 columns
+    table.add_column("id", justify="right", min_width=3)
+    table.add_column("gen", justify="right", min_width=3)
+    names = [label.rpartition("/")[0] for label in report.labels]
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[: max(prefix.rfind("_"), prefix.rfind("-")) + 1]  # a shared "zoo_" is said once, in the title
+    if prefix:
+        table.title += f" · tasks {prefix}*"
     for label, direction in zip(report.labels, report.directions):
-        table.add_column(f"{label} ({'↑' if direction == 'maximize' else '↓'})", justify="right")
+        name, _, metric = label.rpartition("/")
+        name = name.removeprefix(prefix)
+        arrow = "↑" if direction == "maximize" else "↓"
+        table.add_column(f"{name or metric}\n{metric if name else ''} {arrow}", justify="right", min_width=6,
+                         overflow="fold")
         for split in rescores:
-            table.add_column(f"[{split}]", justify="right", style="cyan")
-    table.add_column("method")
-    table.add_column("recipe hash")
+            table.add_column(f"\n{split}", justify="right", style="cyan", min_width=6)
+    if not one_method:
+        table.add_column("method")
+    table.add_column("recipe", min_width=10)
     for row in rows:
         cells = []
         for label in report.labels:
             cells.append(_number(row['objectives'][label]))
             for values in rescores.values():
                 cells.append(_number(values[row["id"]][label]) if row["id"] in values else "-")
-        table.add_row(str(row["id"]), str(row["generation"]), *cells, row["recipe"]["merge_method"], row["recipe_hash"])
+        method = [] if one_method else [row["recipe"]["merge_method"]]
+        table.add_row(str(row["id"]), str(row["generation"]), *cells, *method, row["recipe_hash"][:10])
     out.print(table)
 
 
