@@ -54,3 +54,24 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     # the materialized knee scores on the test split exactly what the in-memory re-score said
     scores = json.loads(result.stdout)["objectives"]
     assert scores == rescored[str(knee_of(report)["id"])]
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load_on_the_zoo(zoo_dir, monkeypatch, config) -> None:
+    """Every shipped config resolves on the zoo and decodes a genome into a recipe; the PS+DFS one
+    says which earlier run it needs until that run exists."""
+    import numpy as np
+
+    from evomerge.search.config import ConfigError, load_run_config
+    from evomerge.space import Genome
+
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(zoo_dir))
+    if config == "zoo-ps-dfs.yaml" and not (CONFIGS.parent / "runs" / "zoo-ps-cma" / "run.yaml").exists():
+        with pytest.raises(ConfigError, match=r"stages\.ps: .*zoo-ps-cma.*run the earlier stage's search first"):
+            load_run_config(CONFIGS / config, [])
+        return
+    run = load_run_config(CONFIGS / config, [])
+    genome = Genome(run.space)
+    recipe = genome.decode(np.full(genome.dim, 0.5))
+    assert recipe.merge_method in ("ties", "passthrough", "task_arithmetic", "linear")
+    assert run.objectives
