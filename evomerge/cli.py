@@ -7,8 +7,11 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +20,22 @@ from rich.console import Console
 
 # Library progress bars (tqdm in transformers, lm-eval, mergekit) would interleave with ours.
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+@contextmanager
+def _signals_as_interrupt(*signals: int) -> Iterator[None]:
+    """While the block runs, these signals stop it the way Ctrl-C does (KeyboardInterrupt), so the
+    command cleans up (saves state, stops servers) instead of dying on the spot."""
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, _interrupt) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
 
 def _number(value: float) -> str:
     """Four decimals, or scientific notation for huge values (perplexities of broken merges)."""
@@ -201,7 +220,8 @@ def search(
     try:
         job = Search(run, directory, executor, budget=budget, time_limit=seconds, progress=not quiet,
                      on_record=tracker.on_record, on_generation=tracker.on_generation, on_start=start_tracking)
-        summary = job.execute(resume=resume)
+        with _signals_as_interrupt(signal.SIGTERM):  # `kill PID` stops an overnight run cleanly, like Ctrl-C
+            summary = job.execute(resume=resume)
         status = "KILLED" if summary.stopped == "interrupted" else "FINISHED"
     except (ConfigError, SearchError) as exc:
         _fail(str(exc))
@@ -336,7 +356,6 @@ def ui(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = 120.0,
 ) -> None:
     """Serve the MLflow UI for a run's store on 127.0.0.1 (one worker) and print the experiment's URL; Ctrl-C stops it."""
-    import signal
 
     from evomerge.tracking.server import MlflowServer, ServerError, store_for
     from evomerge.tracking.store import RunLink
@@ -359,28 +378,25 @@ def ui(
         experiment = ((yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("tracking") or {}).get("experiment")
     server = MlflowServer(store, port=port, cwd=run_dir.resolve() if run_dir else None)
 
-    def _stop(signum, frame):  # SIGTERM/SIGHUP end the command like Ctrl-C: the server goes with it
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        server.start()
-        err.print(f"starting mlflow server for {store} (pid {server.process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
-        server.wait_ready(timeout)
-        experiment_id = link.experiment_id if link else server.experiment_id(experiment or "evomerge")
-        err.print(f"MLflow UI on {server.url} - Ctrl-C to stop", highlight=False, soft_wrap=True)
-        out.print(server.experiment_url(experiment_id), highlight=False, soft_wrap=True)
-        while server.alive():
-            time.sleep(0.5)
-        _fail(f"mlflow server exited (code {server.process.returncode}):\n{server.log_tail()}")
-    except ServerError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        err.print("stopping the MLflow UI", highlight=False)
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # SIGTERM/SIGHUP end the command like Ctrl-C (the server goes with it); SIGINT explicitly too: a
+    # process started from a background job inherits SIGINT ignored, and `kill -INT` would do nothing
+    with _signals_as_interrupt(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            server.start()
+            err.print(f"starting mlflow server for {store} (pid {server.process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
+            server.wait_ready(timeout)
+            experiment_id = link.experiment_id if link else server.experiment_id(experiment or "evomerge")
+            err.print(f"MLflow UI on {server.url} - Ctrl-C to stop", highlight=False, soft_wrap=True)
+            out.print(server.experiment_url(experiment_id), highlight=False, soft_wrap=True)
+            while server.alive():
+                time.sleep(0.5)
+            _fail(f"mlflow server exited (code {server.process.returncode}):\n{server.log_tail()}")
+        except ServerError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            err.print("stopping the MLflow UI", highlight=False)
+        finally:
+            server.stop()
 
 
 @zoo_app.command("build")

@@ -315,3 +315,28 @@ def test_killed_search_resumes_to_the_same_front(zoo_dir, tmp_path) -> None:
                            env=env, capture_output=True, text=True, check=True)
     payload = json.loads(shown.stdout)
     assert [r["id"] for r in payload["front"]] == [r["id"] for r in RunReport.load(killed_dir).front()]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_search_cleanly(zoo_dir, tmp_path) -> None:
+    """`kill PID` (SIGTERM) ends a search like Ctrl-C: what was scored is kept, the command says how
+    to resume, and the resumed run finishes the budget without scoring anything twice."""
+    env = {**os.environ, "EVOMERGE_ZOO_DIR": str(zoo_dir)}
+    config = TESTS.parent / "configs" / "zoo-ps-nsga2.yaml"
+    args = ["--set", "optimizer.budget=18", "--set", "optimizer.population=6", "--workers", "0", "-q",
+            "--set", "objectives=[{task: zoo_reverse, metric: acc, limit: 10}]"]
+    run_dir = tmp_path / "run"
+    victim = cli("search", str(config), "--run-dir", str(run_dir), *args, env=env)
+    evaluations = run_dir / "evaluations.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (evaluations.exists() and len(evaluations.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGTERM)
+    output = victim.communicate(timeout=120)[0]
+    assert victim.returncode == 0, output
+    assert "interrupted" in output and "--resume" in output
+    done = len(list(RunDir(run_dir).records()))
+    assert 3 <= done < 18
+    resumed = cli("search", str(config), "--run-dir", str(run_dir), "--resume", *args, env=env)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert [r["id"] for r in RunDir(run_dir).records()] == list(range(18))
