@@ -100,6 +100,9 @@ def main() -> None:
                 run, summary, wall, _ = run_search(config, work / f"{name}-{seed}", overrides, budget)
                 report = RunReport.load(work / f"{name}-{seed}")
                 labels = report.labels
+                if any(d != "maximize" for d in report.directions):
+                    sys.exit(f"bench_search compares accuracies: every objective must be maximized, got "
+                             f"{dict(zip(labels, report.directions))} (use `evomerge search` + `evomerge front` for others)")
                 out["searched_tasks"] = [label.split("/")[0] for label in labels]
                 curve, worst_curve = [], []
                 best = best_worst = -1.0
