@@ -93,13 +93,12 @@ class JobInputs:
     def row_blocks(self) -> list[slice]:
         """Consecutive row ranges of about ``block_elements`` entries each (at least one row)."""
         rows = self.shape[0]
-        per_row = max(1, self.numel // max(rows, 1))
-        step = max(1, self.block_elements // per_row)
+        step = max(1, self.block_elements // self._row_elements)
         return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
     def _switch_to(self, rows: slice) -> None:
-        """Release finished rows, a run of ``RELEASE_BLOCKS`` blocks at a time (one madvise per
-        run and input instead of one per block)."""
+        """Release the rows read before, in runs of about ``RELEASE_ELEMENTS`` entries (one madvise
+        per run and input instead of one per block); a jump (a new pass) releases at once."""
         last = self._last
         self._last = rows
         if last is None or self._release is None or last == rows:
