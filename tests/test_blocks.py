@@ -108,6 +108,8 @@ RECIPES = {
     "ties": {"base": True, "models": [("a", {"weight": 0.5, "density": 0.4}), ("b", {"weight": 0.8, "density": 0.7})]},
     "slerp": {"base": True, "models": [("a", {})], "parameters": {"t": 0.4}},
     "dare_ties": {"base": True, "models": [("a", {"weight": 0.5, "density": 0.4}), ("b", {"weight": 0.8, "density": 0.7})]},
+    "model_stock": {"base": True, "models": [("a", {}), ("b", {}), ("c", {})]},
+    "nuslerp": {"base": True, "models": [("a", {"weight": 0.4}), ("b", {"weight": 0.6})]},
 }
 
 
@@ -212,3 +214,26 @@ def test_passthrough_copies_stored_bytes(random_family, tmp_path, monkeypatch, k
     assert torch.equal(out["model.layers.0.mlp.down_proj.weight"], a["model.layers.0.mlp.down_proj.weight"])
     assert torch.equal(out["model.layers.3.mlp.down_proj.weight"], b["model.layers.2.mlp.down_proj.weight"])
     assert torch.equal(out["model.layers.3.self_attn.o_proj.weight"], 0.5 * b["model.layers.2.self_attn.o_proj.weight"])
+
+
+@pytest.mark.parametrize(("method", "model_params", "params", "with_base"), [
+    ("nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}, True),
+    ("nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}, False),
+    ("nuslerp", [{"weight": 1.0}, {"weight": 1.0}], {"nuslerp_flatten": False}, True),
+    ("nuslerp", [{"weight": 1.0}, {"weight": 2.0}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
+    ("model_stock", [{}, {}, {}], {}, True),
+    ("model_stock", [{}, {}, {}], {"filter_wise": True}, True),
+])
+def test_nuslerp_and_model_stock_blocks_match_whole(method, model_params, params, with_base) -> None:
+    inputs, base = _family(n=len(model_params))
+    spec = methods.get_method(method)
+    bound, bound_models = spec.bind(params, model_params)
+    job = JobInputs(inputs, base if with_base else None, dtype=torch.float32, device="cpu", block_elements=1000)
+    snapshot = [x.clone() for x in inputs]
+    pieces = list(BLOCK_KERNELS[method](job, bound_models, bound, 0))
+    blocked = pieces[0][1] if pieces[0][0] is Ellipsis else torch.cat([p for _, p in pieces])
+    whole = spec.fn(inputs, base if with_base else None, bound_models, bound, None)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(x, y) for x, y in zip(inputs, snapshot)), "inputs were written into"
+    split = bound.get("nuslerp_flatten", True) or not bound.get("nuslerp_row_wise", False)
+    assert (len(pieces) > 1) == split  # row-wise nuslerp (vectors down the columns) is merged whole

@@ -12,14 +12,15 @@ What needs the whole tensor is computed in earlier passes over the same blocks:
   inside the boundary bin) give the exact k-th largest value and how many entries equal to it are
   kept, so the kept set is exactly the whole-tensor selection's (``_rank_range_mask``: exact ties
   broken by index), without a sort and without holding the tensor (``_RadixSelect``).
-- slerp's angle: the dot product and norms, summed over blocks in float64.
+- slerp's and nuslerp's angle, Model Stock's mean cosine: dot products and norms, summed over
+  blocks in float64.
 - DARE's L1 rescale: the masks are drawn from one random stream per input, drawn again in order
   for the output pass.
 Everything else is element-wise and gives the same numbers block by block as whole.
 
 Tensors of at most ``WHOLE_TENSOR_MAX`` entries (all of them in small models, so the mergekit parity
 tests and the search's in-memory candidates), float64 merges, and methods without a kernel here
-(breadcrumbs, della, model_stock, nuslerp) are merged whole by the method's own function.
+(breadcrumbs, della) are merged whole by the method's own function.
 
 Randomness differs between the two paths: whole tensors draw DARE masks with ``torch.bernoulli``
 (mergekit's call), blocks from a numpy stream per (tensor, input) (``bernoulli`` costs ~11 ns per
@@ -38,7 +39,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evomerge.merge.methods import EXACT_SORT_MAX_NUMEL, MethodFn, combine_task_vectors, linear, slerp_coefficients
+from evomerge.merge.methods import (
+    EXACT_SORT_MAX_NUMEL,
+    MethodFn,
+    combine_task_vectors,
+    linear,
+    model_stock,
+    nuslerp,
+    slerp_coefficients,
+)
 
 BLOCK_ELEMENTS = 1 << 18
 """Entries per block (1 MiB in float32): small enough for L2 cache, large enough that per-op
@@ -173,6 +182,85 @@ def slerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator
         (x,), base = inputs.read(rows)
         out = base * coef_a
         yield rows, out.add_(x, alpha=coef_b)
+
+
+def _whole(inputs: JobInputs, fn: MethodFn, model_params, params) -> Iterator[Block]:
+    """A tensor the kernel cannot split (its vectors span every row): merged whole, by ``fn``."""
+    xs, base = inputs.read(Ellipsis)
+    yield Ellipsis, fn(xs, base, model_params, params, None)
+
+
+def nuslerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator[Block]:
+    """nuslerp: with ``nuslerp_flatten`` one angle for the whole tensor (dot product and norms first);
+    without, one per row (rows are independent, so blocks are merged by ``nuslerp`` itself); a
+    ``nuslerp_row_wise`` merge (vectors down the columns) is merged whole."""
+    if params["nuslerp_row_wise"] and not params["nuslerp_flatten"] or (
+        not params["nuslerp_flatten"] and len(inputs.shape) < 2
+    ):
+        yield from _whole(inputs, nuslerp, model_params, params)
+        return
+    if not params["nuslerp_flatten"]:
+        yield from elementwise(nuslerp)(inputs, model_params, params, seed)
+        return
+    w0, w1 = (float(p["weight"]) for p in model_params)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    blocks = inputs.row_blocks()
+
+    def vectors(rows: slice) -> tuple[Tensor, Tensor, Tensor | None]:
+        (x0, x1), base = inputs.read(rows)
+        if base is None:
+            return x0, x1, None
+        return x0 - base, x1 - base, base
+
+    dot = square0 = square1 = 0.0
+    for rows in blocks:
+        v0, v1, _ = vectors(rows)
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+        dot += float(torch.dot(v0, v1))
+        square0 += float(torch.dot(v0, v0))
+        square1 += float(torch.dot(v1, v1))
+    norm0, norm1 = max(math.sqrt(square0), 1e-7), max(math.sqrt(square1), 1e-7)
+    cos = min(1.0, max(-1.0, dot / (norm0 * norm1)))
+    if 1 - cos * cos <= 1e-16:  # colinear or antipodal: linear
+        coef0, coef1 = 1 - t, t
+    else:
+        theta = math.acos(cos)
+        coef0, coef1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    for rows in blocks:
+        v0, v1, base = vectors(rows)
+        out = torch.mul(v0, coef0).add_(v1, alpha=coef1)  # v0 may be a view of the input: not in place
+        yield rows, out if base is None else out.add_(base)
+
+
+def model_stock_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator[Block]:
+    """Model Stock: the mean pairwise cosine of the task vectors first (whole-tensor, summed over
+    blocks in float64), then the interpolation; ``filter_wise`` cosines are per row, so blocks are
+    merged by ``model_stock`` itself (1-D tensors, one row, whole)."""
+    if params["filter_wise"]:
+        if len(inputs.shape) < 2:
+            yield from _whole(inputs, model_stock, model_params, params)
+        else:
+            yield from elementwise(model_stock)(inputs, model_params, params, seed)
+        return
+    blocks = inputs.row_blocks()
+    n = len(inputs.stored)
+    dots = np.zeros((n, n))
+    for rows in blocks:
+        xs, base = inputs.read(rows)
+        offsets = torch.stack([(x - base).reshape(-1) for x in xs])
+        dots += (offsets @ offsets.T).double().numpy()
+    norms = np.sqrt(np.diag(dots))
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos = sum(min(1.0, max(-1.0, dots[i, j] / max(norms[i] * norms[j], 1e-6))) for i, j in pairs) / len(pairs)
+    denominator = 1 + (n - 1) * cos
+    t = 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
+    for rows in blocks:
+        xs, base = inputs.read(rows)
+        average = xs[0].clone()
+        for x in xs[1:]:
+            average.add_(x)
+        average.div_(n)
+        yield rows, average.mul_(t).add_(base, alpha=1 - t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,6 +531,8 @@ BLOCK_KERNELS: dict[str, BlockKernel] = {
     "linear": elementwise(linear),
     "passthrough": passthrough_blocks,
     "slerp": slerp_blocks,
+    "nuslerp": nuslerp_blocks,
+    "model_stock": model_stock_blocks,
     "task_arithmetic": task_arithmetic_blocks("task_arithmetic", None, None),
     "ties": task_arithmetic_blocks("ties", "magnitude", "sum"),
     "dare_ties": task_arithmetic_blocks("dare_ties", "random", "sum"),
