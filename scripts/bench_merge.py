@@ -47,7 +47,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = Path(os.environ.get("EVOMERGE_BENCH_DIR", Path.home() / ".cache" / "evomerge" / "bench"))
 ALL_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic", "passthrough")
-DETERMINISTIC = {"linear", "slerp", "ties", "task_arithmetic", "passthrough"}
+EXTRA_METHODS = ("model_stock", "nuslerp")  # not in the table; run with --methods
+DETERMINISTIC = {"linear", "slerp", "ties", "task_arithmetic", "passthrough", "model_stock", "nuslerp"}
 TOOLS = ("evomerge", "mergekit")
 GB = 1e9
 RSS_TARGET = 1 * GB
@@ -312,6 +313,18 @@ def make_recipes(paths: dict[str, Path], num_layers: int) -> dict[str, dict[str,
             "merge_method": "task_arithmetic",
             "base_model": b,
             "models": fts3(weight=0.5),
+            "dtype": "bfloat16",
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": b,
+            "models": [{"model": m} for m in (f1, f2, f3)],
+            "dtype": "bfloat16",
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": b,
+            "models": [{"model": f1, "parameters": {"weight": 0.4}}, {"model": f2, "parameters": {"weight": 0.6}}],
             "dtype": "bfloat16",
         },
         "passthrough": {
@@ -1011,7 +1024,7 @@ def update_markdown(path: Path, section: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(ALL_METHODS + EXTRA_METHODS)} (default: {','.join(ALL_METHODS)})")
     p.add_argument("--size", choices=sorted(SIZES), default="1b", help="1b: TinyLlama shape (1.1B); small: ~110M smoke run")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help=f"models, outputs, logs (default {DEFAULT_WORK_DIR})")
     p.add_argument("--skip-mergekit", action="store_true", help="time evomerge only")
@@ -1042,9 +1055,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child-result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS + EXTRA_METHODS]
     if bad:
-        p.error(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(ALL_METHODS)})")
+        p.error(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(ALL_METHODS + EXTRA_METHODS)})")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     args.methods = methods
