@@ -46,6 +46,8 @@ from evomerge.merge.methods import (
     linear,
     model_stock,
     nuslerp,
+    nuslerp_coefficients,
+    nuslerp_t,
     slerp_coefficients,
 )
 
@@ -166,18 +168,27 @@ def passthrough_blocks(inputs: JobInputs, model_params, params, seed: int) -> It
             yield rows, x * float(scale)
 
 
+def _gram(blocks: list[slice], vectors: Callable[[slice], Sequence[Tensor]]) -> np.ndarray:
+    """Dot products of every pair of the whole-tensor vectors that ``vectors(rows)`` gives block by
+    block, summed over the blocks in float64 (the Gram matrix; norms on its diagonal)."""
+    gram = 0.0
+    for rows in blocks:
+        stacked = torch.stack([v.reshape(-1) for v in vectors(rows)])
+        gram = gram + (stacked @ stacked.T).double().cpu().numpy()
+    return gram
+
+
 def slerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator[Block]:
     """slerp from the base (t=0) to the other input: dot product and norms first, then the mix."""
     t = float(params["t"])
     blocks = inputs.row_blocks()
-    dot = square_a = square_b = 0.0
-    for rows in blocks:
+
+    def base_and_input(rows: slice) -> tuple[Tensor, Tensor]:
         (x,), base = inputs.read(rows)
-        a, b = base.reshape(-1), x.reshape(-1)
-        dot += float(torch.dot(a, b))
-        square_a += float(torch.dot(a, a))
-        square_b += float(torch.dot(b, b))
-    coef_a, coef_b = slerp_coefficients(t, dot, math.sqrt(square_a), math.sqrt(square_b))
+        return base, x
+
+    gram = _gram(blocks, base_and_input)
+    coef_a, coef_b = slerp_coefficients(t, gram[0, 1], math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1]))
     for rows in blocks:
         (x,), base = inputs.read(rows)
         out = base * coef_a
@@ -194,16 +205,13 @@ def nuslerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterat
     """nuslerp: with ``nuslerp_flatten`` one angle for the whole tensor (dot product and norms first);
     without, one per row (rows are independent, so blocks are merged by ``nuslerp`` itself); a
     ``nuslerp_row_wise`` merge (vectors down the columns) is merged whole."""
-    if params["nuslerp_row_wise"] and not params["nuslerp_flatten"] or (
-        not params["nuslerp_flatten"] and len(inputs.shape) < 2
-    ):
-        yield from _whole(inputs, nuslerp, model_params, params)
+    if not params["nuslerp_flatten"]:  # one angle per vector
+        if params["nuslerp_row_wise"] or len(inputs.shape) < 2:  # vectors down the columns, or one vector
+            yield from _whole(inputs, nuslerp, model_params, params)
+        else:
+            yield from elementwise(nuslerp)(inputs, model_params, params, seed)
         return
-    if not params["nuslerp_flatten"]:
-        yield from elementwise(nuslerp)(inputs, model_params, params, seed)
-        return
-    w0, w1 = (float(p["weight"]) for p in model_params)
-    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    t = nuslerp_t(model_params)
     blocks = inputs.row_blocks()
 
     def vectors(rows: slice) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -212,20 +220,8 @@ def nuslerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterat
             return x0, x1, None
         return x0 - base, x1 - base, base
 
-    dot = square0 = square1 = 0.0
-    for rows in blocks:
-        v0, v1, _ = vectors(rows)
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-        dot += float(torch.dot(v0, v1))
-        square0 += float(torch.dot(v0, v0))
-        square1 += float(torch.dot(v1, v1))
-    norm0, norm1 = max(math.sqrt(square0), 1e-7), max(math.sqrt(square1), 1e-7)
-    cos = min(1.0, max(-1.0, dot / (norm0 * norm1)))
-    if 1 - cos * cos <= 1e-16:  # colinear or antipodal: linear
-        coef0, coef1 = 1 - t, t
-    else:
-        theta = math.acos(cos)
-        coef0, coef1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    gram = torch.from_numpy(_gram(blocks, lambda rows: vectors(rows)[:2]))
+    coef0, coef1 = (float(c) for c in nuslerp_coefficients(t, gram[0, 1], gram[0, 0].sqrt(), gram[1, 1].sqrt()))
     for rows in blocks:
         v0, v1, base = vectors(rows)
         out = torch.mul(v0, coef0).add_(v1, alpha=coef1)  # v0 may be a view of the input: not in place
@@ -244,11 +240,12 @@ def model_stock_blocks(inputs: JobInputs, model_params, params, seed: int) -> It
         return
     blocks = inputs.row_blocks()
     n = len(inputs.stored)
-    dots = np.zeros((n, n))
-    for rows in blocks:
+
+    def offsets(rows: slice) -> list[Tensor]:
         xs, base = inputs.read(rows)
-        offsets = torch.stack([(x - base).reshape(-1) for x in xs])
-        dots += (offsets @ offsets.T).double().numpy()
+        return [x - base for x in xs]
+
+    dots = _gram(blocks, offsets)
     norms = np.sqrt(np.diag(dots))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     cos = sum(min(1.0, max(-1.0, dots[i, j] / max(norms[i] * norms[j], 1e-6))) for i, j in pairs) / len(pairs)

@@ -60,11 +60,9 @@ def job_inputs(
     base = read(job.base) if job.base is not None else None
     every = stored + ([base] if base is not None else [])
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in every) else torch.float32
-    refs = job.inputs + ((job.base,) if job.base is not None else ())
 
     def release(rows: slice) -> None:
-        for model, name in refs:
-            plan.checkpoints[model].release(name, rows if isinstance(rows, slice) else None)
+        _release(plan, job, rows if isinstance(rows, slice) else None)
 
     return JobInputs(stored, base, dtype=dtype, device=device, release=None if source else release)
 
@@ -128,9 +126,10 @@ def stored_copy(plan: MergePlan, job: TensorJob) -> tuple[Path, int, int] | None
     return info.file, info.start, info.nbytes
 
 
-def _release(plan: MergePlan, job: TensorJob) -> None:
+def _release(plan: MergePlan, job: TensorJob, rows: slice | None = None) -> None:
+    """Drop the mapped pages of the job's inputs (of their ``rows`` only, when given)."""
     for model, name in job.inputs + ((job.base,) if job.base is not None else ()):
-        plan.checkpoints[model].release(name)
+        plan.checkpoints[model].release(name, rows)
 
 
 def _progress(jobs: list[TensorJob], enabled: bool, label: str) -> Iterator[TensorJob]:

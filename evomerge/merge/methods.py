@@ -256,6 +256,22 @@ def slerp(
     return slerp_tensors(float(params["t"]), base, tensors[0])
 
 
+def nuslerp_coefficients(
+    t: float, dot: Tensor, norm0: Tensor, norm1: Tensor, *, eps: float = 1e-8
+) -> tuple[Tensor, Tensor]:
+    """nuslerp's two coefficients per vector from the dot products and norms (any matching shapes;
+    shared with the block-wise kernel, which sums those numbers over blocks). Norms are clamped to
+    1e-7; exactly colinear or antipodal vectors (``1 - cos^2 <= eps^2``) get ``1 - t`` and ``t``."""
+    norm0, norm1 = norm0.clamp(min=1e-7), norm1.clamp(min=1e-7)
+    cos = (dot / (norm0 * norm1)).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    coef0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    return coef0, coef1
+
+
 def nuslerp_tensors(
     t: float, v0: Tensor, v1: Tensor, *, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8
 ) -> Tensor:
@@ -270,19 +286,26 @@ def nuslerp_tensors(
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
-    norm0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    norm1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1) / (norm0 * norm1)).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps**2
-    theta = torch.acos(torch.where(colinear, 0, cos))
-    sin_theta = torch.sin(theta)
-    coef0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    coef1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    coef0, coef1 = nuslerp_coefficients(
+        t,
+        torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1),
+        torch.linalg.vector_norm(v0, dim=-1, keepdim=True),
+        torch.linalg.vector_norm(v1, dim=-1, keepdim=True),
+        eps=eps,
+    )
     out = v0 * coef0
     out.addcmul_(v1, coef1)
     if dim != -1 and not flatten:
         out = out.transpose(dim, -1)
     return out.reshape(shape)
+
+
+def nuslerp_t(model_params: Sequence[Mapping[str, Any]]) -> float:
+    """nuslerp's interpolation point from the two inputs' weights: ``w1 / (w0 + w1)``, 0.5 if that
+    sum is ~0."""
+    w0, w1 = (float(p["weight"]) for p in model_params)
+    total = w0 + w1
+    return 0.5 if abs(total) < 1e-6 else w1 / total
 
 
 def nuslerp(
@@ -295,9 +318,7 @@ def nuslerp(
     """Slerp of two inputs at ``t = weight[1] / (weight[0] + weight[1])`` (0.5 if that sum is ~0);
     with a base, of their task vectors, added back to the base."""
     _check("nuslerp", tensors, base, model_params, lo=2, hi=2, base_policy="optional")
-    w0, w1 = (float(p["weight"]) for p in model_params)
-    total = w0 + w1
-    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    t = nuslerp_t(model_params)
     options = {"row_wise": bool(params["nuslerp_row_wise"]), "flatten": bool(params["nuslerp_flatten"])}
     if base is None:
         return nuslerp_tensors(t, tensors[0], tensors[1], **options)
