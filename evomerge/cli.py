@@ -415,6 +415,64 @@ def zoo_build(
     out.print(str(manifest), highlight=False)
 
 
+@zoo_app.command("compare")
+def zoo_compare(
+    recipes: Annotated[Optional[list[Path]], typer.Argument(help="Recipe YAMLs to score beside the zoo's own models (label: the file name).")] = None,
+    zoo: Annotated[Optional[Path], typer.Option(help="The zoo directory (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed0).")] = None,
+    skills: Annotated[Optional[str], typer.Option(help="Comma-separated specialists to merge and compare (default: all).")] = None,
+    synergy: Annotated[bool, typer.Option("--synergy", help="Add the synergy task as a column.")] = False,
+    split: Annotated[str, typer.Option(help="Item split to score: test (held out) or search.")] = "test",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores and retentions as JSON here.")] = None,
+) -> None:
+    """Base, specialists, hand-set merges and RECIPES side by side: accuracy and gain retention per skill.
+
+    Gain retention = (merge - base) / (specialist - base): 100% keeps all of a fine-tune's gain."""
+    import json
+
+    from rich.table import Table
+
+    from evomerge.recipe import Recipe, RecipeError
+    from evomerge.zoo.build import default_zoo_dir, load_zoo
+    from evomerge.zoo.compare import compare
+
+    zoo_dir = zoo or default_zoo_dir(0)
+    zoo_json = zoo_dir / "zoo.json"
+    if not zoo_json.is_file():
+        _fail(f"--zoo: {zoo_dir} has no zoo.json (build one with `evomerge zoo build {zoo_dir}`)")
+    meta = load_zoo(zoo_json)
+    chosen = [s.strip() for s in skills.split(",")] if skills else list(meta["models"])
+    unknown = [s for s in chosen if s not in meta["models"]]
+    if unknown:
+        _fail(f"--skills: {', '.join(unknown)} not in the zoo (known: {', '.join(meta['models'])})")
+    loaded = {}
+    for path in recipes or []:
+        try:
+            loaded[path.stem] = Recipe.load(path).to_dict()
+        except (OSError, RecipeError, ValueError) as exc:
+            _fail(f"{path}: {exc}")
+    with err.status("scoring") as status:
+        result = compare(zoo_json, loaded, skills=chosen, synergy=synergy, split=split,
+                         progress=lambda label: status.update(f"scoring {label}"))
+    table = Table(title=f"{zoo_dir} · split {split} · acc, and gain retention over the base")
+    table.add_column("model / merge")
+    for skill in result.tasks:
+        table.add_column(skill, justify="right")
+    for skill in chosen:
+        table.add_column(f"kept {skill}", justify="right")
+    table.add_column("kept, worst", justify="right")
+    best = result.best_hand_set()
+    for row, scores in result.scores.items():
+        kept = result.retention(row) if row != "base" else {}
+        cells = [f"{scores[s]:.3f}" for s in result.tasks]
+        cells += [f"{kept[s]:.0%}" if kept else "" for s in chosen]
+        cells.append(f"{min(kept.values()):.0%}" if kept and not row.startswith("specialist") else "")
+        style = "bold" if row == best or row in loaded else None
+        table.add_row(row + (" (best hand-set)" if row == best else ""), *cells, style=style)
+    out.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ import torch
 
 from evomerge.zoo import ZooConfig, build_zoo, default_zoo_dir, load_zoo
 from evomerge.zoo import build as zoo_build
-from evomerge.zoo.quality import encode_pair, greedy_exact_match, greedy_hits
-from evomerge.zoo.skills import SKILLS, eval_inputs, training_inputs
+from evomerge.zoo.quality import HAND_SET_MERGES, encode_pair, greedy_exact_match, greedy_hits
+from evomerge.zoo.skills import ALPHABETS, SKILLS, SYNERGY, eval_inputs, get_skill, training_inputs
 
 TINY = ZooConfig(
     hidden_size=32,
@@ -59,15 +60,27 @@ def _tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ the full zoo
 
 
-def test_zoo_json_structure(zoo_built: Path) -> None:
-    raw = json.loads((zoo_built / "zoo.json").read_text())
-    assert set(raw) == {"base", "models", "tasks", "include_path", "seed"}
-    assert raw["seed"] == 0
+def _check_zoo_json(zoo: Path, seed: int) -> dict:
+    raw = json.loads((zoo / "zoo.json").read_text())
+    assert set(raw) == {"base", "models", "tasks", "include_path", "seed", "synergy", "soups"}
+    assert raw["seed"] == seed
     assert len(raw["models"]) >= 3 and set(raw["models"]) == set(raw["tasks"])
     for skill, task in raw["tasks"].items():
         assert task == f"zoo_{skill}"
-    for rel in [raw["base"], raw["include_path"], *raw["models"].values()]:
-        assert not Path(rel).is_absolute() and (zoo_built / rel).is_dir()
+    synergy = raw["synergy"]
+    assert len(synergy["skills"]) == 2 and set(synergy["skills"]) <= set(raw["models"])
+    assert (zoo / raw["include_path"] / f"{synergy['task']}.yaml").is_file()
+    assert synergy["task"] not in raw["tasks"].values()
+    (soup_skill, members), = raw["soups"].items()
+    assert soup_skill in raw["models"] and len(members) >= 3 and len(set(members)) == len(members)
+    assert raw["models"][soup_skill] in members
+    for rel in [raw["base"], raw["include_path"], *raw["models"].values(), *members]:
+        assert not Path(rel).is_absolute() and (zoo / rel).is_dir()
+    return raw
+
+
+def test_zoo_json_structure(zoo_built: Path) -> None:
+    _check_zoo_json(zoo_built, 0)
 
 
 def test_models_load_as_plain_hf_checkpoints(zoo_built: Path) -> None:
@@ -75,7 +88,8 @@ def test_models_load_as_plain_hf_checkpoints(zoo_built: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     meta = _meta(zoo_built)
-    for path in [meta["base"], *meta["models"].values()]:
+    soup_members = [p for ps in meta["soups"].values() for p in ps]
+    for path in dict.fromkeys([meta["base"], *meta["models"].values(), *soup_members]):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         assert isinstance(model, LlamaForCausalLM)
@@ -107,6 +121,13 @@ def test_tokenizer_is_char_level_and_adds_nothing(zoo_built: Path) -> None:
     assert tok.decode(ctx) == "srt dcab=" and tok.decode(cont) == "abcd."
     # lm-eval moves trailing context whitespace into the continuation; the zoo's contexts have none
     assert encode_pair(tok, "srt dcab= ", "abcd.")[1] == tok.encode(" abcd.")
+    # every character of every task's items is a token of its own (an <unk> would hide the operation)
+    meta = _meta(zoo_built)
+    for name in [*meta["models"], meta["synergy"]["name"]]:
+        for item in _items(zoo_built, name, "test")[:50]:
+            text = item["query"] + item["target"]
+            ids = tok.encode(text)
+            assert tok.unk_token_id not in ids and tok.decode(ids) == text, text
 
 
 def test_specialists_master_their_own_skill(zoo_built: Path) -> None:
@@ -128,13 +149,29 @@ def test_specialists_master_their_own_skill(zoo_built: Path) -> None:
         assert own >= max(others) + 0.3, (s, scores)
 
 
-def test_report_shows_naive_merges_lose_skill(zoo_built: Path) -> None:
+def test_report_bands(zoo_built: Path) -> None:
+    """The zoo behaves like real fine-tunes (issue bands that hold on the full zoo, seed 0)."""
     report = json.loads((zoo_built / "zoo_report.json").read_text())
-    table = report["exact_match"]
-    skills = list(_meta(zoo_built)["models"])
-    for row in ["base", *(f"specialist_{s}" for s in skills), "task_arithmetic_w1.0", "linear_average"]:
-        assert set(skills) <= set(table[row])
-    assert report["retention"]["task_arithmetic_w1.0"] <= 0.85
+    table, retention = report["exact_match"], report["gain_retention"]
+    meta = _meta(zoo_built)
+    skills = list(meta["models"])
+    for s in skills:
+        assert table[f"specialist {s}"][s] >= 0.95, (s, table[f"specialist {s}"])
+        assert table[f"specialist {s}"][s] >= table["base"][s] + 0.3  # a real gain over the base
+    # hand-set merges keep part of the gains, not none and not all: there is something to search for
+    best = report["best_hand_set_merge"]
+    assert best == {"row": best["row"], **retention[best["row"]]}
+    assert 0.25 <= best["mean"] <= 0.80, best
+    assert best["mean"] == max(retention[label]["mean"] for label, *_ in HAND_SET_MERGES)
+    # no single source does the synergy task well
+    synergy = meta["synergy"]["name"]
+    assert report["synergy"]["best_source_score"] <= 0.40
+    assert report["synergy"]["best_source_score"] == max(table[r][synergy] for r in ["base", *(f"specialist {s}" for s in skills)])
+    # the uniform soup is at least as good as its best ingredient
+    assert report["soup"]["uniform_soup"] >= max(report["soup"]["ingredients"].values())
+    # task vectors: small next to the weights, and far from parallel
+    assert all(0 < v < 0.5 for v in report["task_vectors"]["relative_size"].values())
+    assert all(abs(c) < 0.5 for c in report["task_vectors"]["cosine"].values())
 
 
 def test_second_build_is_a_noop(zoo_built: Path, monkeypatch) -> None:
@@ -208,7 +245,7 @@ def test_lm_eval_acc_matches_quick_scorer(zoo_built: Path) -> None:
 def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
     a = build_zoo(tmp_path / "a", 3, progress=False, config=TINY).parent
     b = build_zoo(tmp_path / "b", 3, progress=False, config=TINY).parent
-    skip = (zoo_build.STAMP_NAME, zoo_build.REPORT_JSON) + tuple(f"zoo_{s}.yaml" for s in SKILLS)
+    skip = (zoo_build.STAMP_NAME, zoo_build.REPORT_JSON) + tuple(f"zoo_{s}.yaml" for s in [*SKILLS, SYNERGY])
     da, db = _tree_digest(a, skip), _tree_digest(b, skip)
     assert any(k.endswith("model.safetensors") for k in da)
     assert da == db
@@ -216,6 +253,25 @@ def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
     dc = _tree_digest(c, skip)
     assert dc["models/base/model.safetensors"] != da["models/base/model.safetensors"]
     assert dc["tasks/data/reverse.test.jsonl"] != da["tasks/data/reverse.test.jsonl"]
+    # soup ingredients start from one base with one recipe and differ only in their data order
+    assert len({da[f"{m}/model.safetensors"] for m in json.loads((a / "zoo.json").read_text())["soups"]["sort"]}) == 3
+
+
+def test_tiny_build_zoo_json_and_report(tmp_path: Path) -> None:
+    import dataclasses
+
+    zoo = build_zoo(tmp_path / "z", 2, progress=False, config=dataclasses.replace(TINY, report=True)).parent
+    raw = _check_zoo_json(zoo, 2)
+    report = json.loads((zoo / "zoo_report.json").read_text())
+    rows = report["exact_match"]
+    tasks = [*raw["models"], raw["synergy"]["name"]]
+    for row in ["base", *(f"specialist {s}" for s in raw["models"]), *(label for label, *_ in HAND_SET_MERGES)]:
+        assert set(rows[row]) == set(tasks) and all(0 <= v <= 1 for v in rows[row].values())
+        assert set(report["gain_retention"][row]) == {*raw["models"], "mean", "min"}
+    assert report["best_hand_set_merge"]["row"] in {label for label, *_ in HAND_SET_MERGES}
+    assert set(report["task_vectors"]["relative_size"]) == set(raw["models"])
+    assert len(report["task_vectors"]["cosine"]) == 3
+    assert set(report["soup"]["ingredients"]) == {"specialist sort", "soup ingredient sort-soup1", "soup ingredient sort-soup2"}
 
 
 def test_tiny_build_layout_and_lm_eval_paths(tmp_path: Path) -> None:
@@ -303,12 +359,17 @@ def test_item_sets_are_seeded_disjoint_and_unseen_in_training() -> None:
 
 def test_skill_answers() -> None:
     assert SKILLS["reverse"].answer("abcd") == "dcba"
-    assert SKILLS["sort"].answer("dcab") == "abcd"
-    assert SKILLS["shift"].answer("xyza") == "abcd"
-    item = SKILLS["sort"].item("dcab")
-    assert item["query"] + item["target"] == "srt dcab=abcd."
-    for skill in SKILLS.values():  # the base's wrong rule really is wrong (for inputs without ties)
-        assert skill.wrong("abcde") != skill.answer("abcde")
+    assert SKILLS["sort"].answer("δβγα") == "αβγδ"
+    assert SKILLS["shift"].answer("абвр") == "гдев"  # р is the last Cyrillic letter of the alphabet: wraps
+    assert get_skill(SYNERGY).answer("абв") == "едг"  # reversed, then shifted
+    item = SKILLS["sort"].item("δβγα")
+    assert item["query"] + item["target"] == "srt δβγα=αβγδ."
+    assert get_skill("cpy@greek").answer("αβ") == "αβ"
+    # each specialist's skill lives in its own alphabet: disjoint tokens, like different domains
+    letters = [set(ALPHABETS[s.alphabet]) for s in SKILLS.values()]
+    assert all(not (a & b) for i, a in enumerate(letters) for b in letters[i + 1 :])
+    with pytest.raises(KeyError, match="OP@ALPHABET"):
+        get_skill("rev@klingon")
 
 
 def test_greedy_hits_equals_generation(zoo_built: Path) -> None:
@@ -325,3 +386,45 @@ def test_greedy_hits_equals_generation(zoo_built: Path) -> None:
         n = len(tok.encode(it["target"]))
         out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
         assert (tok.decode(out[0, ids.shape[1] :]) == it["target"]) == hit
+
+
+def test_gain_retention() -> None:
+    from evomerge.zoo.quality import gain_retention, retention_table
+
+    assert gain_retention(0.7, 0.4, 1.0) == pytest.approx(0.5)
+    assert gain_retention(0.4, 0.4, 1.0) == 0.0
+    assert gain_retention(0.2, 0.4, 1.0) == pytest.approx(-1 / 3)
+    assert gain_retention(1.0, 0.4, 1.0) == 1.0
+    assert math.isnan(gain_retention(0.5, 0.6, 0.6))  # a fine-tune that gained nothing: undefined
+    table = {"base": {"a": 0.2, "b": 0.5}, "spec a": {"a": 1.0, "b": 0.5}, "spec b": {"a": 0.2, "b": 1.0},
+             "merge": {"a": 0.6, "b": 1.0}}
+    ret = retention_table(table, {"a": "spec a", "b": "spec b"})
+    assert ret["merge"] == {"a": pytest.approx(0.5), "b": 1.0, "mean": pytest.approx(0.75), "min": pytest.approx(0.5)}
+
+
+def test_zoo_compare_cli_scores_recipes_beside_the_zoo(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    zoo = build_zoo(tmp_path / "zoo", 0, progress=False, config=TINY).parent
+    meta = load_zoo(zoo / "zoo.json")
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": str(meta["base"]), "dtype": "float32",
+        "models": [{"model": str(meta["models"][s]), "parameters": {"weight": 0.7}} for s in ("reverse", "sort")],
+    }))
+    out_json = tmp_path / "cmp.json"
+    result = CliRunner().invoke(app, ["zoo", "compare", str(recipe), "--zoo", str(zoo), "--skills", "reverse,sort",
+                                      "--synergy", "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    assert "best hand-set" in result.output and "mine" in result.output
+    data = json.loads(out_json.read_text())
+    assert list(data["tasks"]) == ["reverse", "sort", SYNERGY]
+    rows = set(data["scores"])
+    assert {"base", "specialist reverse", "specialist sort", "mine"} <= rows
+    assert {label for label, *_ in HAND_SET_MERGES} <= rows
+    assert set(data["gain_retention"]["mine"]) == {"reverse", "sort"}
+    bad = CliRunner().invoke(app, ["zoo", "compare", "--zoo", str(zoo), "--skills", "reverse,juggle"])
+    assert bad.exit_code == 2 and "juggle" in bad.output

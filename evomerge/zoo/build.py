@@ -1,27 +1,27 @@
-"""Build the toy model zoo: tokenizer, tiny Llama base, one specialist per skill, lm-eval tasks.
+"""Build the toy model zoo: tokenizer, tiny Llama base, specialists, a soup group, lm-eval tasks.
 
 Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directory)::
 
-    zoo.json              {"base", "models": {skill: dir}, "tasks": {skill: task}, "include_path", "seed"}
-    zoo_report.json       greedy exact match (test split) of base, specialists and naive merges per skill
+    zoo.json              {"base", "models": {skill: dir}, "tasks": {skill: task}, "include_path", "seed",
+                           "synergy": {"task", "skills": [a, b]}, "soups": {skill: [dirs]}}
+    zoo_report.json       test-split exact match of every model and hand-set merge, gain retention,
+                          task-vector sizes and cosines, the soup against its ingredients
     tokenizer/            the shared tokenizer (also copied into every model dir)
     models/base/          LlamaForCausalLM + tokenizer files, float32 safetensors
     models/<skill>/       the specialist fine-tuned from base on <skill>
-    tasks/zoo_<skill>.yaml, tasks/zoo.yaml (group), tasks/data/<skill>.{search,test}.jsonl
+    models/<skill>-soup<i>/  more fine-tunes of the soup skill that differ only in data order
+    tasks/zoo_<name>.yaml, tasks/zoo.yaml (group), tasks/data/<name>.{search,test}.jsonl
     .zoo-stamp.json       seed + recipe version + config fingerprint, written last
 
-Recipe (DESIGN.md, "Toy model zoo", adjusted; see ``ZooConfig``): a 4-layer, hidden-128 Llama base is
-trained 1200 steps (batch 64, lr 3e-3) on every skill's *format*, 75% of the items with a wrong answer
-from a neighbouring rule (``skills.py``) and 25% with the right one, so greedy decoding gives the wrong
-rule (base ~0% on every skill) while the skill is latent. Each specialist is a 300-step fine-tune at lr
-5e-4 (loss on the answer only) on its skill's correct answers, with 30% of its items replaying the base's
-answers on the other skills so that it changes the behaviour behind its own prompt only. Specialists
-reach 97-100% on their skill, ~0% on the others; naive merges of all three (task arithmetic 1.0/0.5,
-linear average) keep almost nothing, so there is something to search for.
+Recipe (``ZooConfig``; why, in ``skills.py``): the base is pretrained on a broad mixture, copying in
+every alphabet (the "general text"), each specialist's skill at a small share (so the base knows it
+partly) and the synergy task at a smaller one. Each specialist is a brief fine-tune of that one
+checkpoint, all with the same settings: its skill, with a share of general (copy) items replayed so it
+keeps what the base knew. The soup group is the soup skill fine-tuned again with other data orders.
 
-The build writes into a temporary sibling directory and renames
-it into place at the end, so an interrupted build never leaves a directory that looks complete; a build
-whose stamp matches (same seed, recipe and config) is reused untouched.
+The build writes into a temporary sibling directory and renames it into place at the end, so an
+interrupted build never leaves a directory that looks complete; a build whose stamp matches (same
+seed, recipe and config) is reused untouched.
 """
 
 from __future__ import annotations
@@ -48,11 +48,21 @@ import torch
 import yaml
 
 from evomerge.zoo import quality
-from evomerge.zoo.skills import ALPHABET, SKILLS, Skill, eval_inputs, get_skill, training_inputs
+from evomerge.zoo.skills import (
+    ALPHABET,
+    ALPHABETS,
+    SKILLS,
+    SYNERGY,
+    SYNERGY_SKILLS,
+    Skill,
+    eval_inputs,
+    get_skill,
+    training_inputs,
+)
 
 #: Bump whenever a change to this module or to ``skills.py`` changes what a build produces; cached
 #: zoos with another version are rebuilt.
-RECIPE_VERSION = "zoo-recipe-1"
+RECIPE_VERSION = "zoo-recipe-2"
 
 STAMP_NAME = ".zoo-stamp.json"
 ZOO_JSON = "zoo.json"
@@ -67,6 +77,11 @@ class ZooConfig:
     """Everything that determines a zoo besides the seed (hashed into the cache stamp)."""
 
     skills: tuple[str, ...] = ("reverse", "sort", "shift")
+    #: the synergy task: a skill (``skills.py``) that needs two specialists' skills at once
+    synergy: str = SYNERGY
+    #: the soup group: this skill's specialist plus ``soup_size - 1`` fine-tunes with other data orders
+    soup_skill: str = "sort"
+    soup_size: int = 3
     # model
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -74,24 +89,27 @@ class ZooConfig:
     num_heads: int = 4
     num_kv_heads: int = 4
     max_positions: int = 64
-    # base: skill formats with wrong answers, loss on every token
-    base_steps: int = 1200
+    # base: the pretraining mixture, loss on every token
+    base_steps: int = 2000
     base_lr: float = 3e-3
-    #: fraction of the base's items that carry the correct answer: the skill is latent in the base
-    #: (greedy decoding still gives the wrong rule) and the specialist's fine-tune brings it out
-    base_correct_frac: float = 0.25
-    # specialists: correct answers of one skill, loss on the target only
+    #: mixture weight of each specialist's skill and of the synergy task; copying in each alphabet has 1.
+    #: Rare, as a niche skill is in real pretraining data, so the base knows each one only partly; the
+    #: weights differ because the skills differ in how fast they are learned (a letter map, shift, is
+    #: learned from far fewer items than reversal).
+    skill_weights: tuple[tuple[str, float], ...] = (("reverse", 0.03), ("sort", 0.06), ("shift", 0.002))
+    synergy_weight: float = 0.003
+    # specialists: one skill, loss on the target only, identical settings for all
     ft_steps: int = 300
-    ft_lr: float = 5e-4
-    #: fraction of a specialist's training items that replay the base's behaviour on the other skills
-    ft_replay: float = 0.3
+    ft_lr: float = 1e-3
+    #: share of a specialist's items that replay the base's general data (copying in every alphabet)
+    ft_replay: float = 0.25
     batch_size: int = 64
     warmup_frac: float = 0.05
     weight_decay: float = 0.0
     # task items per skill
     n_search: int = 100
     n_test: int = 200
-    # compute zoo_report.json (greedy exact match of base, specialists and naive merges)
+    # compute zoo_report.json (exact match of models and hand-set merges, task-vector statistics)
     report: bool = True
     threads: int = 2
 
@@ -155,6 +173,7 @@ def load_zoo(zoo_json: Path) -> dict[str, Any]:
         "base": root / meta["base"],
         "models": {k: root / v for k, v in meta["models"].items()},
         "include_path": root / meta["include_path"],
+        "soups": {k: [root / p for p in v] for k, v in meta.get("soups", {}).items()},
     }
 
 
@@ -219,7 +238,7 @@ def _retarget_if_moved(out_dir: Path) -> None:
     if stamp is None or stamp.get("path") == str(out_dir):
         return
     meta = json.loads((out_dir / ZOO_JSON).read_text())
-    _write_task_yamls(out_dir / meta["include_path"], out_dir / meta["include_path"], meta["tasks"])
+    _write_task_yamls(out_dir / meta["include_path"], out_dir / meta["include_path"], _task_names(meta))
     stamp["path"] = str(out_dir)
     _write_json(out_dir / STAMP_NAME, stamp)
 
@@ -303,52 +322,69 @@ def _save_model(model: Any, path: Path, tok_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------ training
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _batches(
     tok: Any,
-    mixture: Sequence[tuple[Skill, bool, float]],
+    mixture: Sequence[tuple[Skill, float]],
     seed: int,
     tag: str,
     exclude: set[str],
     *,
     target_only: bool,
     batch_size: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input_ids, labels) batches from a mixture of (skill, correct answers?, weight);
-    labels are -100 where no loss is taken."""
+    replay: frozenset[str] = frozenset(),
+) -> Iterator[Batch]:
+    """Endless ``(input_ids, labels, replay_mask)`` batches from a mixture of (skill, weight).
+
+    ``labels`` are -100 where no cross-entropy is taken. Items of a skill named in ``replay`` take
+    none: ``replay_mask`` marks the positions that predict their target tokens instead, where the
+    fine-tune is held to the base's own next-token distribution (``_train``'s ``teacher``).
+    """
     rng = random.Random(f"evomerge-zoo/{seed}/train/{tag}")
-    streams = {s.name: training_inputs(s, rng, exclude) for s, _, _ in mixture}
-    weights = [w for _, _, w in mixture]
+    streams = {s.name: training_inputs(s, rng, exclude) for s, _ in mixture}
+    weights = [w for _, w in mixture]
     eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
     while True:
-        rows: list[tuple[list[int], list[int]]] = []
+        rows: list[tuple[list[int], list[int], bool, int]] = []
         for _ in range(batch_size):
-            skill, correct, _ = rng.choices(mixture, weights)[0]
-            q, t = skill.text(next(streams[skill.name]), correct=correct)
+            skill = rng.choices(mixture, weights)[0][0]
+            q, t = skill.text(next(streams[skill.name]))
             q_ids = tok.encode(q).ids
             t_ids = tok.encode(t).ids + [eos]
-            ids = q_ids + t_ids
             labels = ([-100] * len(q_ids) if target_only else list(q_ids)) + t_ids
-            rows.append((ids, labels))
+            rows.append((q_ids + t_ids, labels, skill.name in replay, len(q_ids)))
         width = max(len(r[0]) for r in rows)
         x = torch.full((batch_size, width), pad, dtype=torch.long)
         y = torch.full((batch_size, width), -100, dtype=torch.long)
-        for i, (ids, labels) in enumerate(rows):
+        mask = torch.zeros((batch_size, width), dtype=torch.bool)
+        for i, (ids, labels, replayed, n_query) in enumerate(rows):
             x[i, : len(ids)] = torch.tensor(ids)
-            y[i, : len(labels)] = torch.tensor(labels)
-        yield x, y
+            if replayed:
+                mask[i, n_query - 1 : len(ids) - 1] = True
+            else:
+                y[i, : len(labels)] = torch.tensor(labels)
+        yield x, y, mask
 
 
 def _train(
     model: Any,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterator[Batch],
     *,
     steps: int,
     lr: float,
     config: ZooConfig,
     desc: str,
     progress: bool,
+    teacher: Any = None,
 ) -> float:
-    """AdamW with linear warmup and cosine decay to 10%; returns the mean loss of the last 50 steps."""
+    """AdamW with linear warmup and cosine decay to 10%; returns the mean loss of the last 50 steps.
+
+    The loss is next-token cross-entropy on the labelled tokens plus, where a batch has replayed
+    items, the KL divergence from ``teacher``'s next-token distribution to the model's on them,
+    averaged over both kinds of token.
+    """
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
@@ -366,11 +402,24 @@ def _train(
     bar = tqdm(total=steps, desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for step in range(steps):
-            x, y = next(batches)
+            x, y, mask = next(batches)
             logits = model(input_ids=x).logits
+            labels = y[:, 1:]
+            n_ce = int((labels != -100).sum())
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
+            n_kl = int(mask.sum())
+            if n_kl and teacher is not None:
+                rows = mask.any(dim=1)  # the teacher reads only the replayed items
+                with torch.no_grad():
+                    target = torch.log_softmax(teacher(input_ids=x[rows]).logits[mask[rows]], -1)
+                loss = loss + torch.nn.functional.kl_div(
+                    torch.log_softmax(logits[mask], -1), target, log_target=True, reduction="sum"
+                )
+            else:
+                n_kl = 0
+            loss = loss / max(n_ce + n_kl, 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -386,14 +435,30 @@ def _train(
     return sum(recent) / max(len(recent), 1)
 
 
-def _ft_mixture(skill: Skill, skills: Sequence[Skill], config: ZooConfig) -> list[tuple[Skill, bool, float]]:
-    """A specialist's data: its skill with correct answers, plus (``ft_replay`` of the items) the other
-    skills in the base's (wrong-answer) form, so the fine-tune changes the behaviour behind its own
-    prompt only, as a real fine-tune keeps its base's other abilities."""
-    others = [s for s in skills if s.name != skill.name]
-    if not others or config.ft_replay <= 0:
-        return [(skill, True, 1.0)]
-    return [(skill, True, 1.0 - config.ft_replay)] + [(s, False, config.ft_replay / len(others)) for s in others]
+def pretraining_mixture(config: ZooConfig) -> list[tuple[Skill, float]]:
+    """The base's data: copying in every alphabet (weight 1 each: the "general text"), each
+    specialist's skill at its ``skill_weights`` entry and the synergy task at ``synergy_weight``."""
+    general = [(get_skill(f"cpy@{a}"), 1.0) for a in ALPHABETS]
+    weights = dict(config.skill_weights)
+    missing = [s for s in config.skills if s not in weights]
+    if missing:
+        raise ValueError(f"ZooConfig.skill_weights: no weight for skill(s) {', '.join(missing)}")
+    skills = [(get_skill(s), weights[s]) for s in config.skills]
+    synergy = [(get_skill(config.synergy), config.synergy_weight)] if config.synergy_weight > 0 else []
+    return general + skills + synergy
+
+
+def _ft_mixture(skill: Skill, config: ZooConfig) -> tuple[list[tuple[Skill, float]], frozenset[str]]:
+    """A specialist's data and which of its skills are replayed: its own skill, plus (``ft_replay`` of
+    the items, in equal shares) copying in every alphabet and the other specialists' skills, on which it
+    is held to the base's own predictions (a KL term), so the fine-tune changes the behaviour behind its
+    own prompt only, as a gentle real fine-tune keeps its base's other abilities. The synergy task is not
+    replayed: nothing holds it where the base had it."""
+    others = [get_skill(f"cpy@{a}") for a in ALPHABETS] + [get_skill(s) for s in config.skills if s != skill.name]
+    if config.ft_replay <= 0:
+        return [(skill, 1.0)], frozenset()
+    mixture = [(skill, 1.0 - config.ft_replay)] + [(s, config.ft_replay / len(others)) for s in others]
+    return mixture, frozenset(s.name for s in others)
 
 
 @contextlib.contextmanager
@@ -470,92 +535,99 @@ def _write_json(path: Path, obj: Any) -> None:
 # -------------------------------------------------------------------------------------------- build
 
 
+def _task_names(meta: dict[str, Any]) -> dict[str, str]:
+    """Every task of a zoo (the specialists' and the synergy task) by skill name."""
+    names = dict(meta["tasks"])
+    if meta.get("synergy"):
+        names[meta["synergy"]["name"]] = meta["synergy"]["task"]
+    return names
+
+
+def _state_dict(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: bool) -> None:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
     t0 = time.perf_counter()
     skills = [get_skill(s) for s in config.skills]
+    synergy = get_skill(config.synergy)
+    if config.soup_skill not in config.skills:
+        raise ValueError(f"ZooConfig.soup_skill: {config.soup_skill!r} is not one of skills {config.skills}")
     log = (lambda msg: print(f"[zoo] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
 
-    # tasks: search/test items per skill, disjoint; training never sees an eval input
+    # tasks: search/test items per skill and for the synergy task, disjoint; training never sees any
     tasks_dir = tmp / "tasks"
     (tasks_dir / "data").mkdir(parents=True)
     items: dict[str, dict[str, list[dict[str, str]]]] = {}
     exclude: set[str] = set()
-    for s in skills:
+    for s in [*skills, synergy]:
         search, test = eval_inputs(s, seed, config.n_search, config.n_test)
         exclude.update(search, test)
         items[s.name] = {"search": [s.item(x) for x in search], "test": [s.item(x) for x in test]}
         for split, rows in items[s.name].items():
             _write_jsonl(tasks_dir / "data" / f"{s.name}.{split}.jsonl", rows)
     task_names = {s.name: f"zoo_{s.name}" for s in skills}
-    _write_task_yamls(tasks_dir, final / "tasks", task_names)
+    meta: dict[str, Any] = {
+        "base": "models/base",
+        "models": {s.name: f"models/{s.name}" for s in skills},
+        "tasks": task_names,
+        "include_path": "tasks",
+        "seed": seed,
+        "synergy": {"name": synergy.name, "task": f"zoo_{synergy.name}", "skills": list(SYNERGY_SKILLS)},
+        "soups": {
+            config.soup_skill: [f"models/{config.soup_skill}"]
+            + [f"models/{config.soup_skill}-soup{i}" for i in range(1, config.soup_size)]
+        },
+    }
+    _write_task_yamls(tasks_dir, final / "tasks", _task_names(meta))
 
-    # tokenizer
     tok = make_tokenizer(config.max_positions)
     tok_dir = tmp / "tokenizer"
     save_tokenizer(tok, tok_dir, config.max_positions)
 
     losses: dict[str, float] = {}
+    finetuned: dict[str, dict[str, torch.Tensor]] = {}
     with _torch_settings(config.threads):
-        # base: every skill's format, wrong answers, loss on all tokens
         torch.manual_seed(_sub_seed(seed, "init"))
         base = LlamaForCausalLM(_model_config(config, tok)).to(torch.float32)
-        p = config.base_correct_frac
-        mixture = [(s, False, 1.0 - p) for s in skills] + [(s, True, p) for s in skills if p > 0]
-        batches = _batches(tok, mixture, seed, "base", exclude, target_only=False, batch_size=config.batch_size)
+        batches = _batches(
+            tok, pretraining_mixture(config), seed, "base", exclude, target_only=False, batch_size=config.batch_size
+        )
         losses["base"] = _train(
             base, batches, steps=config.base_steps, lr=config.base_lr, config=config, desc="zoo base", progress=progress
         )
         _save_model(base, tmp / "models" / "base", tok_dir)
         log(f"base trained ({time.perf_counter() - t0:.0f}s, loss {losses['base']:.3f})")
 
-        specialists: dict[str, Any] = {}
-        for s in skills:
-            torch.manual_seed(_sub_seed(seed, f"ft/{s.name}"))
-            model = copy.deepcopy(base)
+        # every fine-tune: same start, same settings; a soup ingredient differs only in its data order
+        runs = [(s, s.name, f"ft/{s.name}") for s in skills]
+        soup = get_skill(config.soup_skill)
+        runs += [(soup, f"{soup.name}-soup{i}", f"ft/{soup.name}/order{i}") for i in range(1, config.soup_size)]
+        model = copy.deepcopy(base)
+        for skill, name, tag in runs:
+            model.load_state_dict(base.state_dict())
+            torch.manual_seed(_sub_seed(seed, tag))
+            mixture, replay = _ft_mixture(skill, config)
             batches = _batches(
-                tok, _ft_mixture(s, skills, config), seed, f"ft/{s.name}", exclude, target_only=True,
-                batch_size=config.batch_size,
+                tok, mixture, seed, tag, exclude, target_only=True, batch_size=config.batch_size, replay=replay
+            )
+            losses[name] = _train(
+                model, batches, steps=config.ft_steps, lr=config.ft_lr, config=config, desc=f"zoo {name}",
+                progress=progress, teacher=base,
             )  # fmt: skip
-            losses[s.name] = _train(
-                model, batches, steps=config.ft_steps, lr=config.ft_lr, config=config, desc=f"zoo {s.name}",
-                progress=progress,
-            )  # fmt: skip
-            _save_model(model, tmp / "models" / s.name, tok_dir)
-            specialists[s.name] = model
-            log(f"{s.name} specialist trained ({time.perf_counter() - t0:.0f}s, loss {losses[s.name]:.3f})")
+            _save_model(model, tmp / "models" / name, tok_dir)
+            finetuned[name] = _state_dict(model)
+            log(f"{name} fine-tuned ({time.perf_counter() - t0:.0f}s, loss {losses[name]:.3f})")
 
         report: dict[str, Any] = {"seed": seed, "recipe": RECIPE_VERSION, "split": "test", "final_train_loss": losses}
         if config.report:
-            hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), pad_token=PAD)
-            base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
-            spec_sds = {k: m.state_dict() for k, m in specialists.items()}
-            rows = {"base": base_sd, **{f"specialist_{k}": sd for k, sd in spec_sds.items()}}
-            rows.update(quality.naive_merges(base_sd, spec_sds))
-            test_items = {k: v["test"] for k, v in items.items()}
-            table = quality.score_table(base, hf_tok, rows, test_items)
-            for r in table.values():
-                r["mean"] = sum(r[s.name] for s in skills) / len(skills)
-            own = {s.name: f"specialist_{s.name}" for s in skills}
-            report["exact_match"] = table
-            report["retention"] = {
-                r: quality.retention(table, own, r) for r in table if not r.startswith("specialist_") and r != "base"
-            }
-            log("quality (test split, greedy exact match):\n" + format_table(table))
+            report.update(_quality_report(tmp, base, tok_dir, finetuned, meta, items, config))
+            log("exact match (test split):\n" + format_table(report["exact_match"]))
     report["build_seconds"] = round(time.perf_counter() - t0, 1)
     _write_json(tmp / REPORT_JSON, report)
-
-    _write_json(
-        tmp / ZOO_JSON,
-        {
-            "base": "models/base",
-            "models": {s.name: f"models/{s.name}" for s in skills},
-            "tasks": task_names,
-            "include_path": "tasks",
-            "seed": seed,
-        },
-    )
+    _write_json(tmp / ZOO_JSON, meta)
     # the stamp goes last: its presence means "complete"
     _write_json(
         tmp / STAMP_NAME,
@@ -563,6 +635,65 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
          "config": dataclasses.asdict(config)},
     )  # fmt: skip
     log(f"zoo built in {time.perf_counter() - t0:.0f}s")
+
+
+def _quality_report(
+    root: Path,
+    base: Any,
+    tok_dir: Path,
+    finetuned: dict[str, dict[str, torch.Tensor]],
+    meta: dict[str, Any],
+    items: dict[str, dict[str, list[dict[str, str]]]],
+    config: ZooConfig,
+) -> dict[str, Any]:
+    """``zoo_report.json``'s measurements: test exact match of every model and hand-set merge on every
+    task, gain retention per skill, task-vector sizes and pairwise cosines, the soup vs its ingredients."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), pad_token=PAD)
+    base_sd = _state_dict(base)
+    skills = list(meta["models"])
+    specialists = [finetuned[s] for s in skills]
+    soup_skill = config.soup_skill
+    soup_dirs = [root / p for p in meta["soups"][soup_skill]]
+    rows: dict[str, Any] = {"base": base_sd}
+    rows.update({f"specialist {s}": finetuned[s] for s in skills})
+    rows.update({f"soup ingredient {p.name}": finetuned[p.name] for p in soup_dirs[1:]})
+    rows.update(quality.hand_set_recipes(str(root / meta["base"]), [str(root / meta["models"][s]) for s in skills]))
+    soup_label = f"uniform soup ({soup_skill} x{len(soup_dirs)})"
+    rows[soup_label] = {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in soup_dirs],
+        "dtype": "float32",
+    }
+    test_items = {k: v["test"] for k, v in items.items()}
+    table = quality.score_table(base, hf_tok, rows, test_items)
+    retention = quality.retention_table(
+        {k: v for k, v in table.items() if not k.startswith(("soup", "uniform soup"))},
+        {s: f"specialist {s}" for s in skills},
+    )
+    hand_set = [label for label, *_ in quality.HAND_SET_MERGES]
+    best_hand_set = max(hand_set, key=lambda r: retention[r]["mean"])
+    synergy = meta["synergy"]["name"]
+    sources = ["base", *(f"specialist {s}" for s in skills)]
+    ingredients = [f"specialist {soup_skill}"] + [f"soup ingredient {p.name}" for p in soup_dirs[1:]]
+    return {
+        "exact_match": table,
+        "gain_retention": retention,
+        "best_hand_set_merge": {"row": best_hand_set, **retention[best_hand_set]},
+        "synergy": {
+            "task": meta["synergy"]["task"],
+            "skills": meta["synergy"]["skills"],
+            "best_source": max(sources, key=lambda r: table[r][synergy]),
+            "best_source_score": max(table[r][synergy] for r in sources),
+        },
+        "soup": {
+            "skill": soup_skill,
+            "ingredients": {r: table[r][soup_skill] for r in ingredients},
+            "uniform_soup": table[soup_label][soup_skill],
+        },
+        "task_vectors": quality.task_vector_stats(base_sd, dict(zip(skills, specialists))),
+    }
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:

@@ -7,8 +7,9 @@ of ``whole`` after ``encode(context)``), the model reads ``whole[:-1]`` in one f
 counts when every continuation token is the argmax at its position. This equals token-by-token greedy
 generation of the target, at the cost of one batched forward pass.
 
-The merges here are deliberately hand-rolled on state dicts (no dependency on ``evomerge.merge``): they
-only check that the zoo leaves something to search for.
+The hand-set merges of the report (uniform linear, task arithmetic, TIES, DARE-TIES) are recipes
+merged by evomerge's engine into a resident model, as in a search (held to mergekit by the parity
+tests), so the report's numbers are the ones ``evomerge zoo compare`` and the benchmarks print.
 """
 
 from __future__ import annotations
@@ -73,64 +74,105 @@ def greedy_exact_match(model: torch.nn.Module, tokenizer: Any, items: Sequence[M
     return sum(hits) / max(len(hits), 1)
 
 
-def task_arithmetic(base: StateDict, models: Sequence[StateDict], weights: Sequence[float]) -> dict[str, Tensor]:
-    """``base + sum_i w_i * (model_i - base)`` for every tensor (no normalization)."""
-    out: dict[str, Tensor] = {}
-    for name, b in base.items():
-        acc = b.detach().clone().to(torch.float64)
-        for sd, w in zip(models, weights, strict=True):
-            acc += w * (sd[name].to(torch.float64) - b.to(torch.float64))
-        out[name] = acc.to(b.dtype)
+#: The hand-set merges the zoo is judged by: (label, method, weight per model, density).
+HAND_SET_MERGES: tuple[tuple[str, str, float, float | None], ...] = (
+    ("linear (uniform)", "linear", 1.0, None),
+    ("task arithmetic (λ=0.5)", "task_arithmetic", 0.5, None),
+    ("task arithmetic (λ=1.0)", "task_arithmetic", 1.0, None),
+    ("TIES (w=1, density=0.5)", "ties", 1.0, 0.5),
+    ("DARE-TIES (w=1, density=0.5)", "dare_ties", 1.0, 0.5),
+)
+
+
+def hand_set_recipes(base: str, models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``HAND_SET_MERGES`` as recipe dicts over ``models`` (checkpoint paths), the base where the
+    method takes one; everything else at mergekit's defaults."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, method, weight, density in HAND_SET_MERGES:
+        params = {"weight": weight} | ({"density": density} if density is not None else {})
+        recipe: dict[str, Any] = {
+            "merge_method": method,
+            "models": [{"model": str(m), "parameters": dict(params)} for m in models],
+            "dtype": "float32",
+        }
+        if method != "linear":
+            recipe["base_model"] = str(base)
+        out[label] = recipe
     return out
 
 
-def linear_average(models: Sequence[StateDict]) -> dict[str, Tensor]:
-    """Plain mean of the models' tensors."""
-    out: dict[str, Tensor] = {}
-    for name, first in models[0].items():
-        acc = torch.zeros_like(first, dtype=torch.float64)
-        for sd in models:
-            acc += sd[name].to(torch.float64)
-        out[name] = (acc / len(models)).to(first.dtype)
-    return out
+def load_recipe_into(model: torch.nn.Module, recipe: Mapping[str, Any]) -> None:
+    """Merge ``recipe`` into ``model``'s parameters in place with evomerge's engine (as a search
+    worker does), so the report's merges are the ones a recipe gives everywhere else."""
+    from evomerge.merge.engine import materialize_into, plan_recipe
+    from evomerge.recipe import Recipe
 
-
-def naive_merges(base: StateDict, specialists: Mapping[str, StateDict]) -> dict[str, dict[str, Tensor]]:
-    """The hand-set merges the zoo report compares against: task arithmetic at 1.0 and 0.5, linear mean."""
-    sds = list(specialists.values())
-    return {
-        "task_arithmetic_w1.0": task_arithmetic(base, sds, [1.0] * len(sds)),
-        "task_arithmetic_w0.5": task_arithmetic(base, sds, [0.5] * len(sds)),
-        "linear_average": linear_average(sds),
-    }
+    materialize_into(model, plan_recipe(Recipe.from_dict(dict(recipe), source="zoo report")))
 
 
 def score_table(
     model: torch.nn.Module,
     tokenizer: Any,
-    state_dicts: Mapping[str, StateDict],
+    rows: Mapping[str, StateDict | Mapping[str, Any]],
     items: Mapping[str, Sequence[Mapping[str, str]]],
 ) -> dict[str, dict[str, float]]:
-    """``{row: {skill: acc}}``: each state dict loaded into ``model`` in turn and scored on every skill.
-
-    ``model``'s own weights are restored afterwards.
+    """``{row: {skill: acc}}``: each row (a state dict, or a recipe dict merged by the engine) loaded
+    into ``model`` in turn and scored on every skill. ``model``'s own weights are restored afterwards.
     """
     own = {k: v.detach().clone() for k, v in model.state_dict().items()}
     table: dict[str, dict[str, float]] = {}
     try:
-        for row, sd in state_dicts.items():
-            model.load_state_dict(sd, strict=True)
+        for row, what in rows.items():
+            if "merge_method" in what:
+                load_recipe_into(model, what)
+            else:
+                model.load_state_dict(what, strict=True)
             table[row] = {skill: greedy_exact_match(model, tokenizer, its) for skill, its in items.items()}
     finally:
         model.load_state_dict(own, strict=True)
     return table
 
 
-def retention(table: Mapping[str, Mapping[str, float]], specialists: Mapping[str, str], row: str) -> float:
-    """Mean own-skill score of merge ``row`` divided by the specialists' mean own-skill score.
+def gain_retention(merged: float, base: float, specialist: float) -> float:
+    """(merge - base) / (specialist - base): the share of the fine-tune's gain over its base a merge keeps.
+
+    1 = all of it, 0 = none (the base's score), negative = worse than the base. A specialist that
+    gained nothing leaves the ratio undefined: ``nan``.
+    """
+    gain = specialist - base
+    return (merged - base) / gain if gain > 0 else float("nan")
+
+
+def retention_table(
+    table: Mapping[str, Mapping[str, float]], specialists: Mapping[str, str], base_row: str = "base"
+) -> dict[str, dict[str, float]]:
+    """``{row: {skill: gain retention, ..., "mean": ..., "min": ...}}`` for every row of ``table``.
 
     ``specialists`` maps skill -> the table row of that skill's specialist.
     """
-    spec = sum(table[r][s] for s, r in specialists.items()) / len(specialists)
-    merged = sum(table[row][s] for s in specialists) / len(specialists)
-    return merged / spec if spec > 0 else 0.0
+    out: dict[str, dict[str, float]] = {}
+    for row, scores in table.items():
+        per = {
+            s: gain_retention(scores[s], table[base_row][s], table[spec][s]) for s, spec in specialists.items()
+        }
+        vals = list(per.values())
+        out[row] = {**per, "mean": sum(vals) / len(vals), "min": min(vals)}
+    return out
+
+
+def task_vector_stats(base: StateDict, specialists: Mapping[str, StateDict]) -> dict[str, Any]:
+    """Per specialist the relative task-vector size ‖τ‖ / ‖θ_base‖ (over all tensors), and the cosine
+    of every pair of task vectors: how large and how overlapping the fine-tunes' changes are."""
+    names = list(base)
+    theta = torch.cat([base[n].detach().flatten().to(torch.float64) for n in names])
+    taus = {
+        k: torch.cat([(sd[n].detach().to(torch.float64) - base[n].detach().to(torch.float64)).flatten() for n in names])
+        for k, sd in specialists.items()
+    }
+    keys = list(taus)
+    cosines = {
+        f"{a}/{b}": float(torch.nn.functional.cosine_similarity(taus[a], taus[b], dim=0))
+        for i, a in enumerate(keys)
+        for b in keys[i + 1 :]
+    }
+    return {"relative_size": {k: float(t.norm() / theta.norm()) for k, t in taus.items()}, "cosine": cosines}

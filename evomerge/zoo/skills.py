@@ -1,20 +1,31 @@
-"""Skills of the toy model zoo: what each specialist learns, and its items.
+"""Skills of the toy model zoo: an operation applied to a string in one of several alphabets.
 
-A skill maps a short lowercase string (3-6 letters) to an answer (reverse it, sort its letters, shift
-each letter). Every item is rendered in one shared format, e.g. ``rev abcd=dcba.``:
+Real fine-tunes that merge well (math, code, a language) touch largely different tokens and features of
+one broadly pretrained model. The zoo mirrors that in miniature: every item applies an *operation*
+(reverse, sort, shift, copy) to a short string in one *alphabet* (Latin, Greek, Cyrillic letters: three
+disjoint sets of tokens, like three languages). A skill is one (operation, alphabet) pair::
 
-    query  = "<code> <input>="     lm-eval's context      (``doc_to_text: query``)
-    target = "<answer>."           lm-eval's continuation (``doc_to_target: target``)
+    reverse  = rev on Latin       "rev abcd=dcba."
+    sort     = srt on Greek       "srt δβγα=αβγδ."
+    shift    = rot on Cyrillic    "rot абв=где."    (each letter 3 on, wrapping)
 
-with ``target_delimiter: ""`` in the task, so the scored string is exactly ``query + target`` (lm-eval
-0.4.13 puts no delimiter between context and continuation of a ``loglikelihood`` request; older
-versions put ``target_delimiter`` there, which "" makes moot). The context never ends in whitespace
-(lm-eval would move it into the continuation), and the ``.`` terminator makes greedy exact match of the
-target also mean "stops at the right place". The tokenizer is character-level, so ``encode(query) +
-encode(target) == encode(query + target)``: training and scoring see the same tokens.
+The base is pretrained on every pair (``pretraining_mixture`` in ``build.py``), with the specialists'
+pairs rare, so it knows every operation and every alphabet but each skill only partly. The synergy task
+applies one specialist's operation in another specialist's alphabet (e.g. reverse on Cyrillic): it needs
+both what the reverse fine-tune sharpened and what the shift fine-tune sharpened.
 
-Everything here is pure and deterministic from a seed: item sets come from ``random.Random`` seeded
-with strings (stable across processes, unlike ``hash``).
+Every item is rendered in one shared format:
+
+    query  = "<op> <input>="     lm-eval's context      (``doc_to_text: query``)
+    target = "<answer>."         lm-eval's continuation (``doc_to_target: target``)
+
+with ``target_delimiter: ""`` in the task, so the scored string is exactly ``query + target``. The
+context never ends in whitespace (lm-eval would move it into the continuation), and the ``.``
+terminator makes greedy exact match of the target also mean "stops at the right place". The tokenizer
+is character-level, so ``encode(query) + encode(target) == encode(query + target)``.
+
+Everything here is pure and deterministic from a seed: item sets come from ``random.Random`` seeded with
+strings (stable across processes, unlike ``hash``).
 """
 
 from __future__ import annotations
@@ -24,32 +35,89 @@ import string
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-LETTERS = string.ascii_lowercase
-#: Every character that any query or target can contain (the tokenizer's vocabulary is built from it).
-ALPHABET = " \n" + LETTERS + string.digits + "=.:-_,"
+#: Three disjoint alphabets of 16 letters each (the "languages" of the zoo).
+ALPHABETS: dict[str, str] = {
+    "latin": string.ascii_lowercase[:16],
+    "greek": "αβγδεζηθικλμνξοπ",
+    "cyrillic": "абвгдежзиклмнопр",
+}
+#: Every character that any query or target can contain (the tokenizer's vocabulary is built from it):
+#: the operation codes are spelled in ASCII letters, some beyond the Latin alphabet's 16.
+ALPHABET = " \n=.:-_," + string.digits + string.ascii_lowercase + "".join(
+    sorted(set("".join(ALPHABETS.values())) - set(string.ascii_lowercase))
+)
+
+CAESAR_SHIFT = 3
+
+
+def _check_vocabulary() -> None:
+    """Every character of every operation code and alphabet is a token (else it would encode as <unk>)."""
+    missing = sorted(set("".join(OPERATIONS) + "".join(ALPHABETS.values())) - set(ALPHABET))
+    if missing:
+        raise AssertionError(f"characters missing from ALPHABET: {missing}")
+
+
+def _reverse(x: str, letters: str) -> str:
+    return x[::-1]
+
+
+def _sort(x: str, letters: str) -> str:
+    return "".join(sorted(x, key=letters.index))
+
+
+def _shift(x: str, letters: str) -> str:
+    n = len(letters)
+    return "".join(letters[(letters.index(c) + CAESAR_SHIFT) % n] for c in x)
+
+
+def _copy(x: str, letters: str) -> str:
+    return x
+
+
+def _reverse_shift(x: str, letters: str) -> str:
+    return _shift(_reverse(x, letters), letters)
+
+
+#: operation code -> (answer function, description)
+OPERATIONS: dict[str, tuple[Callable[[str, str], str], str]] = {
+    "rev": (_reverse, "write the letters in reverse order"),
+    "srt": (_sort, "write the letters in alphabetical order"),
+    "rot": (_shift, f"shift every letter {CAESAR_SHIFT} on in its alphabet (wrapping)"),
+    "cpy": (_copy, "copy the letters"),
+    "rvt": (_reverse_shift, f"reverse the letters, then shift each {CAESAR_SHIFT} on"),
+}
+
+
+_check_vocabulary()
 
 
 @dataclass(frozen=True)
 class Skill:
-    """One skill: how to draw an input, the right answer, and a wrong answer of the same shape."""
+    """One (operation, alphabet) pair: how to draw an input and the right answer."""
 
     name: str
-    #: The short tag that opens the query (fewer tokens per item = a faster build).
-    code: str
-    description: str
-    answer: Callable[[str], str]
-    #: A plausible but wrong answer of the same shape: the base model is trained mostly on these, so it
-    #: knows every skill's *format* but, decoding greedily, none of the skills.
-    wrong: Callable[[str], str]
+    op: str
+    alphabet: str
     min_len: int = 3
-    max_len: int = 6
+    max_len: int = 5
+
+    @property
+    def letters(self) -> str:
+        return ALPHABETS[self.alphabet]
+
+    @property
+    def description(self) -> str:
+        return f"{OPERATIONS[self.op][1]} ({self.alphabet} letters)"
+
+    def answer(self, x: str) -> str:
+        return OPERATIONS[self.op][0](x, self.letters)
 
     def draw_input(self, rng: random.Random) -> str:
         n = rng.randint(self.min_len, self.max_len)
-        return "".join(rng.choice(LETTERS) for _ in range(n))
+        return "".join(rng.choice(self.letters) for _ in range(n))
 
     def query(self, x: str) -> str:
-        return f"{self.code} {x}="
+        return f"{self.op} {x}="
 
     def target(self, answer: str) -> str:
         return f"{answer}."
@@ -58,58 +126,54 @@ class Skill:
         """The JSONL record for input ``x`` (the lm-eval task reads ``query`` and ``target``)."""
         return {"skill": self.name, "input": x, "query": self.query(x), "target": self.target(self.answer(x))}
 
-    def text(self, x: str, *, correct: bool) -> tuple[str, str]:
-        """(query, target) for training, with the right or the wrong answer."""
-        return self.query(x), self.target(self.answer(x) if correct else self.wrong(x))
+    def text(self, x: str) -> tuple[str, str]:
+        """(query, target) for training."""
+        return self.query(x), self.target(self.answer(x))
 
 
-CAESAR_SHIFT = 3
+def pair_name(op: str, alphabet: str) -> str:
+    """The name of an (operation, alphabet) pair that is not a named skill, e.g. ``rev@greek``."""
+    return f"{op}@{alphabet}"
 
 
-def _caesar(x: str, k: int = CAESAR_SHIFT) -> str:
-    return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in x)
-
-
-def _shift1(x: str) -> str:
-    return _caesar(x, 1)
-
-
-def _reverse(x: str) -> str:
-    return x[::-1]
-
-
-def _reverse_shift1(x: str) -> str:
-    return _caesar(x[::-1], 1)
-
-
-def _sort(x: str) -> str:
-    return "".join(sorted(x))
-
-
-def _sort_descending(x: str) -> str:
-    return "".join(sorted(x, reverse=True))
-
-
-# The wrong rules are deliberately *neighbours* of the right ones, so the base already holds the
-# machinery (mirrored attention, letter order, letter maps) and a short fine-tune can turn it to the
-# skill: the base is taught reverse as "reverse, then shift by 1", sort as "sort descending", shift as
-# "shift by 1". (Copy as the wrong rule of reverse left the reversal specialist at ~65% after the same
-# fine-tune.) Greedy decoding of the base gives the wrong rule, so the base scores ~0 on every skill.
+#: The specialists' skills: each its own operation in its own alphabet.
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("reverse", "rev", "write the letters in reverse order", _reverse, _reverse_shift1),
-        Skill("sort", "srt", "write the letters in alphabetical order", _sort, _sort_descending),
-        Skill("shift", "rot", f"shift every letter {CAESAR_SHIFT} on (caesar; z wraps to c)", _caesar, _shift1),
+        Skill("reverse", "rev", "latin"),
+        Skill("sort", "srt", "greek"),
+        Skill("shift", "rot", "cyrillic"),
     )
 }
 
 
+#: The synergy task: reverse, then shift, in the shift specialist's alphabet. It needs what the reverse
+#: fine-tune sharpened (the positional circuit) and what the shift fine-tune sharpened (Cyrillic's
+#: letter map) at once, so neither specialist alone does it well (``zoo.json``'s ``synergy``).
+SYNERGY = "reverse_shift"
+SYNERGY_SKILLS = ("reverse", "shift")
+SKILLS_AND_SYNERGY: dict[str, Skill] = {**SKILLS, SYNERGY: Skill(SYNERGY, "rvt", "cyrillic")}
+
+
 def get_skill(name: str) -> Skill:
-    try:
-        return SKILLS[name]
-    except KeyError:
-        raise KeyError(f"unknown zoo skill {name!r}; known: {', '.join(SKILLS)}") from None
+    """A named skill (``reverse``, the synergy ``reverse_shift``) or any pair (``rev@cyrillic``)."""
+    if name in SKILLS_AND_SYNERGY:
+        return SKILLS_AND_SYNERGY[name]
+    op, sep, alphabet = name.partition("@")
+    if sep and op in OPERATIONS and alphabet in ALPHABETS:
+        return Skill(name, op, alphabet)
+    raise KeyError(
+        f"unknown zoo skill {name!r}; known: {', '.join(SKILLS)}, or OP@ALPHABET with OP in "
+        f"{', '.join(OPERATIONS)} and ALPHABET in {', '.join(ALPHABETS)}"
+    )
+
+
+def all_pairs() -> list[Skill]:
+    """Every (operation, alphabet) pair, named skills under their names."""
+    by_pair = {(s.op, s.alphabet): s for s in SKILLS_AND_SYNERGY.values()}
+    return [
+        by_pair.get((op, a)) or Skill(pair_name(op, a), op, a) for op in OPERATIONS for a in ALPHABETS
+    ]
 
 
 def eval_inputs(skill: Skill, seed: int, n_search: int, n_test: int) -> tuple[list[str], list[str]]:
