@@ -5,9 +5,12 @@ Quality: CMA-ES (objectives summed, and ``cma-worst``: the worst objective), NSG
 search over configs/zoo-ps-*.yaml's space at equal budgets and several seeds (in-process workers, so
 runs are deterministic): best mean accuracy and best worst-skill accuracy on the search split,
 hypervolume, the candidates CMA-ES needed to reach random search's final best, and the best evolved
-merges' held-out test scores next to hand-set baselines (uniform linear, task arithmetic, TIES at
-default parameters) and to each specialist, with how much of each specialist's own-skill score the
-weakest skill keeps.
+merges' held-out test scores next to the hand-set merges (``evomerge.zoo.quality.HAND_SET_MERGES``),
+the base and each specialist, with the gain retention (merge - base) / (specialist - base) per skill.
+
+With ``--config zoo-synergy.yaml`` (objective: the synergy task) the held-out table adds the synergy
+task as a column and the hand-set merges merge the synergy pair. ``--zoo-seed N`` runs on the zoo of
+another seed (generalization).
 
 Throughput: candidates per minute with the in-process executor and with 1 and 2 Ray workers, and the
 fraction of worker time spent idle.
@@ -31,15 +34,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.eval.evaluator import CandidateEvaluator  # noqa: E402
-from evomerge.eval.tasks import Objective  # noqa: E402
-from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.runtime.executor import make_executor  # noqa: E402
 from evomerge.search.config import load_run_config  # noqa: E402
 from evomerge.search.driver import Search  # noqa: E402
 from evomerge.search.report import RunReport  # noqa: E402
 from evomerge.search.rundir import RunDir  # noqa: E402
 from evomerge.zoo.build import build_zoo, default_zoo_dir  # noqa: E402
+from evomerge.zoo.compare import compare  # noqa: E402
 
 
 def run_search(config: str, run_dir: Path, overrides: list[str], budget: int):
@@ -82,9 +83,12 @@ def main() -> None:
     parser.add_argument("--throughput-budget", type=int, default=32)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--zoo-seed", type=int, default=0, help="build (or reuse) the zoo of this seed")
+    parser.add_argument("--config", help="run config for every optimizer (default: configs/zoo-ps-cma.yaml for "
+                        "CMA-ES, configs/zoo-ps-nsga2.yaml for the others)")
     args = parser.parse_args()
 
-    zoo = build_zoo(default_zoo_dir(0), 0, progress=False).parent
+    zoo = build_zoo(default_zoo_dir(args.zoo_seed), args.zoo_seed, progress=False).parent
     os.environ["EVOMERGE_ZOO_DIR"] = str(zoo)
     manifest = json.loads((zoo / "zoo.json").read_text())
     include = str(zoo / manifest["include_path"])
@@ -95,7 +99,7 @@ def main() -> None:
         # --- quality: one run per (optimizer, seed) at the largest budget; smaller budgets are its prefix
         for name in args.optimizers:
             for seed in args.seeds:
-                config = "zoo-ps-cma.yaml" if name.startswith("cma") else "zoo-ps-nsga2.yaml"
+                config = args.config or ("zoo-ps-cma.yaml" if name.startswith("cma") else "zoo-ps-nsga2.yaml")
                 overrides = OPTIMIZER_OVERRIDES[name] + [f"optimizer.seed={seed}", "runtime.workers=0", *args.overrides]
                 run, summary, wall, _ = run_search(config, work / f"{name}-{seed}", overrides, budget)
                 report = RunReport.load(work / f"{name}-{seed}")
@@ -128,33 +132,21 @@ def main() -> None:
                 print(f"{name} seed {seed}: best mean acc {curve[-1]:.3f}, best worst-skill acc {worst_curve[-1]:.3f} "
                       f"after {len(curve)} in {wall:.0f}s", flush=True)
 
-        # --- held-out test scores: specialists, hand-set baselines, best evolved merges
-        test = CandidateEvaluator([Objective(task=t, metric="acc", split="test") for t in manifest["tasks"].values()],
-                                  include_paths=[include])
-        base = str(zoo / manifest["base"])
-        models = {k: str(zoo / v) for k, v in manifest["models"].items()}
-        rows = {}
-        for skill, path in models.items():
-            rows[f"specialist {skill}"] = test.evaluate_checkpoint(path).objectives
-        searched = set(out.get("searched_tasks") or manifest["tasks"].values())
-        merged = {k: v for k, v in models.items() if manifest["tasks"][k] in searched}  # baselines merge the searched skills
-        baselines = {
-            "linear (uniform)": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in merged.values()]},
-            "task arithmetic (w=1)": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0}} for m in merged.values()]},
-            "task arithmetic (w=0.5)": {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": m, "parameters": {"weight": 0.5}} for m in merged.values()]},
-            "TIES (defaults: w=1, density=0.5)": {"merge_method": "ties", "base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in merged.values()]},
-        }
-        for label, recipe in baselines.items():
-            rows[label] = test.evaluate(Recipe.from_dict({**recipe, "dtype": "float32"})).objectives
+        # --- held-out test scores: base, specialists, hand-set merges, best evolved merges
+        searched = out.get("searched_tasks") or list(manifest["tasks"].values())
+        synergy = manifest["synergy"]["task"] in searched
+        # baselines merge the searched skills' specialists (for the synergy task: its pair)
+        skills = manifest["synergy"]["skills"] if synergy else [k for k, t in manifest["tasks"].items() if t in searched]
+        picks = {}
         for name in args.optimizers:
             entries = [q for q in out["quality"] if q["optimizer"] == name]
             by_mean = max(entries, key=lambda q: q["curve"][-1])
-            rows[f"best mean, {name} (seed {by_mean['seed']}, {budget} cand.)"] = test.evaluate(
-                Recipe.from_dict(by_mean["best_recipe"])).objectives
+            picks[f"best mean, {name} (seed {by_mean['seed']}, {budget} cand.)"] = by_mean["best_recipe"]
             by_worst = max(entries, key=lambda q: q["worst_curve"][-1])
-            rows[f"best worst-skill, {name} (seed {by_worst['seed']}, {budget} cand.)"] = test.evaluate(
-                Recipe.from_dict(by_worst["best_worst_recipe"])).objectives
-        out["test"] = rows
+            picks[f"best worst-skill, {name} (seed {by_worst['seed']}, {budget} cand.)"] = by_worst["best_worst_recipe"]
+        comparison = compare(zoo / "zoo.json", picks, skills=skills, synergy=synergy)
+        out["test"] = comparison.to_dict()
+        out["test"]["best_hand_set"] = comparison.best_hand_set()
 
         # --- throughput
         if not args.skip_throughput:
@@ -167,13 +159,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print_tables(out, args, manifest["tasks"])
+    print_tables(out, args)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 
 
-def print_tables(out: dict, args, skill_tasks: dict[str, str]) -> None:
-    tasks = list(skill_tasks.values())
+def print_tables(out: dict, args) -> None:
     print(f"\n# bench_search · {os.cpu_count()} cores · seeds {args.seeds} · overrides {args.overrides}\n")
     print("| optimizer | budget | best mean acc (search), mean ± sd over seeds "
           "| best worst-skill acc (search), mean ± sd | hypervolume, mean |")
@@ -194,16 +185,27 @@ def print_tables(out: dict, args, skill_tasks: dict[str, str]) -> None:
             hit = next((i + 1 for i, v in enumerate(q["curve"]) if v >= target), None)
             needed.append(hit)
         print(f"\nCMA-ES candidates to reach random search's {max(args.budgets)}-candidate best ({target:.3f}): {needed}")
-    own = {t: out["test"][f"specialist {skill}"][f"{t}/acc"] for skill, t in skill_tasks.items()}
-    searched = out.get("searched_tasks") or tasks
-    print(f"\nSearched skills: {', '.join(searched)}. Kept = test accuracy / the specialist's own test accuracy.")
-    print("\n| held-out test split | " + " | ".join(tasks) + " | mean (searched) | weakest searched skill kept |")
-    print("|---|" + "---:|" * (len(tasks) + 2))
-    for label, values in out["test"].items():
-        cells = [values[f"{t}/acc"] for t in tasks]
-        mean = np.mean([values[f"{t}/acc"] for t in searched])
-        kept = min(values[f"{t}/acc"] / own[t] for t in searched if own[t] > 0)
-        print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in cells) + f" | {mean:.3f} | {kept:.0%} |")
+    randoms = {q["seed"]: q for q in out["quality"] if q["optimizer"] == "random"}
+    nsga = [q for q in out["quality"] if q["optimizer"] == "nsga2"]
+    if randoms and nsga:
+        wins = [(q["seed"], b, q["budgets"][b]["hypervolume"], randoms[q["seed"]]["budgets"][b]["hypervolume"])
+                for q in nsga if q["seed"] in randoms for b in args.budgets]
+        print("\nNSGA-II vs random hypervolume (seed, budget, nsga2, random): "
+              + ", ".join(f"({s}, {b}, {h:.4f}, {r:.4f})" for s, b, h, r in wins)
+              + f" -> NSGA-II ahead in {sum(h > r for _, _, h, r in wins)} of {len(wins)}")
+    test = out["test"]
+    skills = [k for k in test["tasks"] if k in next(iter(test["gain_retention"].values()))]
+    print(f"\nHeld-out test split, acc; kept = gain retention (merge - base) / (specialist - base). "
+          f"Best hand-set merge (by worst kept): {test['best_hand_set']}.")
+    print("\n| test split | " + " | ".join(test["tasks"]) + " | " + " | ".join(f"kept {s}" for s in skills)
+          + " | kept, worst |")
+    print("|---|" + "---:|" * (len(test["tasks"]) + len(skills) + 1))
+    for label, scores in test["scores"].items():
+        kept = test["gain_retention"].get(label)
+        cells = [f"{scores[t]:.3f}" for t in test["tasks"]]
+        cells += [f"{kept[s]:.0%}" for s in skills] if kept else [""] * len(skills)
+        cells.append(f"{min(kept.values()):.0%}" if kept and not label.startswith("specialist") else "")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if out["throughput"]:
         print("\n| executor | candidates/min | idle worker time |")
         print("|---|---:|---:|")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole job on embedded defaults, from a clean clone: set up, build the toy zoo (cached), run a
 # short NSGA-II search on a local Ray with a local MLflow store, print the front (re-scored on held-out
-# items), export the knee recipe, materialize it, score it, and say how to open the MLflow UI.
+# items), export the knee recipe, materialize it, score it, and end on the held-out comparison: each
+# specialist, the hand-set merges and the exported pick, with the gain each keeps of every skill.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,25 +13,28 @@ budget=${EVOMERGE_DEMO_BUDGET:-48}
 rm -rf "$out/run" "$out/front"   # the demo's own previous run; real runs resume with --resume
 mkdir -p "$out"
 
-echo "== 1/5 toy zoo (built once, then cached)"
+echo "== 1/6 toy zoo (built once, then cached)"
 zoo_json=$("$evomerge" zoo build)
 zoo=$(dirname "$zoo_json")
 export EVOMERGE_ZOO_DIR="$zoo"
 tasks=$(.venv/bin/python -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks'].values()))" "$zoo_json")
 
-echo "== 2/5 NSGA-II search over per-layer TIES parameters ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
+echo "== 2/6 NSGA-II search over per-layer TIES parameters ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
 "$evomerge" search configs/zoo-ps-nsga2.yaml --run-dir "$out/run" --budget "$budget"
 
-echo "== 3/5 the front, re-scored on the held-out test items"
+echo "== 3/6 the front, re-scored on the held-out test items"
 "$evomerge" front "$out/run" --rescore test
 
-echo "== 4/5 export the knee recipe (mergekit-compatible) and materialize it"
+echo "== 4/6 export the knee recipe (mergekit-compatible) and materialize it"
 "$evomerge" export "$out/run" --pick knee -o "$out/knee.yaml" --front-dir "$out/front"
 "$evomerge" merge "$out/knee.yaml" "$out/merged" --overwrite
 cat "$out/knee.yaml"
 
-echo "== 5/5 the merged checkpoint on the held-out test items"
+echo "== 5/6 the merged checkpoint on the held-out test items"
 "$evomerge" eval "$out/merged" --tasks "$tasks" --include-path "$zoo/tasks" --split test
+
+echo "== 6/6 held out: specialists, hand-set merges and the exported pick side by side"
+"$evomerge" zoo compare "$out/knee.yaml" --zoo "$zoo"
 
 cat <<MSG
 
