@@ -96,8 +96,8 @@ class ZooConfig:
     #: Rare, as a niche skill is in real pretraining data, so the base knows each one only partly; the
     #: weights differ because the skills differ in how fast they are learned (a letter map, shift, is
     #: learned from far fewer items than reversal).
-    skill_weights: tuple[tuple[str, float], ...] = (("reverse", 0.03), ("sort", 0.06), ("shift", 0.002))
-    synergy_weight: float = 0.003
+    skill_weights: tuple[tuple[str, float], ...] = (("reverse", 0.065), ("sort", 0.06), ("shift", 0.006))
+    synergy_weight: float = 0.008
     # specialists: one skill, loss on the target only, identical settings for all
     ft_steps: int = 300
     ft_lr: float = 1e-3
