@@ -19,7 +19,7 @@ zoo=$(dirname "$zoo_json")
 export EVOMERGE_ZOO_DIR="$zoo"
 tasks=$(.venv/bin/python -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks'].values()))" "$zoo_json")
 
-echo "== 2/6 NSGA-II search over per-layer TIES parameters ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
+echo "== 2/6 NSGA-II search over per-layer task-arithmetic weights ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
 "$evomerge" search configs/zoo-ps-nsga2.yaml --run-dir "$out/run" --budget "$budget"
 
 echo "== 3/6 the front, re-scored on the held-out test items"
