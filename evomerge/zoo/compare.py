@@ -42,6 +42,7 @@ class Comparison:
             "tasks": self.tasks,
             "scores": self.scores,
             "gain_retention": {r: self.retention(r) for r in self.scores if r != "base"},
+            "best_hand_set": self.best_hand_set(),
         }
 
 
