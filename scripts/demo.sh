@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole job on embedded defaults, from a clean clone: set up, build the toy zoo (cached), run a
-# short NSGA-II search on a local Ray with a local MLflow store, print the front (re-scored on held-out
+# short CMA-ES search on a local Ray with a local MLflow store, print the front (re-scored on held-out
 # items), export the knee recipe, materialize it, score it, and end on the held-out comparison: each
 # specialist, the hand-set merges and the exported pick, with the gain each keeps of every skill.
 set -euo pipefail
@@ -9,7 +9,7 @@ scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 evomerge=.venv/bin/evomerge
 out=${EVOMERGE_DEMO_DIR:-out/demo}
-budget=${EVOMERGE_DEMO_BUDGET:-48}
+budget=${EVOMERGE_DEMO_BUDGET:-200}
 rm -rf "$out/run" "$out/front"   # the demo's own previous run; real runs resume with --resume
 mkdir -p "$out"
 
@@ -19,8 +19,8 @@ zoo=$(dirname "$zoo_json")
 export EVOMERGE_ZOO_DIR="$zoo"
 tasks=$(.venv/bin/python -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks'].values()))" "$zoo_json")
 
-echo "== 2/6 NSGA-II search over per-layer task-arithmetic weights ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
-"$evomerge" search configs/zoo-ps-nsga2.yaml --run-dir "$out/run" --budget "$budget"
+echo "== 2/6 CMA-ES search (weakest skill first) over per-layer task-arithmetic weights ($budget candidates, local Ray, MLflow in $out/run/mlflow.db)"
+"$evomerge" search configs/zoo-ps-cma.yaml --run-dir "$out/run" --budget "$budget"
 
 echo "== 3/6 the front, re-scored on the held-out test items"
 "$evomerge" front "$out/run" --rescore test
