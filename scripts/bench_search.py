@@ -146,7 +146,6 @@ def main() -> None:
             picks[f"best worst-skill, {name} (seed {by_worst['seed']}, {budget} cand.)"] = by_worst["best_worst_recipe"]
         comparison = compare(zoo / "zoo.json", picks, skills=skills, synergy=synergy)
         out["test"] = comparison.to_dict()
-        out["test"]["best_hand_set"] = comparison.best_hand_set()
 
         # --- throughput
         if not args.skip_throughput:

@@ -16,8 +16,8 @@ Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directo
 Recipe (``ZooConfig``; why, in ``skills.py``): the base is pretrained on a broad mixture, copying in
 every alphabet (the "general text"), each specialist's skill at a small share (so the base knows it
 partly) and the synergy task at a smaller one. Each specialist is a brief fine-tune of that one
-checkpoint, all with the same settings: its skill, with a share of general (copy) items replayed so it
-keeps what the base knew. The soup group is the soup skill fine-tuned again with other data orders.
+checkpoint, all with the same settings: its skill, with a share of copying and of the other skills
+replayed against the base's own predictions (a KL term), so it keeps what the base knew. The soup group is the soup skill fine-tuned again with other data orders.
 
 The build writes into a temporary sibling directory and renames it into place at the end, so an
 interrupted build never leaves a directory that looks complete; a build whose stamp matches (same
@@ -101,7 +101,8 @@ class ZooConfig:
     # specialists: one skill, loss on the target only, identical settings for all
     ft_steps: int = 300
     ft_lr: float = 1e-3
-    #: share of a specialist's items that replay the base's general data (copying in every alphabet)
+    #: share of a specialist's items that replay copying in every alphabet and the other skills, held to
+    #: the base's own predictions by a KL term (``_ft_mixture``)
     ft_replay: float = 0.25
     batch_size: int = 64
     warmup_frac: float = 0.05

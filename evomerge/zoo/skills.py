@@ -131,11 +131,6 @@ class Skill:
         return self.query(x), self.target(self.answer(x))
 
 
-def pair_name(op: str, alphabet: str) -> str:
-    """The name of an (operation, alphabet) pair that is not a named skill, e.g. ``rev@greek``."""
-    return f"{op}@{alphabet}"
-
-
 #: The specialists' skills: each its own operation in its own alphabet.
 SKILLS: dict[str, Skill] = {
     s.name: s
@@ -166,14 +161,6 @@ def get_skill(name: str) -> Skill:
         f"unknown zoo skill {name!r}; known: {', '.join(SKILLS)}, or OP@ALPHABET with OP in "
         f"{', '.join(OPERATIONS)} and ALPHABET in {', '.join(ALPHABETS)}"
     )
-
-
-def all_pairs() -> list[Skill]:
-    """Every (operation, alphabet) pair, named skills under their names."""
-    by_pair = {(s.op, s.alphabet): s for s in SKILLS_AND_SYNERGY.values()}
-    return [
-        by_pair.get((op, a)) or Skill(pair_name(op, a), op, a) for op in OPERATIONS for a in ALPHABETS
-    ]
 
 
 def eval_inputs(skill: Skill, seed: int, n_search: int, n_test: int) -> tuple[list[str], list[str]]:
