@@ -269,6 +269,7 @@ def export(
     front_dir: Annotated[Optional[Path], typer.Option(help="Write every front member's recipe here, plus index.json.")] = None,
 ) -> None:
     """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run."""
+    from evomerge.atomic import write_text
     from evomerge.search.export import ExportError, export_front, export_yaml, pick as pick_record
     from evomerge.search.report import RunReport
 
@@ -278,9 +279,7 @@ def export(
         report = RunReport.load(run_dir)
         if output is not None:
             record = pick_record(report, pick)
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(export_yaml(record))
-            tmp.replace(output)
+            write_text(output, export_yaml(record))
             values = ", ".join(f"{k}={_number(v)}" for k, v in record["objectives"].items())
             err.print(f"candidate {record['id']} ({values}) -> {output}", highlight=False)
         if front_dir is not None:

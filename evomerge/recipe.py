@@ -206,10 +206,9 @@ class Recipe(_Strict):
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        from evomerge.atomic import write_text
+
+        write_text(path, self.to_yaml())
 
 
 # --- multi-stage recipes ----------------------------------------------------------------------

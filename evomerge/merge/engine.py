@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evomerge.atomic import replace_dir
 from evomerge.merge.blocks import BLOCK_KERNELS, WHOLE_TENSOR_MAX, Block, JobInputs
 from evomerge.merge.io import ShardedWriter, parse_size
 from evomerge.merge.plan import MergePlan, PlanError, TensorJob, TensorRef, build_plan, open_checkpoints
@@ -190,7 +191,7 @@ def merge_to_disk(
             _release(plan, job)
         writer.finish()
         _write_metadata(plan, tmp, base_dir)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,16 +232,6 @@ def _write_metadata(plan: MergePlan, out: Path, base_dir: Path | None) -> None:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, out / name)
     (out / RECIPE_FILENAME).write_text(plan.recipe.to_yaml())
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
 
 
 def materialize_into(

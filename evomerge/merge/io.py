@@ -358,9 +358,3 @@ def parse_size(text: str | int) -> int:
     return int(value * units[unit])
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -74,28 +74,19 @@ def export_yaml(record: dict[str, Any]) -> str:
 
 def export_front(report: RunReport, out_dir: Path) -> list[Path]:
     """One YAML per front member plus ``index.json`` (ids, objectives, files), written atomically."""
-    import shutil
-    import uuid
+    from evomerge.atomic import staging_dir
 
     front = report.front()
     if not front:
         raise ExportError("the run has no successful candidate yet")
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        index = []
+    knee_id = knee(report)["id"]
+    index = []
+    with staging_dir(out_dir) as tmp:
         for record in front:
             name = f"candidate-{record['id']:05d}.yaml"
             (tmp / name).write_text(export_yaml(record))
             index.append({"id": record["id"], "file": name, "objectives": record["objectives"],
-                          "recipe_hash": record["recipe_hash"], "knee": record["id"] == knee(report)["id"]})
+                          "recipe_hash": record["recipe_hash"], "knee": record["id"] == knee_id})
         (tmp / "index.json").write_text(json.dumps({"objectives": report.labels, "directions": report.directions,
                                                     "front": index}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [out_dir / item["file"] for item in index]
+    return [Path(out_dir) / item["file"] for item in index]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from evomerge.atomic import write_text
 from evomerge.eval.evaluator import CandidateEvaluator
 from evomerge.eval.tasks import Objective
 from evomerge.recipe import Recipe
@@ -37,9 +38,7 @@ def rescore_front(run_dir: str | Path, split: str = "test", *, device: str | Non
             if not result.ok:
                 raise RuntimeError(f"candidate {record['id']} failed on {split}: {result.reason}")
             done[record["id"]] = result.objectives
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
-        tmp.replace(path)
+        write_text(path, json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
     return done
 
 

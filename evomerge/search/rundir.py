@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from evomerge.atomic import write_bytes
 
 EVALUATIONS = "evaluations.jsonl"
 STATE = "state"
@@ -100,12 +101,7 @@ class RunDir:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_bytes(path, data)
 
 
 def _json_default(value: Any) -> Any:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from evomerge.atomic import write_text
+
 LINK_FILE = "mlflow.json"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -111,9 +113,7 @@ class RunLink:
     def write(self, run_dir: str | Path) -> None:
         path = Path(run_dir) / LINK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
+        write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 @functools.lru_cache(maxsize=1)

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import yaml
 
+from evomerge.atomic import replace_dir
 from evomerge.zoo import quality
 from evomerge.zoo.skills import (
     ALPHABET,
@@ -156,7 +157,7 @@ def build_zoo(
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the zoo is an ordinary directory
             with _hf_progress(progress):
                 _build_into(tmp, out_dir, seed, config, progress)
-            _swap_into_place(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -203,17 +204,6 @@ def _check_replaceable(out_dir: Path) -> None:
     """Refuse to replace a non-empty directory that is not a zoo (never delete a user's files)."""
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and _read_stamp(out_dir) is None)):
         raise FileExistsError(f"{out_dir} exists and is not an evomerge zoo; choose another directory")
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old = trash / "zoo"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
 
 
 @contextlib.contextmanager
