@@ -25,7 +25,7 @@ import numpy as np
 
 
 def make_config(models: list[str]) -> dict:
-    from evomerge.space import load_space
+    from evomerge.search.space import load_space
 
     space = {
         "models": models, "base_model": "/zoo/base", "method": "ties",
@@ -42,9 +42,10 @@ def make_config(models: list[str]) -> dict:
 
 
 def make_records(config: dict, count: int, population: int, layers: int) -> list[dict]:
-    from evomerge.space import Genome, load_space
+    from evomerge.search.genome import make_genome
+from evomerge.search.space import load_space
 
-    genome = Genome(load_space(config["search_space"]), num_layers=layers)
+    genome = make_genome(load_space(config["search_space"]), num_layers=layers)
     rng = np.random.default_rng(0)
     records = []
     for cid in range(count):

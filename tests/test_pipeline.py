@@ -63,7 +63,7 @@ def test_shipped_configs_load_on_the_zoo(zoo_dir, monkeypatch, config) -> None:
     import numpy as np
 
     from evomerge.search.config import ConfigError, load_run_config
-    from evomerge.space import Genome
+    from evomerge.search.genome import make_genome
 
     monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(zoo_dir))
     if config == "zoo-ps-dfs.yaml" and not (CONFIGS.parent / "runs" / "zoo-ps-cma" / "run.yaml").exists():
@@ -71,7 +71,7 @@ def test_shipped_configs_load_on_the_zoo(zoo_dir, monkeypatch, config) -> None:
             load_run_config(CONFIGS / config, [])
         return
     run = load_run_config(CONFIGS / config, [])
-    genome = Genome(run.space)
+    genome = make_genome(run.space)
     recipe = genome.decode(np.full(genome.dim, 0.5))
     assert recipe.merge_method in ("ties", "passthrough", "task_arithmetic", "linear")
     assert run.objectives

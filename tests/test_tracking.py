@@ -22,7 +22,8 @@ from evomerge.merge.routing import Hop, routing_to_recipe
 from evomerge.recipe import Recipe
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir
-from evomerge.space import Genome, load_space
+from evomerge.search.genome import make_genome
+from evomerge.search.space import load_space
 from evomerge.tracking import Tracker
 from evomerge.tracking.store import DB_FILE, RunLink, make_client
 from evomerge.tracking.summary import flatten, gene_summary, mlflow_key
@@ -61,7 +62,7 @@ def run_config(name: str = "tracking-test") -> dict:
 
 def make_records(seed: int = 0) -> list[dict]:
     """20 candidates over 3 generations (8, 8, 4), 2 objectives, candidate 5 failed."""
-    genome = Genome(load_space(ps_space()), num_layers=LAYERS)
+    genome = make_genome(load_space(ps_space()), num_layers=LAYERS)
     rng = np.random.default_rng(seed)
     records, cid, now = [], 0, time.time() - 100
     for generation, size in enumerate(GENERATIONS):

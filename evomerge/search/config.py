@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.eval.tasks import Objective
-from evomerge.space import SearchSpace, SpaceError, load_space
+from evomerge.search.space import SearchSpace, SpaceError, load_space
 
 MINIMIZED_METRICS = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
 

@@ -26,7 +26,7 @@ from evomerge.search.front import to_minimize
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir, SearchState
-from evomerge.space import Genome
+from evomerge.search.genome import make_genome
 
 RecordHook = Callable[[dict[str, Any]], None]
 
@@ -69,7 +69,7 @@ class Search:
         self.on_generation = on_generation
         self.on_start = on_start
         self.progress = progress
-        self.genome = Genome(run.space)
+        self.genome = make_genome(run.space)
         self.labels = [o.label for o in run.objectives]
 
     # --- setup ---------------------------------------------------------------------------------------

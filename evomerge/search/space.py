@@ -1,0 +1,153 @@
+"""Search spaces (``search_spaces/*.yaml``): what may vary between candidates, and within which bounds.
+
+``genome.py`` turns a space into a genome (x in [0,1]^d -> Recipe). Two kinds of space:
+
+- **Parameter space (PS)**: which merge parameters are searched, their bounds and granularity (one
+  value per model, per block of k layers, or per layer; optionally separate attention and MLP values),
+  the method (fixed, or a categorical gene over methods) and ``normalize`` (fixed or a gene). A
+  candidate is one ``models:`` recipe; per-layer values are written as mergekit gradient lists with
+  one entry per layer, which mergekit evaluates exactly at each layer.
+- **Data-flow space (DFS)** (Akiba et al. 2024): the slots are the layers of the source models
+  repeated ``repeats`` times; per slot one gene says whether it is on the path and one its input
+  scale. A path is decoded to a routing, hence to an ordinary passthrough recipe
+  (``merge/routing.py``). Paths with no layers, or longer than ``max_path_length``, are repaired by
+  the decoder (the slots with the strongest inclusion genes win), never sent to a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evomerge.merge.methods import REQUIRED, get_method
+from evomerge.recipe import BOOL_PARAMS
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be searched; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Bounds(_Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Bounds":
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+            raise ValueError(f"bounds must be finite with low <= high, got [{self.low}, {self.high}]")
+        return self
+
+    def scale(self, x: float) -> float:
+        return self.low + float(x) * (self.high - self.low)
+
+    def unscale(self, value: float) -> float:
+        span = self.high - self.low
+        return 0.5 if span == 0 else float(np.clip((value - self.low) / span, 0.0, 1.0))
+
+
+class ParameterSpace(_Strict):
+    """PS: per-model merge parameters."""
+
+    kind: Literal["ps"] = "ps"
+    models: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    method: Union[str, list[str]]
+    """A method name, or a list of names to search over (a categorical gene)."""
+    parameters: dict[str, Union[Bounds, float, bool]]
+    """Searched parameters as ``{low, high}``; fixed ones as plain values."""
+    granularity: Union[Literal["model", "layer"], int] = "model"
+    """``model``: one value per model; ``layer``: one per layer; an integer k: one per block of k layers."""
+    split_attn_mlp: bool = False
+    """Separate values for attention tensors and for the rest (MLP, norms, embeddings)."""
+    normalize: Union[bool, Literal["search"], None] = None
+    """Fixed true/false, ``search`` (a gene), or unset (the method's default)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParameterSpace":
+        methods = self.methods
+        if isinstance(self.granularity, int) and self.granularity < 1:
+            raise ValueError("granularity: a block size must be >= 1")
+        for name in methods:
+            spec = get_method(name)
+            if spec.uses_base and not self.base_model:
+                raise ValueError(f"base_model: method {name!r} needs a base model")
+            for key, default in spec.model_params.items():
+                if default is REQUIRED and key not in self.parameters:
+                    raise ValueError(f"parameters.{key}: method {name!r} needs it; give bounds or a fixed value")
+        known = {k for m in methods for k in (*get_method(m).params, *get_method(m).model_params)}
+        for key, value in self.parameters.items():
+            if key not in known:
+                raise ValueError(f"parameters.{key}: not a parameter of {', '.join(methods)} (valid: {', '.join(sorted(known))})")
+            if key in BOOL_PARAMS and isinstance(value, Bounds):
+                raise ValueError(f"parameters.{key}: a true/false parameter cannot have bounds")
+            if key == "normalize":
+                raise ValueError("parameters.normalize: use the top-level 'normalize' field (true, false or search)")
+        return self
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+
+class DataFlowSpace(_Strict):
+    """DFS: layer routings over the source models' layers, repeated ``repeats`` times."""
+
+    kind: Literal["dfs"] = "dfs"
+    models: list[str] = Field(min_length=1)
+    repeats: int = Field(default=2, ge=1)
+    max_path_length: int | None = Field(default=None, ge=1)
+    """Default: twice the layer count of one model."""
+    min_path_length: int = Field(default=1, ge=1)
+    scale: Bounds = Bounds(low=0.5, high=2.0)
+    """Input scale per hop, searched log-uniformly between the bounds (both > 0)."""
+    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """PS+DFS: earlier stages usable as models by name, ``{run: RUN_DIR, pick: knee}`` or ``{recipe: FILE}``."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataFlowSpace":
+        if self.scale.low <= 0:
+            raise ValueError("scale.low: scales must be > 0")
+        if self.max_path_length is not None and self.max_path_length < self.min_path_length:
+            raise ValueError("max_path_length: must be >= min_path_length")
+        return self
+
+
+SearchSpace = Union[ParameterSpace, DataFlowSpace]
+
+
+def load_space(data: Mapping[str, Any] | str | Path, *, source: str = "search space") -> SearchSpace:
+    """Parse a search space from a mapping or a YAML file."""
+    import yaml
+    from pydantic import ValidationError
+
+    from evomerge.recipe import _describe
+
+    if isinstance(data, (str, Path)):
+        source = str(data)
+        try:
+            data = yaml.safe_load(Path(data).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpaceError(f"{source}: cannot read: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise SpaceError(f"{source}: expected a mapping with kind: ps or dfs")
+    kind = data.get("kind", "ps")
+    model = {"ps": ParameterSpace, "dfs": DataFlowSpace}.get(kind)
+    if model is None:
+        raise SpaceError(f"{source}: kind: {kind!r} is not valid; use ps or dfs")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise SpaceError(f"{source}: {_describe(exc)}") from None
+    except ValueError as exc:
+        raise SpaceError(f"{source}: {exc}") from None
