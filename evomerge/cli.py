@@ -174,7 +174,7 @@ def search(
     config: Annotated[Path, typer.Argument(help="Run config YAML (configs/*.yaml).")],
     run_dir: Annotated[Optional[Path], typer.Option(help="Where evaluations.jsonl, state and run.yaml go (default: runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir (after Ctrl-C, a crash or kill -9).")] = False,
-    budget: Annotated[Optional[int], typer.Option(help="Candidates to score in total (overrides optimizer.budget).")] = None,
+    budget: Annotated[Optional[int], typer.Option(min=1, help="Candidates to score in total (overrides optimizer.budget).")] = None,
     time_limit: Annotated[Optional[str], typer.Option(help="Stop after this long, e.g. 8h, 90m (in-flight candidates finish).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per CPU locally, per GPU on a cluster); 0 runs in-process.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray on loopback).")] = None,

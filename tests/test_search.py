@@ -139,6 +139,12 @@ def test_run_dir_guards(random_family, tmp_path) -> None:
         search(random_family, tmp_path, tmp_path / "run", resume=True, **{"objectives": [{"task": "t9", "metric": "acc"}]})
 
 
+def test_budget_zero_is_refused_not_replaced_by_the_config_budget(random_family, tmp_path) -> None:
+    with pytest.raises(SearchError, match="budget: 0 candidates"):
+        search(random_family, tmp_path, tmp_path / "zero", budget=0)
+    assert not (tmp_path / "zero").exists()
+
+
 def test_torn_last_line_is_repaired_on_resume(random_family, tmp_path) -> None:
     run_dir = tmp_path / "torn"
     search(random_family, tmp_path, run_dir, budget=6)

@@ -63,7 +63,9 @@ class Search:
         self.run = run
         self.run_dir = run_dir
         self.executor = executor
-        self.budget = budget or run.config.optimizer.budget
+        self.budget = run.config.optimizer.budget if budget is None else budget
+        if self.budget < 1:
+            raise SearchError(f"budget: {self.budget} candidates; give at least 1 (the total to score, resumed ones included)")
         self.time_limit = time_limit
         self.on_record = on_record
         self.on_generation = on_generation
