@@ -77,7 +77,8 @@ def run_config(family, tmp_path, **overrides) -> dict:
         "name": "quad",
         "search_space": {"models": [str(family["a"]), str(family["b"])], "base_model": str(family["base"]),
                          "method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 1}}, "granularity": 2},
-        "objectives": [{"task": "t1", "metric": "acc", "name": "first"}, {"task": "t2", "metric": "acc", "name": "second"}],
+        "objectives": [{"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
+                       {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"}],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
         "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
     }
@@ -136,7 +137,7 @@ def test_run_dir_guards(random_family, tmp_path) -> None:
     with pytest.raises(SearchError, match="nothing to resume"):
         search(random_family, tmp_path, tmp_path / "empty", resume=True)
     with pytest.raises(SearchError, match="the objectives differs|objectives"):
-        search(random_family, tmp_path, tmp_path / "run", resume=True, **{"objectives": [{"task": "t9", "metric": "acc"}]})
+        search(random_family, tmp_path, tmp_path / "run", resume=True, **{"objectives": [{"task": "t9", "metric": "acc", "direction": "maximize"}]})
 
 
 def test_budget_zero_is_refused_not_replaced_by_the_config_budget(random_family, tmp_path) -> None:

@@ -316,7 +316,8 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
         "name": "quad",
         "search_space": {"models": [str(random_family["a"]), str(random_family["b"])], "base_model": str(random_family["base"]),
                          "method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 1}}, "granularity": "layer"},
-        "objectives": [{"task": "t1", "metric": "acc", "name": "first"}, {"task": "t2", "metric": "acc", "name": "second"}],
+        "objectives": [{"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
+                       {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"}],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
         "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
     }

@@ -99,6 +99,39 @@ def make_task_manager(names: Sequence[str], include_paths: Sequence[str | Path])
     return manager
 
 
+def objective_directions(objectives: Sequence[Objective], include_paths: Sequence[str | Path] = ()) -> list[str]:
+    """Each objective's direction: as given, else what its task declares for the metric.
+
+    lm-eval tasks say per metric whether higher is better (``metric_list[].higher_is_better``, or the
+    metric's registered default); that is the only source of truth, so a lower-is-better metric is
+    never maximized because its name is not on some list. Loads each task once (no requests built).
+    """
+    if all(o.direction for o in objectives):
+        return [str(o.direction) for o in objectives]
+    manager = make_task_manager(list(dict.fromkeys(o.task for o in objectives if not o.direction)), include_paths)
+    declared: dict[str, dict[str, bool]] = {}
+    directions = []
+    for objective in objectives:
+        if objective.direction:
+            directions.append(objective.direction)
+            continue
+        if objective.task not in declared:
+            tasks = manager.load([objective.task])["tasks"]
+            if len(tasks) != 1:
+                raise TaskError(f"{objective.task}: is a group of {len(tasks)} tasks; name its tasks one by one")
+            declared[objective.task] = dict(next(iter(tasks.values())).higher_is_better())
+        higher = declared[objective.task]
+        metric = objective.metric or next(iter(higher), None)
+        if metric not in higher or higher[metric] is None:
+            valid = ", ".join(k for k, v in higher.items() if v is not None) or "none"
+            raise TaskError(
+                f"{objective.label}: task {objective.task} declares no direction for metric {metric!r} "
+                f"(metrics with one: {valid}); set the objective's direction: maximize or minimize"
+            )
+        directions.append("maximize" if higher[metric] else "minimize")
+    return directions
+
+
 def prepare_tasks(
     objectives: Sequence[Objective], include_paths: Sequence[str | Path] = ()
 ) -> tuple[list[PreparedTask], list[Objective]]:

@@ -19,11 +19,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.eval.tasks import Objective
+from evomerge.eval.tasks import Objective, TaskError, objective_directions
 from evomerge.search.space import SearchSpace, SpaceError, load_space
-
-MINIMIZED_METRICS = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
-
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field."""
@@ -116,8 +113,18 @@ class ResolvedRun:
         except SpaceError as exc:
             raise ConfigError(str(exc)) from None
         self.objectives = list(config.objectives)
-        self.directions = [direction_of(o) for o in self.objectives]
         self.weights = [o.weight for o in self.objectives]
+        self._directions: list[str] | None = None
+
+    @property
+    def directions(self) -> list[str]:
+        """Per objective, maximize or minimize: as configured, else as its lm-eval task declares."""
+        if self._directions is None:
+            try:
+                self._directions = objective_directions(self.objectives, self.include_paths)
+            except TaskError as exc:
+                raise ConfigError(f"objectives: {exc}") from None
+        return self._directions
 
     def _resolve_models(self, data: dict[str, Any], source: str) -> dict[str, Any]:
         stages = data.get("stages") or {}
@@ -147,17 +154,12 @@ class ResolvedRun:
     def to_dict(self) -> dict[str, Any]:
         """The run as it will execute (paths resolved): what is saved in the run dir and logged."""
         data = self.config.model_dump(mode="json")
+        for objective, direction in zip(data["objectives"], self.directions):
+            objective["direction"] = direction
         data["zoo"] = str(self.zoo_dir) if self.zoo_dir else None
         data["search_space"] = self.space.model_dump(mode="json")
         data["include_paths"] = self.include_paths
         return data
-
-
-def direction_of(objective: Objective) -> str:
-    """An objective's direction: as given, else minimize perplexity-type metrics, maximize the rest."""
-    if objective.direction:
-        return objective.direction
-    return "minimize" if (objective.metric or "") in MINIMIZED_METRICS else "maximize"
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> ResolvedRun:

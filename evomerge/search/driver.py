@@ -24,7 +24,7 @@ import numpy as np
 from evomerge.search.config import ResolvedRun
 from evomerge.search.front import to_minimize
 from evomerge.search.optimizers import make_optimizer
-from evomerge.search.report import RunReport
+from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
 from evomerge.search.genome import make_genome
 
@@ -89,6 +89,8 @@ class Search:
                 raise SearchError(f"{self.run_dir.path}: nothing to resume (no state or evaluations.jsonl)")
             saved = self.run_dir.read_config()
             now = self.run.to_dict()
+            for objective in saved.get("objectives") or []:  # round-1 run dirs saved no direction
+                objective["direction"] = objective.get("direction") or legacy_direction(objective.get("metric"))
             for key in ("search_space", "objectives"):
                 if saved.get(key) != now.get(key):
                     raise SearchError(f"--resume: the {key} differs from the run in {self.run_dir.path}; use a new --run-dir")

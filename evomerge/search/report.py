@@ -9,10 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge.search.config import direction_of
 from evomerge.eval.tasks import Objective
 from evomerge.search.front import hypervolume, pareto_indices, reference_point, to_minimize, weighted_score
 from evomerge.search.rundir import RunDir
+
+
+#: Run dirs written before directions were resolved from the tasks (round 1) saved ``direction: null``;
+#: they were searched with this rule, so they are read back with it.
+_LEGACY_MINIMIZED = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+
+
+def legacy_direction(metric: str | None) -> str:
+    """The direction a round-1 run dir (``direction: null``) was searched with."""
+    return "minimize" if (metric or "") in _LEGACY_MINIMIZED else "maximize"
 
 
 class RunReport:
@@ -21,7 +30,7 @@ class RunReport:
         self.records = records
         objectives = [Objective.model_validate(o) for o in config["objectives"]]
         self.labels = [o.label for o in objectives]
-        self.directions = [direction_of(o) for o in objectives]
+        self.directions = [o.direction or legacy_direction(o.metric) for o in objectives]
         self.weights = [o.weight for o in objectives]
 
     @classmethod
