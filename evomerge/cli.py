@@ -270,7 +270,8 @@ def export(
 ) -> None:
     """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run."""
     from evomerge.atomic import write_text
-    from evomerge.search.export import ExportError, export_front, export_yaml, pick as pick_record
+    from evomerge.search.export import export_front, export_yaml
+    from evomerge.search.picks import PickError, pick as pick_record
     from evomerge.search.report import RunReport
 
     if output is None and front_dir is None:
@@ -285,7 +286,7 @@ def export(
         if front_dir is not None:
             files = export_front(report, front_dir)
             err.print(f"{len(files)} front recipes -> {front_dir} (index.json lists them)", highlight=False)
-    except (FileNotFoundError, ExportError, *_user_errors()) as exc:
+    except (FileNotFoundError, PickError, *_user_errors()) as exc:
         _fail(str(exc))
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from evomerge.cli import app
 from evomerge.merge.engine import merge_to_disk
 from evomerge.recipe import Recipe
-from evomerge.search.export import ExportError, knee, pick
+from evomerge.search.picks import PickError, knee, pick
 from evomerge.search.report import RunReport
 
 from test_mergekit_parity import assert_same_model, run_mergekit
@@ -40,11 +40,11 @@ def test_picks(ps_run) -> None:
     best_first = pick(report, f"best:{first}")
     assert best_first["objectives"][first] == max(r["objectives"][first] for r in report.ok)
     assert pick(report, "3")["id"] == 3
-    with pytest.raises(ExportError, match="no objective 'nope'"):
+    with pytest.raises(PickError, match="no objective 'nope'"):
         pick(report, "best:nope")
-    with pytest.raises(ExportError, match="no such candidate"):
+    with pytest.raises(PickError, match="no such candidate"):
         pick(report, "999")
-    with pytest.raises(ExportError, match="use knee, best:OBJECTIVE or a candidate id"):
+    with pytest.raises(PickError, match="use knee, best:OBJECTIVE or a candidate id"):
         pick(report, "favourite")
 
 

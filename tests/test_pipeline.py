@@ -49,7 +49,7 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     result = runner.invoke(app, ["eval", str(tmp_path / "merged"), "--tasks", "zoo_reverse,zoo_sort",
                                  "--include-path", str(zoo_dir / "tasks"), "--split", "test", "--json"])
     assert result.exit_code == 0, result.output
-    from evomerge.search.export import knee as knee_of
+    from evomerge.search.picks import knee as knee_of
 
     # the materialized knee scores on the test split exactly what the in-memory re-score said
     scores = json.loads(result.stdout)["objectives"]
@@ -71,6 +71,7 @@ def test_shipped_configs_load_on_the_zoo(zoo_dir, monkeypatch, config) -> None:
             load_run_config(CONFIGS / config, [])
         return
     run = load_run_config(CONFIGS / config, [])
+    run.materialize_stages()
     genome = make_genome(run.space)
     recipe = genome.decode(np.full(genome.dim, 0.5))
     assert recipe.merge_method in ("ties", "passthrough", "task_arithmetic", "linear")

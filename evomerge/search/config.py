@@ -20,7 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.eval.tasks import Objective, TaskError, objective_directions
+from evomerge.recipe import Recipe
 from evomerge.search.space import SearchSpace, SpaceError, load_space
+from evomerge.search.stages import StageError, materialize_stage, stage_checkpoint, stage_recipe
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field."""
@@ -92,6 +94,8 @@ class ResolvedRun:
         self.zoo_dir = _zoo_dir(config.zoo, base_dir)
         zoo = json.loads((self.zoo_dir / "zoo.json").read_text()) if self.zoo_dir else None
         self.names: dict[str, str] = {}
+        #: earlier stages this run reads: checkpoint path -> (stage name, recipe); see materialize_stages
+        self.stages: dict[str, tuple[str, Recipe]] = {}
         if zoo is not None:
             self.names = {"base": str(self.zoo_dir / zoo["base"])}
             self.names.update({k: str(self.zoo_dir / v) for k, v in zoo["models"].items()})
@@ -131,12 +135,13 @@ class ResolvedRun:
 
         def resolve(ref: str) -> str:
             if ref in stages:
-                from evomerge.search.stages import StageError, materialize_stage, stage_recipe
-
                 try:
-                    return str(materialize_stage(ref, stage_recipe(ref, stages[ref], self.base_dir)))
+                    recipe = stage_recipe(ref, stages[ref], self.base_dir)
                 except StageError as exc:
                     raise ConfigError(f"{source}: {exc}") from None
+                path = str(stage_checkpoint(ref, recipe))
+                self.stages[path] = (ref, recipe)
+                return path
             if ref in self.names:
                 return self.names[ref]
             path = _path(ref, self.base_dir)
@@ -150,6 +155,11 @@ class ResolvedRun:
         if data.get("base_model"):
             data["base_model"] = resolve(data["base_model"])
         return data
+
+    def materialize_stages(self) -> None:
+        """Merge the earlier stages this run reads into the stage cache (once; the search's first step)."""
+        for name, recipe in self.stages.values():
+            materialize_stage(name, recipe)
 
     def to_dict(self) -> dict[str, Any]:
         """The run as it will execute (paths resolved): what is saved in the run dir and logged."""

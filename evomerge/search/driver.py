@@ -26,7 +26,7 @@ from evomerge.search.front import to_minimize
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
-from evomerge.search.genome import make_genome
+from evomerge.search.genome import DFSGenome, PSGenome, make_genome
 
 RecordHook = Callable[[dict[str, Any]], None]
 
@@ -71,8 +71,14 @@ class Search:
         self.on_generation = on_generation
         self.on_start = on_start
         self.progress = progress
-        self.genome = make_genome(run.space)
+        self._genome: PSGenome | DFSGenome | None = None  # made by start(), once earlier stages are merged
         self.labels = [o.label for o in run.objectives]
+
+    @property
+    def genome(self) -> PSGenome | DFSGenome:
+        if self._genome is None:
+            raise RuntimeError("Search.start() makes the genome (after merging earlier stages)")
+        return self._genome
 
     # --- setup ---------------------------------------------------------------------------------------
     def _new_state(self) -> SearchState:
@@ -84,6 +90,9 @@ class Search:
         return SearchState(optimizer=optimizer)
 
     def start(self, resume: bool) -> SearchState:
+        """Check the run dir, merge the earlier stages the space reads, and load or make the state."""
+        self.run.materialize_stages()
+        self._genome = make_genome(self.run.space)
         if resume:
             if not self.run_dir.exists():
                 raise SearchError(f"{self.run_dir.path}: nothing to resume (no state or evaluations.jsonl)")

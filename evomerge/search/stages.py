@@ -1,7 +1,9 @@
 """Multi-stage searches (PS+DFS): an earlier stage's recipe used as a model by a later search.
 
 A stage is fixed while the later search runs, so it is merged to disk once, into a cache keyed by its
-recipe hash, and the later search's recipes name that checkpoint like any other model. On export the
+recipe hash, and the later search's recipes name that checkpoint like any other model. Resolving a
+config only computes where that checkpoint will be (``stage_checkpoint``); the search merges it
+(``materialize_stage``) as its first step, so loading or validating a config writes nothing. On export the
 chain is put back together: the stage as a named document, the later recipe naming it, as a
 multi-document YAML that ``evomerge merge`` and ``mergekit-multi`` run.
 """
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.recipe import Recipe, substitute_models
+from evomerge.search.picks import PickError, pick
+from evomerge.search.report import RunReport
 
 STAGE_MARKER = "evomerge_stage.json"
 
@@ -28,9 +32,7 @@ def stage_cache_dir() -> Path:
 
 
 def stage_recipe(name: str, source: Mapping[str, Any], base_dir: Path) -> Recipe:
-    """``{run: RUN_DIR, pick: knee|best:OBJ|ID}`` or ``{recipe: FILE}`` -> the stage's recipe."""
-    from evomerge.search.export import ExportError, pick
-    from evomerge.search.report import RunReport
+    """``{run: RUN_DIR, pick: knee|best:OBJ|ID}`` or ``{recipe: FILE}`` -> the stage's recipe (reads only)."""
 
     if set(source) - {"run", "pick", "recipe"} or ("run" in source) == ("recipe" in source):
         raise StageError(f"stages.{name}: give either run: RUN_DIR (with an optional pick:) or recipe: FILE")
@@ -39,16 +41,21 @@ def stage_recipe(name: str, source: Mapping[str, Any], base_dir: Path) -> Recipe
     run_dir = (base_dir / str(source["run"])).resolve()
     try:
         record = pick(RunReport.load(run_dir), str(source.get("pick", "knee")))
-    except (FileNotFoundError, ExportError) as exc:
+    except (FileNotFoundError, PickError) as exc:
         raise StageError(f"stages.{name}: {exc} (run the earlier stage's search first)") from None
     return Recipe.from_dict(record["recipe"])
 
 
+def stage_checkpoint(name: str, recipe: Recipe) -> Path:
+    """Where the stage's checkpoint lives in the stage cache (whether or not it is merged yet)."""
+    return stage_cache_dir() / f"{name}-{recipe.content_hash()}"
+
+
 def materialize_stage(name: str, recipe: Recipe) -> Path:
     """The stage's checkpoint, merged once into the stage cache."""
-    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.engine import merge_to_disk  # torch: only when a stage is merged
 
-    target = stage_cache_dir() / f"{name}-{recipe.content_hash()}"
+    target = stage_checkpoint(name, recipe)
     if not (target / STAGE_MARKER).exists():
         merge_to_disk(recipe, target, overwrite=True)
         (target / STAGE_MARKER).write_text(json.dumps({"name": name, "recipe": recipe.to_dict()}))

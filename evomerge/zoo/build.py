@@ -48,7 +48,7 @@ import torch
 import yaml
 
 from evomerge.atomic import replace_dir
-from evomerge.zoo import quality
+import evomerge.zoo.quality as quality
 from evomerge.zoo.skills import (
     ALPHABET,
     ALPHABETS,

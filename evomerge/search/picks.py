@@ -1,0 +1,62 @@
+"""Picking candidates from a run: the knee of the front, the best on one objective, or an id.
+
+Picks: ``knee`` (the front member closest to the ideal point once each objective is scaled to [0,1]
+over the front; the best one for a single objective), ``best:OBJECTIVE`` (best on one objective label),
+or a candidate id. Export, stages and the CLI all pick through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from evomerge.recipe import Recipe
+from evomerge.search.front import to_minimize
+from evomerge.search.report import RunReport
+
+
+class PickError(ValueError):
+    """A pick that names nothing in the run; the message lists what is valid."""
+
+
+def knee(report: RunReport) -> dict[str, Any]:
+    front = report.front()
+    if not front:
+        raise PickError("the run has no successful candidate yet")
+    if len(front) == 1:
+        return front[0]
+    F = to_minimize(report.values(front), report.directions)
+    low, high = F.min(axis=0), F.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    distance = np.linalg.norm((F - low) / span, axis=1)
+    return front[int(np.argmin(distance))]
+
+
+def pick(report: RunReport, choice: str) -> dict[str, Any]:
+    """The record a ``--pick`` value names."""
+    if choice == "knee":
+        return knee(report)
+    if choice.startswith("best:"):
+        label = choice.removeprefix("best:")
+        if label not in report.labels:
+            raise PickError(f"--pick {choice}: no objective {label!r} (objectives: {', '.join(report.labels)})")
+        ok = report.ok
+        if not ok:
+            raise PickError("the run has no successful candidate yet")
+        sign = 1.0 if report.directions[report.labels.index(label)] == "maximize" else -1.0
+        return max(ok, key=lambda r: (sign * r["objectives"][label], -r["id"]))
+    try:
+        wanted = int(choice)
+    except ValueError:
+        raise PickError(f"--pick {choice!r}: use knee, best:OBJECTIVE or a candidate id") from None
+    for record in report.records:
+        if record["id"] == wanted:
+            if record["status"] != "ok":
+                raise PickError(f"candidate {wanted} failed ({record.get('reason')}); pick another")
+            return record
+    raise PickError(f"--pick {wanted}: no such candidate (ids 0..{report.count - 1})")
+
+
+def recipe_of(record: dict[str, Any]) -> Recipe:
+    return Recipe.from_dict(record["recipe"], source=f"candidate {record['id']}")
