@@ -82,7 +82,14 @@ def test_ps_dfs_chain_exports_as_stages_and_merges(random_family, ps_run, tmp_pa
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
     space = {"kind": "dfs", "models": ["ps", str(random_family["b"])], "stages": {"ps": {"run": str(ps_run), "pick": "knee"}},
              "repeats": 1, "max_path_length": 4}
+    from evomerge.search.config import resolve_run_config
+    from test_search import run_config
+
+    # resolving (validating) the config writes nothing; the search merges the stage as its first step
+    run = resolve_run_config(run_config(random_family, tmp_path, **{"search_space": space}), base_dir=tmp_path)
+    assert list(run.stages) and not (tmp_path / "cache").exists()
     search(random_family, tmp_path, tmp_path / "dfs", **{"search_space": space, "optimizer.budget": 12})
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir()] == ["ps"]
     out = tmp_path / "chain.yaml"
     result = CliRunner().invoke(app, ["export", str(tmp_path / "dfs"), "--pick", "knee", "-o", str(out)])
     assert result.exit_code == 0, result.output
