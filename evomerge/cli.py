@@ -281,8 +281,8 @@ def export(
         if output is not None:
             record = pick_record(report, pick)
             write_text(output, export_yaml(record))
-            values = ", ".join(f"{k}={_number(v)}" for k, v in record["objectives"].items())
-            err.print(f"candidate {record['id']} ({values}) -> {output}", highlight=False)
+            values = ", ".join(f"{k}={_number(v)}" for k, v in record.objectives.items())
+            err.print(f"candidate {record.id} ({values}) -> {output}", highlight=False)
         if front_dir is not None:
             files = export_front(report, front_dir)
             err.print(f"{len(files)} front recipes -> {front_dir} (index.json lists them)", highlight=False)
@@ -304,17 +304,17 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
     rows = report.front()
     rescores = load_rescores(run_dir)
     if json_output:
-        for row in rows:
-            row["rescored"] = {split: values[row["id"]] for split, values in rescores.items() if row["id"] in values}
+        front = [{**row.to_json(), "rescored": {split: values[row.id] for split, values in rescores.items() if row.id in values}}
+                 for row in rows]
         out.print_json(json.dumps({"objectives": report.labels, "directions": report.directions,
-                                   "hypervolume": report.hypervolume(), "front": rows}))
+                                   "hypervolume": report.hypervolume(), "front": front}))
         return
     from rich.table import Table
 
     from rich import box
 
     title = "best candidate" if len(report.labels) == 1 else f"Pareto front · hypervolume {report.hypervolume():.4f}"
-    methods = {row["recipe"]["merge_method"] for row in rows}
+    methods = {row.method for row in rows}
     one_method = len(methods) == 1
     title = f"{run_dir} · {title} · {report.count} candidates" + (f" · {methods.pop()}" if one_method else "")
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)  # room for 3 objectives + re-scores in 80 columns
@@ -339,11 +339,11 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
     for row in rows:
         cells = []
         for label in report.labels:
-            cells.append(_number(row['objectives'][label]))
+            cells.append(_number(row.objectives[label]))
             for values in rescores.values():
-                cells.append(_number(values[row["id"]][label]) if row["id"] in values else "-")
-        method = [] if one_method else [row["recipe"]["merge_method"]]
-        table.add_row(str(row["id"]), str(row["generation"]), *cells, *method, row["recipe_hash"][:10])
+                cells.append(_number(values[row.id][label]) if row.id in values else "-")
+        method = [] if one_method else [row.method]
+        table.add_row(str(row.id), str(row.generation), *cells, *method, row.recipe_hash[:10])
     out.print(table)
 
 

@@ -111,23 +111,23 @@ def main() -> None:
                 curve, worst_curve = [], []
                 best = best_worst = -1.0
                 for record in report.records:
-                    if record["status"] == "ok":
-                        best = max(best, mean_acc(record["objectives"], labels))
-                        best_worst = max(best_worst, worst_acc(record["objectives"], labels))
+                    if record.ok:
+                        best = max(best, mean_acc(record.objectives, labels))
+                        best_worst = max(best_worst, worst_acc(record.objectives, labels))
                     curve.append(best)
                     worst_curve.append(best_worst)
                 entry = {"optimizer": name, "seed": seed, "wall_s": wall, "curve": curve, "worst_curve": worst_curve,
                          "budgets": {}}
                 for b in args.budgets:
                     prefix = report.records[:b]
-                    ok = [r for r in prefix if r["status"] == "ok"]
+                    ok = [r for r in prefix if r.has_all(labels)]
                     entry["budgets"][b] = {"best_mean_acc": curve[min(b, len(curve)) - 1],
                                            "best_worst_acc": worst_curve[min(b, len(worst_curve)) - 1],
                                            "hypervolume": report.hypervolume(ok)}
-                entry["best_recipe"] = max(report.ok, key=lambda r: mean_acc(r["objectives"], labels))["recipe"]
+                entry["best_recipe"] = max(report.ok, key=lambda r: mean_acc(r.objectives, labels)).recipe
                 entry["best_worst_recipe"] = max(
-                    report.ok, key=lambda r: (worst_acc(r["objectives"], labels), mean_acc(r["objectives"], labels))
-                )["recipe"]
+                    report.ok, key=lambda r: (worst_acc(r.objectives, labels), mean_acc(r.objectives, labels))
+                ).recipe
                 out["quality"].append(entry)
                 print(f"{name} seed {seed}: best mean acc {curve[-1]:.3f}, best worst-skill acc {worst_curve[-1]:.3f} "
                       f"after {len(curve)} in {wall:.0f}s", flush=True)

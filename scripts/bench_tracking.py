@@ -41,9 +41,10 @@ def make_config(models: list[str]) -> dict:
     }
 
 
-def make_records(config: dict, count: int, population: int, layers: int) -> list[dict]:
+def make_records(config: dict, count: int, population: int, layers: int) -> list:
     from evomerge.search.genome import make_genome
-from evomerge.search.space import load_space
+    from evomerge.search.record import CandidateRecord
+    from evomerge.search.space import load_space
 
     genome = make_genome(load_space(config["search_space"]), num_layers=layers)
     rng = np.random.default_rng(0)
@@ -52,18 +53,18 @@ from evomerge.search.space import load_space
         x = rng.random(genome.dim)
         recipe = genome.decode(x)
         failed = cid % 37 == 5
-        records.append({
+        records.append(CandidateRecord.from_json({
             "id": cid, "generation": cid // population, "genome": [round(float(v), 8) for v in x],
             "recipe_hash": recipe.content_hash(), "recipe": recipe.to_dict(),
             "objectives": {} if failed else {"reverse": float(rng.random()), "sort": float(rng.random())},
             "status": "failed" if failed else "ok", "reason": "timeout" if failed else None,
             "worker": f"w{cid % 2}", "seconds": 1.0, "materialize_seconds": 0.3, "score_seconds": 0.7,
             "cached": False, "attempts": 1, "time": time.time(),
-        })
+        }))
     return records
 
 
-def loop(records: list[dict], config: dict, root: Path, seconds: float, tracked: bool) -> dict:
+def loop(records: list, config: dict, root: Path, seconds: float, tracked: bool) -> dict:
     from evomerge.search.rundir import RunDir
     from evomerge.tracking import Tracker
 
@@ -76,13 +77,13 @@ def loop(records: list[dict], config: dict, root: Path, seconds: float, tracked:
         tracker.start(resume=False)
     for i, record in enumerate(records):
         time.sleep(seconds)
-        record = dict(record, time=time.time())
+        record = record.replace(time=time.time())
         run_dir.append(record)
         if tracker is not None:
             t = time.perf_counter()
             tracker.on_record(record)
-            if i + 1 == len(records) or records[i + 1]["generation"] != record["generation"]:
-                tracker.on_generation(record["generation"])
+            if i + 1 == len(records) or records[i + 1].generation != record.generation:
+                tracker.on_generation(record.generation)
             hook_max = max(hook_max, time.perf_counter() - t)
     loop_wall = time.perf_counter() - began
     close = 0.0

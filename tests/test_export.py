@@ -38,8 +38,8 @@ def test_picks(ps_run) -> None:
     assert knee(report) in front
     first, second = report.labels
     best_first = pick(report, f"best:{first}")
-    assert best_first["objectives"][first] == max(r["objectives"][first] for r in report.ok)
-    assert pick(report, "3")["id"] == 3
+    assert best_first.objectives[first] == max(r.objectives[first] for r in report.ok)
+    assert pick(report, "3").id == 3
     with pytest.raises(PickError, match="no objective 'nope'"):
         pick(report, "best:nope")
     with pytest.raises(PickError, match="no such candidate"):
@@ -56,7 +56,7 @@ def test_exported_recipes_are_reproduced_by_mergekit(request, run, tmp_path) -> 
     result = runner.invoke(app, ["export", str(run_dir), "--pick", "knee", "-o", str(out), "--front-dir", str(tmp_path / "front")])
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "front" / "index.json").read_text())
-    assert [m["id"] for m in index["front"]] == [r["id"] for r in RunReport.load(run_dir).front()]
+    assert [m["id"] for m in index["front"]] == [r.id for r in RunReport.load(run_dir).front()]
     assert sum(m["knee"] for m in index["front"]) == 1
 
     recipe = Recipe.load(out)
@@ -94,7 +94,7 @@ def test_ps_dfs_chain_exports_as_stages_and_merges(random_family, ps_run, tmp_pa
     result = CliRunner().invoke(app, ["export", str(tmp_path / "dfs"), "--pick", "knee", "-o", str(out)])
     assert result.exit_code == 0, result.output
     chain = load_recipe_chain(out)
-    knee_ps = Recipe.from_dict(knee(RunReport.load(ps_run))["recipe"])
+    knee_ps = Recipe.from_dict(knee(RunReport.load(ps_run)).recipe)
     assert len(chain) == 2 and chain[0].name == "ps"
     assert chain[0].model_copy(update={"name": None}) == knee_ps
     assert recipe_to_routing(chain[1]) is not None and "ps" in chain[1].referenced_models()

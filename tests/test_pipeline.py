@@ -30,7 +30,7 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     result = runner.invoke(app, ["front", str(run_dir), "--rescore", "test", "--json"])
     assert result.exit_code == 0, result.output
     rescored = json.loads((run_dir / "rescore-test.json").read_text())
-    assert sorted(int(k) for k in rescored) == [r["id"] for r in report.front()]
+    assert sorted(int(k) for k in rescored) == [r.id for r in report.front()]
 
     import mlflow
 
@@ -53,7 +53,7 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
 
     # the materialized knee scores on the test split exactly what the in-memory re-score said
     scores = json.loads(result.stdout)["objectives"]
-    assert scores == rescored[str(knee_of(report)["id"])]
+    assert scores == rescored[str(knee_of(report).id)]
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))

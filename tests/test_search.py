@@ -17,6 +17,7 @@ from evomerge.runtime.executor import make_executor
 from evomerge.search.config import ConfigError, parse_duration, resolve_run_config
 from evomerge.search.driver import Search, SearchError
 from evomerge.search.optimizers import make_optimizer
+from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir
 
@@ -105,8 +106,10 @@ def test_search_records_everything_and_resumes_exactly(random_family, tmp_path, 
     whole = search(random_family, tmp_path, tmp_path / "whole", **{"optimizer.name": optimizer})
     assert whole.evaluated == 24 and whole.stopped == "budget"
     records = list(RunDir(tmp_path / "whole").records())
-    assert [r["id"] for r in records] == list(range(24))
-    assert {"id", "generation", "genome", "recipe_hash", "objectives", "status", "worker", "seconds"} <= records[0].keys()
+    assert [r.id for r in records] == list(range(24))
+    line = json.loads((tmp_path / "whole" / "evaluations.jsonl").read_text().splitlines()[0])
+    assert {"id", "generation", "genome", "recipe_hash", "objectives", "status", "worker", "seconds"} <= line.keys()
+    assert CandidateRecord.from_json(line) == records[0] and records[0].status is CandidateStatus.OK
 
     # the same run in three pieces (budget 7, then 15, then the rest) ends in the same place
     part = tmp_path / "parts"
@@ -115,8 +118,8 @@ def test_search_records_everything_and_resumes_exactly(random_family, tmp_path, 
     resumed = search(random_family, tmp_path, part, resume=True, **{"optimizer.name": optimizer})
     assert resumed.evaluated == 24
     pieces = list(RunDir(part).records())
-    assert [r["genome"] for r in pieces] == [r["genome"] for r in records]
-    assert [r["id"] for r in resumed.front] == [r["id"] for r in whole.front]
+    assert [r.genome for r in pieces] == [r.genome for r in records]
+    assert [r.id for r in resumed.front] == [r.id for r in whole.front]
 
 
 def test_identical_candidates_are_scored_once(random_family, tmp_path) -> None:
@@ -127,7 +130,7 @@ def test_identical_candidates_are_scored_once(random_family, tmp_path) -> None:
     })
     records = list(RunDir(tmp_path / "dup").records())
     assert summary.evaluated == 12 and summary.cached == 11
-    assert len({r["recipe_hash"] for r in records}) == 1
+    assert len({r.recipe_hash for r in records}) == 1
 
 
 def test_run_dir_guards(random_family, tmp_path) -> None:
@@ -153,7 +156,7 @@ def test_torn_last_line_is_repaired_on_resume(random_family, tmp_path) -> None:
         f.write('{"id": 99, "half a rec')
     summary = search(random_family, tmp_path, run_dir, resume=True, budget=12)
     assert summary.evaluated == 12
-    assert [r["id"] for r in RunDir(run_dir).records()] == list(range(12))
+    assert [r.id for r in RunDir(run_dir).records()] == list(range(12))
 
 
 def test_config_errors_name_the_field(random_family, tmp_path) -> None:
@@ -208,15 +211,15 @@ def test_killed_search_resumes_to_the_same_front(zoo_dir, tmp_path) -> None:
     resumed = cli("search", str(config), "--run-dir", str(killed_dir), "--resume", *small, env=env)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     before, after = list(RunDir(tmp_path / "whole").records()), list(RunDir(killed_dir).records())
-    assert [r["id"] for r in after] == list(range(24)), "a candidate was lost or scored twice"
-    assert [r["genome"] for r in after] == [r["genome"] for r in before]
-    assert [r["objectives"] for r in after] == [r["objectives"] for r in before]
-    assert [r["id"] for r in RunReport.load(killed_dir).front()] == [r["id"] for r in RunReport.load(tmp_path / "whole").front()]
+    assert [r.id for r in after] == list(range(24)), "a candidate was lost or scored twice"
+    assert [r.genome for r in after] == [r.genome for r in before]
+    assert [r.objectives for r in after] == [r.objectives for r in before]
+    assert [r.id for r in RunReport.load(killed_dir).front()] == [r.id for r in RunReport.load(tmp_path / "whole").front()]
 
     shown = subprocess.run([sys.executable, "-m", "evomerge.cli", "front", str(killed_dir), "--json"],
                            env=env, capture_output=True, text=True, check=True)
     payload = json.loads(shown.stdout)
-    assert [r["id"] for r in payload["front"]] == [r["id"] for r in RunReport.load(killed_dir).front()]
+    assert [r["id"] for r in payload["front"]] == [r.id for r in RunReport.load(killed_dir).front()]
 
 
 @pytest.mark.slow
@@ -241,4 +244,4 @@ def test_sigterm_stops_a_search_cleanly(zoo_dir, tmp_path) -> None:
     assert 3 <= done < 18
     resumed = cli("search", str(config), "--run-dir", str(run_dir), "--resume", *args, env=env)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
-    assert [r["id"] for r in RunDir(run_dir).records()] == list(range(18))
+    assert [r.id for r in RunDir(run_dir).records()] == list(range(18))

@@ -20,6 +20,7 @@ import pytest
 
 from evomerge.merge.routing import Hop, routing_to_recipe
 from evomerge.recipe import Recipe
+from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir
 from evomerge.search.genome import make_genome
@@ -60,7 +61,7 @@ def run_config(name: str = "tracking-test") -> dict:
     }
 
 
-def make_records(seed: int = 0) -> list[dict]:
+def make_records(seed: int = 0) -> list[CandidateRecord]:
     """20 candidates over 3 generations (8, 8, 4), 2 objectives, candidate 5 failed."""
     genome = make_genome(load_space(ps_space()), num_layers=LAYERS)
     rng = np.random.default_rng(seed)
@@ -70,14 +71,14 @@ def make_records(seed: int = 0) -> list[dict]:
             x = rng.random(genome.dim)
             recipe = genome.decode(x)
             failed = cid == FAILED
-            records.append({
+            records.append(CandidateRecord.from_json({
                 "id": cid, "generation": generation, "genome": [round(float(v), 8) for v in x],
                 "recipe_hash": recipe.content_hash(), "recipe": recipe.to_dict(),
                 "objectives": {} if failed else {"reverse": round(float(rng.random()), 4), "sort": round(float(rng.random()), 4)},
                 "status": "failed" if failed else "ok", "reason": "worker lost: out of memory" if failed else None,
                 "worker": f"w{cid % 2}", "seconds": 1.5, "materialize_seconds": 0.5, "score_seconds": 1.0,
                 "cached": False, "attempts": 2 if failed else 1, "time": now + cid,
-            })
+            }))
             cid += 1
     return records
 
@@ -90,7 +91,7 @@ def empty_store(tmp_path_factory) -> Path:
     return path
 
 
-def make_run_dir(path: Path, empty_store: Path | None = None) -> tuple[RunDir, dict, list[dict]]:
+def make_run_dir(path: Path, empty_store: Path | None = None) -> tuple[RunDir, dict, list[CandidateRecord]]:
     run_dir = RunDir(path)
     config = run_config()
     run_dir.write_config(config)
@@ -102,15 +103,15 @@ def make_run_dir(path: Path, empty_store: Path | None = None) -> tuple[RunDir, d
     return run_dir, config, make_records()
 
 
-def drive(tracker: Tracker, run_dir: RunDir, records: list[dict], *, resume: bool = False, close: bool = True) -> None:
+def drive(tracker: Tracker, run_dir: RunDir, records: list[CandidateRecord], *, resume: bool = False, close: bool = True) -> None:
     """What the search driver does: append, on_record, and on_generation after each generation."""
     tracker.start(resume=resume)
     for i, record in enumerate(records):
         run_dir.append(record)
         tracker.on_record(record)
-        last = i + 1 == len(records) or records[i + 1]["generation"] != record["generation"]
+        last = i + 1 == len(records) or records[i + 1].generation != record.generation
         if last:
-            tracker.on_generation(record["generation"])
+            tracker.on_generation(record.generation)
     if close:
         tracker.close()
 
@@ -130,8 +131,8 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     return found
 
 
-def expected_hypervolumes(config: dict, records: list[dict]) -> list[float]:
-    return [RunReport(config, [r for r in records if r["generation"] <= g]).hypervolume() for g in range(len(GENERATIONS))]
+def expected_hypervolumes(config: dict, records: list[CandidateRecord]) -> list[float]:
+    return [RunReport(config, [r for r in records if r.generation <= g]).hypervolume() for g in range(len(GENERATIONS))]
 
 
 # --- a whole search -----------------------------------------------------------------------------------
@@ -165,14 +166,14 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     assert sorted(kids) == list(range(20))
     for cid, run in kids.items():
         record = records[cid]
-        assert run.data.tags["status"] == record["status"]
+        assert run.data.tags["status"] == record.status.value
         assert run.data.params["candidate_id"] == str(cid)
-        assert run.data.params["recipe_hash"] == record["recipe_hash"]
-        assert run.data.params["worker"] == record["worker"]
+        assert run.data.params["recipe_hash"] == record.recipe_hash
+        assert run.data.params["worker"] == record.worker
         assert run.data.params["method"] == "ties"
-        assert run.data.metrics["generation"] == record["generation"]
-        assert run.data.metrics["seconds"] == record["seconds"]
-        for label, value in record["objectives"].items():
+        assert run.data.metrics["generation"] == record.generation
+        assert run.data.metrics["seconds"] == record.seconds
+        for label, value in record.objectives.items():
             assert run.data.metrics[label] == pytest.approx(value)
         assert artifact_paths(client, run.info.run_id) == {"recipe.yaml"}
     failed = kids[FAILED]
@@ -184,11 +185,11 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     # the recipe artifact is the recipe, and the gene summary its per-model means
     some = kids[3]
     text = Path(client.download_artifacts(some.info.run_id, "recipe.yaml", str(tmp_path / "r3"))).read_text()
-    assert Recipe.from_yaml(text) == Recipe.from_dict(records[3]["recipe"])
-    assert some.data.params["weight.reverse"] == gene_summary(records[3]["recipe"])["weight.reverse"]
+    assert Recipe.from_yaml(text) == Recipe.from_dict(records[3].recipe)
+    assert some.data.params["weight.reverse"] == gene_summary(records[3].recipe)["weight.reverse"]
 
     # the front is tagged, exactly
-    front = {r["id"] for r in RunReport(config, records).front()}
+    front = {r.id for r in RunReport(config, records).front()}
     assert front and {cid for cid, run in kids.items() if run.data.tags["pareto"] == "true"} == front
     front_csv = Path(client.download_artifacts(parent.info.run_id, "front.csv", str(tmp_path / "f"))).read_text().splitlines()
     assert front_csv[0].startswith("id,generation,reverse,sort")
@@ -200,17 +201,15 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(expected_hypervolumes(config, records))
     best = client.get_metric_history(parent.info.run_id, "best/sort")
     assert [m.step for m in best] == [0, 1, 2]
-    assert best[-1].value == max(r["objectives"]["sort"] for r in records if r["status"] == "ok")
+    assert best[-1].value == max(r.objectives["sort"] for r in records if r.ok)
 
 
 def test_leaving_the_front_flips_the_tag(tmp_path, empty_store) -> None:
     run_dir, config, _ = make_run_dir(tmp_path / "run", empty_store)
-    base = make_records()[:3]
-    for r in base:
-        r["status"], r["reason"], r["generation"] = "ok", None, 0
-    base[0]["objectives"] = {"reverse": 0.5, "sort": 0.5}
-    base[1]["objectives"] = {"reverse": 0.1, "sort": 0.1}
-    later = dict(base[2], id=2, generation=1, objectives={"reverse": 0.9, "sort": 0.9})
+    base = [r.replace(status=CandidateStatus.OK, reason=None, generation=0) for r in make_records()[:3]]
+    base[0] = base[0].replace(objectives={"reverse": 0.5, "sort": 0.5})
+    base[1] = base[1].replace(objectives={"reverse": 0.1, "sort": 0.1})
+    later = base[2].replace(id=2, generation=1, objectives={"reverse": 0.9, "sort": 0.9})
     tracker = Tracker(config, run_dir.path)
     drive(tracker, run_dir, base[:2] + [later])
     link = RunLink.read(run_dir.path)
@@ -224,7 +223,7 @@ def test_leaving_the_front_flips_the_tag(tmp_path, empty_store) -> None:
 def test_resume_reattaches_to_the_parent_and_logs_only_what_is_missing(tmp_path, empty_store) -> None:
     run_dir, config, records = make_run_dir(tmp_path / "run", empty_store)
     first = Tracker(config, run_dir.path)
-    drive(first, run_dir, [r for r in records if r["generation"] < 2], close=False)
+    drive(first, run_dir, [r for r in records if r.generation < 2], close=False)
     assert first.flush(timeout=120)
     link = RunLink.read(run_dir.path)
     client = make_client(link.tracking_uri)
@@ -243,11 +242,11 @@ def test_resume_reattaches_to_the_parent_and_logs_only_what_is_missing(tmp_path,
     kids = children(client, link)
     assert sorted(kids) == list(range(20))
     assert kids[17].info.run_id == half.info.run_id  # the begun child was finished, not duplicated
-    assert kids[17].data.metrics["reverse"] == pytest.approx(records[17]["objectives"]["reverse"])
+    assert kids[17].data.metrics["reverse"] == pytest.approx(records[17].objectives["reverse"])
     assert client.get_run(link.parent_run_id).info.status == "FINISHED"
     history = client.get_metric_history(link.parent_run_id, "hypervolume")
     assert sorted(m.step for m in history) == [0, 1, 2]
-    front = {r["id"] for r in RunReport(config, records).front()}
+    front = {r.id for r in RunReport(config, records).front()}
     assert {cid for cid, run in kids.items() if run.data.tags["pareto"] == "true"} == front
     # nothing left to do
     assert Tracker(config, run_dir.path).sync() == 0
@@ -353,7 +352,7 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
     kids = children(client, link)
     assert sorted(kids) == list(range(24))
     report = RunReport(run.to_dict(), records)
-    assert {cid for cid, r in kids.items() if r.data.tags["pareto"] == "true"} == {r["id"] for r in report.front()}
+    assert {cid for cid, r in kids.items() if r.data.tags["pareto"] == "true"} == {r.id for r in report.front()}
     history = client.get_metric_history(link.parent_run_id, "hypervolume")
     assert {m.step for m in history} == {0, 1, 2, 3}
     assert parent.data.metrics["hypervolume"] == pytest.approx(report.hypervolume())
@@ -407,7 +406,7 @@ def test_plots_for_one_two_and_many_objectives(tmp_path) -> None:
     records = make_records()[:3]
     assert plot_weights(tmp_path / "w.png", records).read_bytes()[:4] == b"\x89PNG"
     route = routing_to_recipe([Hop("/m/a", 0, 1.0)], check=False)
-    assert plot_weights(tmp_path / "none.png", [{"id": 0, "recipe": route.to_dict()}]) is None
+    assert plot_weights(tmp_path / "none.png", [CandidateRecord(id=0, generation=0, status=CandidateStatus.OK, recipe=route.to_dict())]) is None
 
 
 # --- evomerge ui -------------------------------------------------------------------------------------

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from evomerge.search.config import ResolvedRun
-from evomerge.search.front import to_minimize
+from evomerge.search.front import to_minimize, weighted_score
 from evomerge.search.optimizers import make_optimizer
+from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
 from evomerge.search.genome import DFSGenome, PSGenome, make_genome
 
-RecordHook = Callable[[dict[str, Any]], None]
+RecordHook = Callable[[CandidateRecord], None]
 
 
 class SearchError(RuntimeError):
@@ -42,8 +43,8 @@ class RunSummary:
     cached: int
     stopped: str
     seconds: float
-    best: dict[str, Any] | None
-    front: list[dict[str, Any]] = field(default_factory=list)
+    best: CandidateRecord | None
+    front: list[CandidateRecord] = field(default_factory=list)
 
 
 class Search:
@@ -71,6 +72,7 @@ class Search:
         self.on_generation = on_generation
         self.on_start = on_start
         self.progress = progress
+        self._best: CandidateRecord | None = None
         self._genome: PSGenome | DFSGenome | None = None  # made by start(), once earlier stages are merged
         self.labels = [o.label for o in run.objectives]
 
@@ -122,12 +124,13 @@ class Search:
             self.on_start()
         started = time.monotonic()
         deadline = started + self.time_limit if self.time_limit else math.inf
-        records = {r["id"]: r for r in self.run_dir.records()}
-        by_hash = {r["recipe_hash"]: r for r in records.values() if r["status"] == "ok"}
-        in_flight: dict[int, tuple[np.ndarray, str]] = {}
+        records = {r.id: r for r in self.run_dir.records()}
+        by_hash = {r.recipe_hash: r for r in records.values() if r.ok}
+        self._best = self.report(records).best()
+        in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
         waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
         stopped = "budget"
-        bar = _Progress(self.progress, self.budget, len(records), self._best_text(records))
+        bar = _Progress(self.progress, self.budget, len(records), self._best_text())
         try:
             while True:
                 if state.pending_X is None:
@@ -151,13 +154,14 @@ class Search:
                     if digest in by_hash:
                         self._record(records, by_hash, self._cached(by_hash[digest], cid, state, x), bar)
                         continue
-                    if any(h == digest for _, h in in_flight.values()):
+                    if any(h == digest for _, h, _ in in_flight.values()):
                         waiting.setdefault(digest, []).append((cid, x))
                         continue
                     from evomerge.runtime.executor import Job
 
-                    self.executor.submit(Job(candidate_id=cid, recipe=recipe.to_dict()))
-                    in_flight[cid] = (x, digest)
+                    recipe_dict = recipe.to_dict()
+                    self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
+                    in_flight[cid] = (x, digest, recipe_dict)
                 if not in_flight:
                     if all(cid in records for cid in state.pending_ids):
                         self._tell(state, records)
@@ -168,15 +172,15 @@ class Search:
                 if outcome is None:
                     continue
                 cid = outcome.job.candidate_id
-                x, digest = in_flight.pop(cid)
-                record = self._make_record(cid, state, x, digest, outcome)
+                x, digest, recipe_dict = in_flight.pop(cid)
+                record = self._make_record(cid, state, x, digest, recipe_dict, outcome)
                 self._record(records, by_hash, record, bar)
                 for other, other_x in waiting.pop(digest, []):
-                    if record["status"] == "ok":
+                    if record.ok:
                         self._record(records, by_hash, self._cached(record, other, state, other_x), bar)
                     else:  # the original failed: score the duplicate itself
-                        self.executor.submit(Job(candidate_id=other, recipe=record["recipe"]))
-                        in_flight[other] = (other_x, digest)
+                        self.executor.submit(Job(candidate_id=other, recipe=recipe_dict))
+                        in_flight[other] = (other_x, digest, recipe_dict)
         except KeyboardInterrupt:
             stopped = "interrupted"
         finally:
@@ -184,14 +188,14 @@ class Search:
         return self._summary(records, stopped, time.monotonic() - started)
 
     # --- helpers ------------------------------------------------------------------------------------
-    def _tell(self, state: SearchState, records: dict[int, dict[str, Any]]) -> None:
+    def _tell(self, state: SearchState, records: dict[int, CandidateRecord]) -> None:
         rows = []
         for cid in state.pending_ids:
             record = records[cid]
-            if record["status"] != "ok":
+            if not record.ok:
                 rows.append([math.nan] * len(self.labels))
             else:
-                rows.append([record["objectives"].get(label, math.nan) for label in self.labels])
+                rows.append([record.objectives.get(label, math.nan) for label in self.labels])
         F = to_minimize(rows, self.run.directions)
         state.optimizer.tell(np.asarray(state.pending_X), F)
         generation = state.generation
@@ -202,62 +206,77 @@ class Search:
         if self.on_generation is not None:
             self.on_generation(generation)
 
-    def _make_record(self, cid: int, state: SearchState, x: np.ndarray, digest: str, outcome: Any) -> dict[str, Any]:
+    def _make_record(self, cid: int, state: SearchState, x: np.ndarray, digest: str,
+                     recipe: dict[str, Any], outcome: Any) -> CandidateRecord:
         result = outcome.result
-        return {
-            "id": cid,
-            "generation": state.generation,
-            "genome": [round(float(v), 8) for v in x],
-            "recipe_hash": digest,
-            "recipe": self.genome.decode(x).to_dict(),
-            "objectives": dict(result.objectives),
-            "status": result.status,
-            "reason": result.reason,
-            "worker": outcome.worker,
-            "seconds": round(result.seconds, 4),
-            "materialize_seconds": round(result.materialize_seconds, 4),
-            "score_seconds": round(result.score_seconds, 4),
-            "cached": bool(result.cached),
-            "attempts": outcome.job.attempt + 1,
-            "time": time.time(),
-        }
+        return CandidateRecord(
+            id=cid,
+            generation=state.generation,
+            status=CandidateStatus(result.status),
+            objectives=dict(result.objectives),
+            genome=_genes(x),
+            recipe_hash=digest,
+            recipe=recipe,
+            reason=result.reason,
+            worker=outcome.worker,
+            seconds=round(result.seconds, 4),
+            materialize_seconds=round(result.materialize_seconds, 4),
+            score_seconds=round(result.score_seconds, 4),
+            cached=bool(result.cached),
+            attempts=outcome.job.attempt + 1,
+            time=time.time(),
+        )
 
-    def _cached(self, original: dict[str, Any], cid: int, state: SearchState, x: np.ndarray) -> dict[str, Any]:
-        return {
-            **original, "id": cid, "generation": state.generation, "genome": [round(float(v), 8) for v in x],
-            "cached": True, "seconds": 0.0, "materialize_seconds": 0.0, "score_seconds": 0.0,
-            "worker": "cache", "time": time.time(),
-        }
+    def _cached(self, original: CandidateRecord, cid: int, state: SearchState, x: np.ndarray) -> CandidateRecord:
+        return original.replace(
+            id=cid, generation=state.generation, genome=_genes(x), cached=True, seconds=0.0,
+            materialize_seconds=0.0, score_seconds=0.0, worker="cache", time=time.time(),
+        )
 
-    def _record(self, records, by_hash, record, bar) -> None:
+    def _record(self, records: dict[int, CandidateRecord], by_hash: dict[str, CandidateRecord],
+                record: CandidateRecord, bar: _Progress) -> None:
         self.run_dir.append(record)
-        records[record["id"]] = record
-        if record["status"] == "ok":
-            by_hash.setdefault(record["recipe_hash"], record)
+        records[record.id] = record
+        if record.ok:
+            by_hash.setdefault(record.recipe_hash, record)
+            self._best = self._better(self._best, record)
         if self.on_record is not None:
             self.on_record(record)
-        bar.advance(self._best_text(records))
+        bar.advance(self._best_text())
 
-    def _best_text(self, records: dict[int, dict[str, Any]]) -> str:
-        best = self.report(records).best()
+    def _better(self, best: CandidateRecord | None, record: CandidateRecord) -> CandidateRecord | None:
+        """The best so far, kept as records arrive (the report's rule, without rebuilding a report each time)."""
+        if not record.has_all(self.labels):
+            return best
         if best is None:
-            return "best: -"
-        return "best: " + ", ".join(f"{k}={v:.3f}" for k, v in best["objectives"].items())
+            return record
+        score = weighted_score([record.objectives[k] for k in self.labels], self.run.directions, self.run.weights)
+        top = weighted_score([best.objectives[k] for k in self.labels], self.run.directions, self.run.weights)
+        return record if (score, -record.id) > (top, -best.id) else best
 
-    def report(self, records: dict[int, dict[str, Any]]) -> RunReport:
+    def _best_text(self) -> str:
+        if self._best is None:
+            return "best: -"
+        return "best: " + ", ".join(f"{k}={v:.3f}" for k, v in self._best.objectives.items())
+
+    def report(self, records: dict[int, CandidateRecord]) -> RunReport:
         return RunReport(self.run.to_dict(), list(records.values()))
 
-    def _summary(self, records: dict[int, dict[str, Any]], stopped: str, seconds: float) -> RunSummary:
+    def _summary(self, records: dict[int, CandidateRecord], stopped: str, seconds: float) -> RunSummary:
         report = self.report(records)
         return RunSummary(
             evaluated=len(records),
-            failed=sum(1 for r in records.values() if r["status"] != "ok"),
-            cached=sum(1 for r in records.values() if r.get("cached")),
+            failed=sum(1 for r in records.values() if not r.ok),
+            cached=sum(1 for r in records.values() if r.cached),
             stopped=stopped,
             seconds=seconds,
             best=report.best(),
             front=report.front(),
         )
+
+
+def _genes(x: np.ndarray) -> tuple[float, ...]:
+    return tuple(round(float(v), 8) for v in x)
 
 
 class _Progress:

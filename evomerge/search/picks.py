@@ -7,12 +7,12 @@ or a candidate id. Export, stages and the CLI all pick through here.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
 from evomerge.recipe import Recipe
 from evomerge.search.front import to_minimize
+from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
 
 
@@ -20,7 +20,7 @@ class PickError(ValueError):
     """A pick that names nothing in the run; the message lists what is valid."""
 
 
-def knee(report: RunReport) -> dict[str, Any]:
+def knee(report: RunReport) -> CandidateRecord:
     front = report.front()
     if not front:
         raise PickError("the run has no successful candidate yet")
@@ -33,7 +33,7 @@ def knee(report: RunReport) -> dict[str, Any]:
     return front[int(np.argmin(distance))]
 
 
-def pick(report: RunReport, choice: str) -> dict[str, Any]:
+def pick(report: RunReport, choice: str) -> CandidateRecord:
     """The record a ``--pick`` value names."""
     if choice == "knee":
         return knee(report)
@@ -45,18 +45,20 @@ def pick(report: RunReport, choice: str) -> dict[str, Any]:
         if not ok:
             raise PickError("the run has no successful candidate yet")
         sign = 1.0 if report.directions[report.labels.index(label)] == "maximize" else -1.0
-        return max(ok, key=lambda r: (sign * r["objectives"][label], -r["id"]))
+        return max(ok, key=lambda r: (sign * r.objectives[label], -r.id))
     try:
         wanted = int(choice)
     except ValueError:
         raise PickError(f"--pick {choice!r}: use knee, best:OBJECTIVE or a candidate id") from None
     for record in report.records:
-        if record["id"] == wanted:
-            if record["status"] != "ok":
-                raise PickError(f"candidate {wanted} failed ({record.get('reason')}); pick another")
+        if record.id == wanted:
+            if not record.ok:
+                raise PickError(f"candidate {wanted} failed ({record.reason}); pick another")
             return record
     raise PickError(f"--pick {wanted}: no such candidate (ids 0..{report.count - 1})")
 
 
-def recipe_of(record: dict[str, Any]) -> Recipe:
-    return Recipe.from_dict(record["recipe"], source=f"candidate {record['id']}")
+def recipe_of(record: CandidateRecord) -> Recipe:
+    if record.recipe is None:
+        raise PickError(f"candidate {record.id}: the record holds no recipe")
+    return Recipe.from_dict(dict(record.recipe), source=f"candidate {record.id}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from evomerge.eval.tasks import Objective
 from evomerge.search.front import hypervolume, pareto_indices, reference_point, to_minimize, weighted_score
+from evomerge.search.record import CandidateRecord
 from evomerge.search.rundir import RunDir
 
 
@@ -25,7 +26,7 @@ def legacy_direction(metric: str | None) -> str:
 
 
 class RunReport:
-    def __init__(self, config: dict[str, Any], records: list[dict[str, Any]]):
+    def __init__(self, config: dict[str, Any], records: list[CandidateRecord]):
         self.config = config
         self.records = records
         objectives = [Objective.model_validate(o) for o in config["objectives"]]
@@ -45,13 +46,13 @@ class RunReport:
         return len(self.records)
 
     @property
-    def ok(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["status"] == "ok" and all(k in r["objectives"] for k in self.labels)]
+    def ok(self) -> list[CandidateRecord]:
+        return [r for r in self.records if r.has_all(self.labels)]
 
-    def values(self, records: list[dict[str, Any]]) -> list[list[float]]:
-        return [[r["objectives"][k] for k in self.labels] for r in records]
+    def values(self, records: list[CandidateRecord]) -> list[list[float]]:
+        return [[r.objectives[k] for k in self.labels] for r in records]
 
-    def front(self) -> list[dict[str, Any]]:
+    def front(self) -> list[CandidateRecord]:
         """Non-dominated candidates (for one objective: the best one), by id."""
         ok = self.ok
         if not ok:
@@ -59,18 +60,18 @@ class RunReport:
         if len(self.labels) == 1:
             return [self.best()]  # type: ignore[list-item]
         F = to_minimize(self.values(ok), self.directions)
-        return sorted((ok[i] for i in pareto_indices(F)), key=lambda r: r["id"])
+        return sorted((ok[i] for i in pareto_indices(F)), key=lambda r: r.id)
 
-    def best(self) -> dict[str, Any] | None:
+    def best(self) -> CandidateRecord | None:
         ok = self.ok
         if not ok:
             return None
-        return max(ok, key=lambda r: (self.score(r), -r["id"]))
+        return max(ok, key=lambda r: (self.score(r), -r.id))
 
-    def score(self, record: dict[str, Any]) -> float:
-        return weighted_score([record["objectives"][k] for k in self.labels], self.directions, self.weights)
+    def score(self, record: CandidateRecord) -> float:
+        return weighted_score([record.objectives[k] for k in self.labels], self.directions, self.weights)
 
-    def hypervolume(self, records: list[dict[str, Any]] | None = None) -> float:
+    def hypervolume(self, records: list[CandidateRecord] | None = None) -> float:
         ok = self.ok if records is None else records
         if not ok:
             return 0.0

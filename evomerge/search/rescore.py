@@ -9,7 +9,7 @@ from typing import Any
 from evomerge.atomic import write_text
 from evomerge.eval.evaluator import CandidateEvaluator
 from evomerge.eval.tasks import Objective
-from evomerge.recipe import Recipe
+from evomerge.search.picks import recipe_of
 from evomerge.search.report import RunReport
 
 
@@ -26,7 +26,7 @@ def rescore_front(run_dir: str | Path, split: str = "test", *, device: str | Non
     report = RunReport.load(run_dir)
     path = rescore_path(run_dir, split)
     done: dict[int, dict[str, float]] = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
-    todo = [r for r in report.front() if r["id"] not in done]
+    todo = [r for r in report.front() if r.id not in done]
     if todo:
         objectives = []
         for raw, label in zip(report.config["objectives"], report.labels):
@@ -34,10 +34,10 @@ def rescore_front(run_dir: str | Path, split: str = "test", *, device: str | Non
             objectives.append(Objective.model_validate(data))
         evaluator = CandidateEvaluator(objectives, include_paths=report.config.get("include_paths", []), device=device)
         for record in todo:
-            result = evaluator.evaluate(Recipe.from_dict(record["recipe"]))
+            result = evaluator.evaluate(recipe_of(record))
             if not result.ok:
-                raise RuntimeError(f"candidate {record['id']} failed on {split}: {result.reason}")
-            done[record["id"]] = result.objectives
+                raise RuntimeError(f"candidate {record.id} failed on {split}: {result.reason}")
+            done[record.id] = result.objectives
         write_text(path, json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
     return done
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 from evomerge.atomic import write_bytes
+from evomerge.search.record import CandidateRecord
 
 EVALUATIONS = "evaluations.jsonl"
 STATE = "state"
@@ -58,9 +59,9 @@ class RunDir:
         return yaml.safe_load((self.path / RUN_CONFIG).read_text())
 
     # --- evaluations ----------------------------------------------------------------------------
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: CandidateRecord) -> None:
         """One candidate's record, durable before this returns."""
-        line = json.dumps(record, separators=(",", ":"), default=_json_default) + "\n"
+        line = json.dumps(record.to_json(), separators=(",", ":"), default=_json_default) + "\n"
         with open(self.evaluations_path, "a") as f:
             f.write(line)
             f.flush()
@@ -76,7 +77,7 @@ class RunDir:
             with open(path, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[CandidateRecord]:
         """Every complete record (a torn last line from a kill is skipped)."""
         if not self.evaluations_path.exists():
             return
@@ -85,9 +86,10 @@ class RunDir:
                 if not line.endswith("\n"):
                     break
                 try:
-                    yield json.loads(line)
+                    data = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                yield CandidateRecord.from_json(data)
 
     # --- optimizer state ------------------------------------------------------------------------
     def save_state(self, state: SearchState) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.recipe import Recipe, substitute_models
-from evomerge.search.picks import PickError, pick
+from evomerge.search.picks import PickError, pick, recipe_of
 from evomerge.search.report import RunReport
 
 STAGE_MARKER = "evomerge_stage.json"
@@ -43,7 +43,7 @@ def stage_recipe(name: str, source: Mapping[str, Any], base_dir: Path) -> Recipe
         record = pick(RunReport.load(run_dir), str(source.get("pick", "knee")))
     except (FileNotFoundError, PickError) as exc:
         raise StageError(f"stages.{name}: {exc} (run the earlier stage's search first)") from None
-    return Recipe.from_dict(record["recipe"])
+    return recipe_of(record)
 
 
 def stage_checkpoint(name: str, recipe: Recipe) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.recipe import Recipe
+from evomerge.search.record import CandidateRecord
 from evomerge.tracking.summary import layer_count, layer_values, short_name
 
 DPI = 110
@@ -130,13 +131,13 @@ def _parallel(V: np.ndarray, on_front: np.ndarray, labels, directions):
     return fig
 
 
-def weight_rows(records: Sequence[dict[str, Any]], key: str = "weight") -> tuple[list[str], np.ndarray]:
+def weight_rows(records: Sequence[CandidateRecord], key: str = "weight") -> tuple[list[str], np.ndarray]:
     """Rows (recipe × model) of per-layer values of ``key``: each model's setting evaluated per layer for
     an MLP tensor, layers from the recipe's gradient lengths. Recipes without ``models:`` are skipped."""
     names: list[str] = []
     rows: list[list[float]] = []
     for record in records:
-        recipe = Recipe.from_dict(record["recipe"], source="record")
+        recipe = Recipe.from_dict(dict(record.recipe or {}), source="record")
         if recipe.models is None:
             continue
         layers = layer_count(recipe)
@@ -145,7 +146,7 @@ def weight_rows(records: Sequence[dict[str, Any]], key: str = "weight") -> tuple
             if setting is None:
                 continue
             values = layer_values(setting, layers, "mlp")
-            names.append(f"#{record['id']} {short_name(entry.model)}")
+            names.append(f"#{record.id} {short_name(entry.model)}")
             rows.append([math.nan if v is None else v for v in values])
     width = max((len(r) for r in rows), default=0)
     matrix = np.full((len(rows), width), math.nan)
@@ -154,7 +155,7 @@ def weight_rows(records: Sequence[dict[str, Any]], key: str = "weight") -> tuple
     return names, matrix
 
 
-def plot_weights(path: Path, records: Sequence[dict[str, Any]], key: str = "weight") -> Path | None:
+def plot_weights(path: Path, records: Sequence[CandidateRecord], key: str = "weight") -> Path | None:
     """Heatmap of the per-layer ``key`` (rows: recipe × model, columns: layers); None when no recipe
     has that parameter (e.g. routings)."""
     names, matrix = weight_rows(records, key)

@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RUN_CONFIG, RunDir
 from evomerge.tracking.store import (
@@ -86,6 +87,7 @@ class Tracker:
         self.close_stall = close_stall
         self.best_few = best_few
         template = RunReport(self.run_config, [])
+        self._scorer = template  # weighted score of a record, by the run's objectives
         self.labels: list[str] = template.labels
         self.directions: list[str] = template.directions
         self.metric_keys = {
@@ -105,12 +107,12 @@ class Tracker:
         self._lock = threading.Lock()
         self._done_cond = threading.Condition(self._lock)
         self._wake = threading.Event()
-        self._slim: dict[int, dict[str, Any]] = {}
+        self._slim: dict[int, CandidateRecord] = {}
         """Every record seen, without genome and recipe: enough for the front and the step metrics."""
-        self._pending: dict[int, dict[str, Any]] = {}
+        self._pending: dict[int, CandidateRecord] = {}
         """Full records waiting for their child run, oldest first (bounded by max_queue)."""
         self._overflow = False
-        self._top: list[tuple[float, int, dict[str, Any]]] = []
+        self._top: list[tuple[float, int, CandidateRecord]] = []
         """The best few full records (by the weighted score), for the weights heatmap."""
         self._summary_steps: set[int] = set()
         self._artifacts_at = -1
@@ -169,7 +171,7 @@ class Tracker:
         self._request()
         self.stats["hook_seconds"] += time.perf_counter() - began
 
-    def on_record(self, record: dict[str, Any]) -> None:
+    def on_record(self, record: CandidateRecord) -> None:
         """Queue one candidate's record; returns at once, never raises."""
         began = time.perf_counter()
         try:
@@ -178,13 +180,13 @@ class Tracker:
                 self._since_summary += 1
                 steady = self._generation_hooks == 0 and self._since_summary >= max(self.flush_every, self.population + 1)
                 if steady:
-                    self._summary_steps.add(max(int(r.get("generation", 0)) for r in self._slim.values()))
+                    self._summary_steps.add(max(r.generation for r in self._slim.values()))
                     self._since_summary = 0
                 wake = steady or len(self._pending) >= self.flush_every
             if wake:
                 self._request()
         except Exception as exc:  # noqa: BLE001
-            log.warning("MLflow tracking: could not queue record %s: %s", record.get("id"), _short(exc))
+            log.warning("MLflow tracking: could not queue record %s: %s", getattr(record, "id", "?"), _short(exc))
         self.stats["hook_seconds"] += time.perf_counter() - began
 
     def on_generation(self, generation: int) -> None:
@@ -261,13 +263,13 @@ class Tracker:
                 with self._lock:
                     missing = [r for cid, r in self._pending.items() if cid not in self._children]
                     self._overflow = False
-                missing += self._reload_dropped({r["id"] for r in missing})
+                missing += self._reload_dropped({r.id for r in missing})
                 front = self._front_ids()
                 for record in missing:
                     self._log_child(record, front)
                     logged += 1
                     with self._lock:
-                        self._pending.pop(record["id"], None)
+                        self._pending.pop(record.id, None)
                 self._update_pareto(front)
                 self._log_steps(self._complete_generations())
                 self._log_artifacts(final=True)
@@ -313,13 +315,13 @@ class Tracker:
             overflow, self._overflow = self._overflow, False
             requested = set(self._summary_steps)
         if overflow:
-            batch += self._reload_dropped({r["id"] for r in batch})
+            batch += self._reload_dropped({r.id for r in batch})
         front = self._front_ids()
         for record in batch:
-            if record["id"] not in self._children:
+            if record.id not in self._children:
                 self._log_child(record, front)
             with self._lock:
-                self._pending.pop(record["id"], None)
+                self._pending.pop(record.id, None)
         summary = bool(requested) or self._backfill or final
         if not (batch or summary):
             return
@@ -472,27 +474,27 @@ class Tracker:
             for cid in children:
                 self._pending.pop(cid, None)
 
-    def _log_child(self, record: Mapping[str, Any], front: set[int]) -> None:
+    def _log_child(self, record: CandidateRecord, front: set[int]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         from evomerge.recipe import Recipe
 
-        cid = int(record["id"])
-        ok = record.get("status") == "ok"
-        ended = float(record.get("time") or time.time())
-        started = ended - float(record.get("seconds") or 0.0)
+        cid = record.id
+        ok = record.ok
+        ended = record.time or time.time()
+        started = ended - record.seconds
         on_front = cid in front
         tags = {
             PARENT_TAG: self.parent_run_id,
             "evomerge.role": "candidate",
             "candidate_id": str(cid),
-            "status": str(record.get("status")),
+            "status": record.status.value,
             "pareto": "true" if on_front else "false",
-            "recipe_hash": str(record.get("recipe_hash", "")),
-            "worker": str(record.get("worker", "")),
+            "recipe_hash": record.recipe_hash,
+            "worker": record.worker,
         }
-        if record.get("reason"):
-            tags["reason"] = str(record["reason"])[:MAX_TAG_LENGTH]
+        if record.reason:
+            tags["reason"] = str(record.reason)[:MAX_TAG_LENGTH]
             tags["mlflow.note.content"] = f"failed: {tags['reason']}"
         run_id = self._incomplete.get(cid)
         if run_id is None:
@@ -504,13 +506,12 @@ class Tracker:
         stamp = int(ended * 1000)
         metrics = [
             Metric(self.metric_keys[label], float(value), stamp, 0)
-            for label, value in (record.get("objectives") or {}).items()
+            for label, value in record.objectives.items()
             if label in self.metric_keys and _number(value)
         ]
-        metrics.append(Metric("generation", float(record.get("generation", 0)), stamp, 0))
+        metrics.append(Metric("generation", float(record.generation), stamp, 0))
         for key in ("seconds", "materialize_seconds", "score_seconds"):
-            if _number(record.get(key)):
-                metrics.append(Metric(key, float(record[key]), stamp, 0))
+            metrics.append(Metric(key, float(getattr(record, key)), stamp, 0))
         params = self._child_params(record)
         items = [Param(k, v) for k, v in params.items()]
         self.client.log_batch(run_id, metrics=metrics, params=items[:BATCH_PARAMS],
@@ -518,9 +519,9 @@ class Tracker:
         for i in range(BATCH_PARAMS, len(items), BATCH_PARAMS):
             self.client.log_batch(run_id, params=items[i: i + BATCH_PARAMS])
         try:
-            text = Recipe.from_dict(record["recipe"], source=f"candidate {cid}").to_yaml()
+            text = Recipe.from_dict(dict(record.recipe or {}), source=f"candidate {cid}").to_yaml()
         except Exception:  # noqa: BLE001 - log what the record holds, even if it no longer validates
-            text = yaml.safe_dump(record.get("recipe"), sort_keys=False)
+            text = yaml.safe_dump(dict(record.recipe or {}), sort_keys=False)
         self.client.log_text(run_id, text, "recipe.yaml")
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED", end_time=stamp)
         self._children[cid] = run_id
@@ -528,15 +529,14 @@ class Tracker:
         self._pareto[cid] = on_front
         self.stats["logged"] += 1
 
-    def _child_params(self, record: Mapping[str, Any]) -> dict[str, str]:
+    def _child_params(self, record: CandidateRecord) -> dict[str, str]:
         try:
-            params = gene_summary(record["recipe"])
+            params = gene_summary(dict(record.recipe or {}))
         except Exception:  # noqa: BLE001
-            params = {"method": param_value((record.get("recipe") or {}).get("merge_method"))}
-        for key in ("candidate_id", "recipe_hash", "worker", "cached", "attempts"):
-            value = record.get("id" if key == "candidate_id" else key)
-            if value is not None:
-                params[key] = param_value(value)
+            params = {"method": param_value(record.method or None)}
+        values = {"candidate_id": record.id, "recipe_hash": record.recipe_hash, "worker": record.worker,
+                  "cached": record.cached, "attempts": record.attempts}
+        params.update({key: param_value(value) for key, value in values.items()})
         return params
 
     def _update_pareto(self, front: set[int]) -> None:
@@ -549,16 +549,16 @@ class Tracker:
     # --- the parent's summary -----------------------------------------------------------------------
     def _report(self, max_generation: int | None = None) -> RunReport:
         with self._lock:
-            rows = [r for r in self._slim.values() if max_generation is None or r["generation"] <= max_generation]
-        return RunReport(self.run_config, sorted(rows, key=lambda r: r["id"]))
+            rows = [r for r in self._slim.values() if max_generation is None or r.generation <= max_generation]
+        return RunReport(self.run_config, sorted(rows, key=lambda r: r.id))
 
     def _front_ids(self) -> set[int]:
-        return {r["id"] for r in self._report().front()}
+        return {r.id for r in self._report().front()}
 
     def _complete_generations(self) -> set[int]:
         """Generations followed by a later one (so complete), whose step metrics are not logged yet."""
         with self._lock:
-            generations = {r["generation"] for r in self._slim.values()}
+            generations = {r.generation for r in self._slim.values()}
         if not generations:
             return set()
         last = max(generations)
@@ -568,7 +568,7 @@ class Tracker:
         """At close: the latest generation, also when it was cut short (budget, time limit, Ctrl-C) and
         never completed - else its candidates would be missing from the final step metrics."""
         with self._lock:
-            generations = {r["generation"] for r in self._slim.values()}
+            generations = {r.generation for r in self._slim.values()}
         return {max(generations)} if generations else set()
 
     def _log_steps(self, steps: Iterable[int]) -> None:
@@ -583,9 +583,9 @@ class Tracker:
                 continue  # already logged with these candidates (e.g. before a resume)
             counts[step] = report.count
             values = {"hypervolume": report.hypervolume(), "candidates": report.count,
-                      "failed": sum(1 for r in report.records if r["status"] != "ok"), "front_size": len(report.front())}
+                      "failed": sum(1 for r in report.records if not r.ok), "front_size": len(report.front())}
             for label, direction in zip(self.labels, self.directions):
-                seen = [r["objectives"][label] for r in report.ok]
+                seen = [r.objectives[label] for r in report.ok]
                 if seen:
                     values[f"best/{self.metric_keys[label]}"] = max(seen) if direction == "maximize" else min(seen)
             metrics += [Metric(k, float(v), stamp, int(step)) for k, v in values.items()]
@@ -606,16 +606,16 @@ class Tracker:
                 writer = csv.writer(f)
                 writer.writerow(["id", "generation", *self.labels, "score", "method", "recipe_hash", "run_id"])
                 for row in front:
-                    writer.writerow([row["id"], row["generation"], *[row["objectives"][k] for k in self.labels],
-                                     f"{report.score(row):.6g}", row["method"], row["recipe_hash"],
-                                     self._children.get(row["id"], "")])
+                    writer.writerow([row.id, row.generation, *[row.objectives[k] for k in self.labels],
+                                     f"{report.score(row):.6g}", row.method, row.recipe_hash,
+                                     self._children.get(row.id, "")])
             ok = report.ok
             drawn = time.monotonic()
             if ok and (final or (drawn - self._plotted_at) * PLOT_SHARE >= self._plot_seconds):
-                index = {r["id"]: i for i, r in enumerate(ok)}
-                plot_front(root / "plots" / "front.png", report.values(ok), [index[r["id"]] for r in front],
-                           self.labels, self.directions, ids=[r["id"] for r in ok],
-                           generations=[r["generation"] for r in ok])
+                index = {r.id: i for i, r in enumerate(ok)}
+                plot_front(root / "plots" / "front.png", report.values(ok), [index[r.id] for r in front],
+                           self.labels, self.directions, ids=[r.id for r in ok],
+                           generations=[r.generation for r in ok])
                 with self._lock:
                     best = [record for _, _, record in sorted(self._top, key=lambda t: (-t[0], -t[1]))]
                 if best:
@@ -626,39 +626,34 @@ class Tracker:
         self._artifacts_at = counted
 
     # --- in-memory bookkeeping ----------------------------------------------------------------------
-    def _remember_all(self, records: Iterable[dict[str, Any]], *, queue: bool) -> None:
+    def _remember_all(self, records: Iterable[CandidateRecord], *, queue: bool) -> None:
         with self._lock:
             for record in records:
-                self._remember(record, queue=queue and int(record["id"]) not in self._children)
+                self._remember(record, queue=queue and record.id not in self._children)
 
-    def _remember(self, record: Mapping[str, Any], *, queue: bool) -> None:
+    def _remember(self, record: CandidateRecord, *, queue: bool) -> None:
         """(Caller holds _lock.) Keep the slim record, the full one while it waits, and the best few."""
-        cid = int(record["id"])
-        objectives = {k: float(v) for k, v in (record.get("objectives") or {}).items() if _number(v)}
-        self._slim[cid] = {
-            "id": cid, "generation": int(record.get("generation") or 0), "status": record.get("status"),
-            "objectives": objectives, "recipe_hash": record.get("recipe_hash", ""),
-            "method": (record.get("recipe") or {}).get("merge_method", ""),
-        }
+        cid = record.id
+        self._slim[cid] = record.slim()
         if queue and cid not in self._pending:
-            self._pending[cid] = dict(record)
+            self._pending[cid] = record
             while len(self._pending) > self.max_queue:
                 self._pending.pop(next(iter(self._pending)))
                 self._overflow = True
-        if record.get("status") == "ok" and all(label in objectives for label in self.labels) and self.best_few > 0:
-            score = RunReport(self.run_config, []).score({"objectives": objectives})
+        if record.has_all(self.labels) and self.best_few > 0:
+            score = self._scorer.score(record)
             self._top = [t for t in self._top if t[1] != -cid]
-            self._top.append((score, -cid, dict(record)))
+            self._top.append((score, -cid, record))
             self._top.sort(key=lambda t: (t[0], t[1]), reverse=True)
             del self._top[self.best_few:]
 
-    def _reload_dropped(self, have: set[int]) -> list[dict[str, Any]]:
+    def _reload_dropped(self, have: set[int]) -> list[CandidateRecord]:
         """Full records dropped from the bounded queue (or never queued): re-read from evaluations.jsonl."""
         with self._lock:
             wanted = {cid for cid in self._slim if cid not in self._children and cid not in have}
         if not wanted:
             return []
-        return [r for r in RunDir(self.run_dir).records() if int(r["id"]) in wanted]
+        return [r for r in RunDir(self.run_dir).records() if r.id in wanted]
 
     # --- failures -----------------------------------------------------------------------------------
     def _fail(self, what: str, exc: BaseException) -> None:
