@@ -1,4 +1,6 @@
-"""Command line: ``evomerge merge``, ``evomerge zoo build``, ``evomerge route``.
+"""Command line: ``evomerge merge``, ``eval``, ``search``, ``front``, ``export``, ``ui``, ``zoo build|compare``.
+
+Commands parse options, call the library (``evomerge.launch.run_search`` for a search) and print.
 
 Errors a user can fix (bad recipe, bad checkpoint, bad option) print one clear line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -10,8 +12,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,22 +20,6 @@ from rich.console import Console
 
 # Library progress bars (tqdm in transformers, lm-eval, mergekit) would interleave with ours.
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-@contextmanager
-def _signals_as_interrupt(*signals: int) -> Iterator[None]:
-    """While the block runs, these signals stop it the way Ctrl-C does (KeyboardInterrupt), so the
-    command cleans up (saves state, stops servers) instead of dying on the spot."""
-
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, _interrupt) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
 
 def _number(value: float) -> str:
     """Four decimals, or scientific notation for huge values (perplexities of broken merges)."""
@@ -183,12 +167,9 @@ def search(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Search merge recipes: an optimizer proposes, Ray workers merge in memory and score, everything is checkpointed."""
-    import os
-
-    from evomerge.runtime.executor import make_executor
-    from evomerge.search.config import ConfigError, load_run_config, parse_duration
-    from evomerge.search.driver import Search, SearchError
-    from evomerge.search.rundir import RunDir
+    from evomerge.launch import run_search
+    from evomerge.search.config import ConfigError
+    from evomerge.search.driver import SearchError
 
     overrides = list(set_ or [])
     if workers is not None:
@@ -200,43 +181,19 @@ def search(
     if time_limit:
         overrides.append(f"runtime.time_limit={time_limit}")
     try:
-        run = load_run_config(config, overrides)
-        seconds = parse_duration(run.config.runtime.time_limit)
-        directory = RunDir(run_dir or Path("runs") / (run.config.name or config.stem))
-        address = run.config.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-        executor = make_executor(run, address=address)
+        launched = run_search(config, run_dir=run_dir, overrides=overrides, resume=resume, budget=budget,
+                              progress=not quiet)
     except (*_user_errors(), ConfigError, SearchError) as exc:
         _fail(str(exc))
-    from evomerge.tracking.tracker import Tracker
-
-    tracker = Tracker.from_config(run.to_dict(), directory.path)
-    started: list[bool] = []
-
-    def start_tracking() -> None:  # only once the run dir is known to be ours
-        tracker.start(resume=resume)
-        started.append(True)
-
-    status = "FAILED"
-    try:
-        job = Search(run, directory, executor, budget=budget, time_limit=seconds, progress=not quiet,
-                     on_record=tracker.on_record, on_generation=tracker.on_generation, on_start=start_tracking)
-        with _signals_as_interrupt(signal.SIGTERM):  # `kill PID` stops an overnight run cleanly, like Ctrl-C
-            summary = job.execute(resume=resume)
-        status = "KILLED" if summary.stopped == "interrupted" else "FINISHED"
-    except (ConfigError, SearchError) as exc:
-        _fail(str(exc))
-    finally:
-        executor.shutdown()
-        if started:
-            tracker.close(status)
+    summary, directory = launched.summary, launched.run_dir
     err.print(
         f"{summary.stopped}: {summary.evaluated} candidates ({summary.failed} failed, {summary.cached} cached) "
-        f"in {summary.seconds:.0f}s · run dir {directory.path}",
+        f"in {summary.seconds:.0f}s · run dir {directory}",
         highlight=False,
     )
     if summary.stopped != "budget":
-        err.print(f"continue with: evomerge search {config} --run-dir {directory.path} --resume", highlight=False)
-    _print_front(directory.path, json_output=False)
+        err.print(f"continue with: evomerge search {config} --run-dir {directory} --resume", highlight=False)
+    _print_front(directory, json_output=False)
 
 
 @app.command()
@@ -380,7 +337,9 @@ def ui(
 
     # SIGTERM/SIGHUP end the command like Ctrl-C (the server goes with it); SIGINT explicitly too: a
     # process started from a background job inherits SIGINT ignored, and `kill -INT` would do nothing
-    with _signals_as_interrupt(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    from evomerge.launch import signals_as_interrupt
+
+    with signals_as_interrupt(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             server.start()
             err.print(f"starting mlflow server for {store} (pid {server.process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
