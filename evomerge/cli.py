@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional, cast
 
 import typer
 from rich.console import Console
@@ -125,7 +125,7 @@ def eval_command(
     try:
         objectives = [Objective(task=name, split=split, limit=limit) for name in names]
         evaluator = CandidateEvaluator(
-            objectives, include_paths=include_path or [], backend=backend, device=device,
+            objectives, include_paths=include_path or [], backend=cast(Literal["fast", "lm-eval"], backend), device=device,
             base_dir=Path.cwd(), allow_pickle=allow_pickle,
         )
         if target.is_dir():
@@ -281,7 +281,8 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
     prefix = os.path.commonprefix(names) if len(names) > 1 else ""
     prefix = prefix[: max(prefix.rfind("_"), prefix.rfind("-")) + 1]  # a shared "zoo_" is said once, in the title
     if prefix:
-        table.title += f" · tasks {prefix}*"
+        title += f" · tasks {prefix}*"
+        table.title = title
     for label, direction in zip(report.labels, report.directions):
         name, _, metric = label.rpartition("/")
         name = name.removeprefix(prefix)
@@ -341,15 +342,15 @@ def ui(
 
     with signals_as_interrupt(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
-            server.start()
-            err.print(f"starting mlflow server for {store} (pid {server.process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
+            process = server.start()
+            err.print(f"starting mlflow server for {store} (pid {process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
             server.wait_ready(timeout)
             experiment_id = link.experiment_id if link else server.experiment_id(experiment or "evomerge")
             err.print(f"MLflow UI on {server.url} - Ctrl-C to stop", highlight=False, soft_wrap=True)
             out.print(server.experiment_url(experiment_id), highlight=False, soft_wrap=True)
             while server.alive():
                 time.sleep(0.5)
-            _fail(f"mlflow server exited (code {server.process.returncode}):\n{server.log_tail()}")
+            _fail(f"mlflow server exited (code {process.returncode}):\n{server.log_tail()}")
         except ServerError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:

@@ -127,7 +127,7 @@ class CandidateEvaluator:
         start = time.perf_counter()
         path = Path(path)
         Checkpoint(path, allow_pickle=self.allow_pickle)  # clear errors for non-checkpoints, pickle refusal
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()  # type: ignore[arg-type]  # transformers' typed .to wrapper
         loaded = time.perf_counter()
         result = self._result(str(path), self._score(model, path))
         result.materialize_seconds = loaded - start
@@ -185,7 +185,7 @@ class CandidateEvaluator:
         metrics = {f"{item.name}@{item.split}": scores[item.key] for item in self.prepared}
         by_label = {o.label: o for o in self.objectives}
         values = {
-            label: scores[item.key][by_label[label].metric]
+            label: scores[item.key][str(by_label[label].metric)]
             for item in self.prepared
             for label in item.objective_labels
         }

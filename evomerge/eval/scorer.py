@@ -117,7 +117,7 @@ class FastScorer:
         for item, task_windows in zip(self.prepared, self._windows):
             responses = []
             for doc, group in zip(task_windows, item.instances_by_doc):
-                doc_responses = []
+                doc_responses: list[Any] = []
                 for inst, instance in zip(doc, group):
                     values = results[cursor: cursor + len(inst)]
                     cursor += len(inst)
@@ -146,7 +146,9 @@ class FastScorer:
                 ids[row, : len(tokens)] = torch.tensor(tokens)
             logits = model(input_ids=ids.to(device)).logits
             # only the positions that predict continuation tokens
-            rows_idx, pos_idx, targets = [], [], []
+            rows_idx: list[int] = []
+            pos_idx: list[int] = []
+            targets: list[int] = []
             for row, index in enumerate(batch):
                 seq = sequences[index]
                 n, k = len(seq.tokens), len(seq.target)

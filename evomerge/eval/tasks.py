@@ -110,7 +110,7 @@ def objective_directions(objectives: Sequence[Objective], include_paths: Sequenc
         return [str(o.direction) for o in objectives]
     manager = make_task_manager(list(dict.fromkeys(o.task for o in objectives if not o.direction)), include_paths)
     declared: dict[str, dict[str, bool]] = {}
-    directions = []
+    directions: list[str] = []
     for objective in objectives:
         if objective.direction:
             directions.append(objective.direction)

@@ -139,9 +139,9 @@ class ResolvedRun:
                     recipe = stage_recipe(ref, stages[ref], self.base_dir)
                 except StageError as exc:
                     raise ConfigError(f"{source}: {exc}") from None
-                path = str(stage_checkpoint(ref, recipe))
-                self.stages[path] = (ref, recipe)
-                return path
+                checkpoint = str(stage_checkpoint(ref, recipe))
+                self.stages[checkpoint] = (ref, recipe)
+                return checkpoint
             if ref in self.names:
                 return self.names[ref]
             path = _path(ref, self.base_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from evomerge.atomic import staging_dir
 from evomerge.recipe import chain_to_yaml
@@ -22,13 +23,13 @@ def export_yaml(record: CandidateRecord) -> str:
     return chain_to_yaml(chain_of(recipe_of(record)))
 
 
-def export_front(report: RunReport, out_dir: Path) -> list[Path]:
+def export_front(report: RunReport, out_dir: str | Path) -> list[Path]:
     """One YAML per front member plus ``index.json`` (ids, objectives, files), written atomically."""
     front = report.front()
     if not front:
         raise PickError("the run has no successful candidate yet")
     knee_id = knee(report).id
-    index = []
+    index: list[dict[str, Any]] = []
     with staging_dir(out_dir) as tmp:
         for record in front:
             name = f"candidate-{record.id:05d}.yaml"

@@ -19,7 +19,7 @@ def to_minimize(values: Sequence[Sequence[float]], directions: Sequence[str]) ->
 def pareto_indices(F: np.ndarray) -> list[int]:
     """Indices of the non-dominated rows of F (minimization); duplicates keep their first occurrence."""
     F = np.asarray(F, dtype=float)
-    keep = []
+    keep: list[int] = []
     for i in range(len(F)):
         dominated = np.any(np.all(F <= F[i], axis=1) & np.any(F < F[i], axis=1))
         duplicate = any(np.array_equal(F[i], F[j]) for j in keep)

@@ -60,10 +60,10 @@ def _num_layers(model: str) -> int:
 
 
 def _clip(x: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
-    x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-    if x.shape != (dim,):
-        raise ValueError(f"genome has {dim} genes, got an array of shape {x.shape}")
-    return x
+    genes = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    if genes.shape != (dim,):
+        raise ValueError(f"genome has {dim} genes, got an array of shape {genes.shape}")
+    return genes
 
 
 def _short(model: str) -> str:

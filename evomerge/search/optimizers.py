@@ -112,8 +112,9 @@ class NSGA2(Optimizer):
         self._asked = None
 
     def ask(self) -> np.ndarray:
-        self._asked = self.algorithm.ask()
-        return np.clip(np.asarray(self._asked.get("X"), dtype=float), 0.0, 1.0)
+        asked = self.algorithm.ask()
+        self._asked = asked
+        return np.clip(np.asarray(asked.get("X"), dtype=np.float64), 0.0, 1.0)
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         from pymoo.core.evaluator import Evaluator

@@ -142,11 +142,12 @@ def load_space(data: Mapping[str, Any] | str | Path, *, source: str = "search sp
     if not isinstance(data, Mapping):
         raise SpaceError(f"{source}: expected a mapping with kind: ps or dfs")
     kind = data.get("kind", "ps")
-    model = {"ps": ParameterSpace, "dfs": DataFlowSpace}.get(kind)
-    if model is None:
+    if kind not in ("ps", "dfs"):
         raise SpaceError(f"{source}: kind: {kind!r} is not valid; use ps or dfs")
     try:
-        return model.model_validate(dict(data))
+        if kind == "ps":
+            return ParameterSpace.model_validate(dict(data))
+        return DataFlowSpace.model_validate(dict(data))
     except ValidationError as exc:
         raise SpaceError(f"{source}: {_describe(exc)}") from None
     except ValueError as exc:

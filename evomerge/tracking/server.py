@@ -72,7 +72,8 @@ class MlflowServer:
     def experiment_url(self, experiment_id: str | None) -> str:
         return f"{self.url}/#/experiments/{experiment_id}" if experiment_id is not None else self.url
 
-    def start(self) -> None:
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start ``mlflow server`` in its own session (so Ctrl-C in our terminal is ours to handle)."""
         if not port_is_free(self.port, self.host):
             raise ServerError(f"port {self.port} on {self.host} is in use; pass another --port")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -87,6 +88,7 @@ class MlflowServer:
                 command, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self.process
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Poll ``/health`` until the server answers; ServerError if it exits or takes too long."""

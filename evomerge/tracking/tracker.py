@@ -212,7 +212,8 @@ class Tracker:
             self._requested += 1
             target = self._requested
             self._wake.set()
-            return self._done_cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
+            thread = self._thread
+            return self._done_cond.wait_for(lambda: self._done >= target or thread is None or not thread.is_alive(), timeout)
 
     def close(self, status: str = "FINISHED") -> None:
         """Final flush, then end the parent run with ``status`` (FINISHED, FAILED or KILLED). Waits while
@@ -515,7 +516,7 @@ class Tracker:
         params = self._child_params(record)
         items = [Param(k, v) for k, v in params.items()]
         self.client.log_batch(run_id, metrics=metrics, params=items[:BATCH_PARAMS],
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
         for i in range(BATCH_PARAMS, len(items), BATCH_PARAMS):
             self.client.log_batch(run_id, params=items[i: i + BATCH_PARAMS])
         try:

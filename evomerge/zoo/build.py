@@ -582,7 +582,7 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
     finetuned: dict[str, dict[str, torch.Tensor]] = {}
     with _torch_settings(config.threads):
         torch.manual_seed(_sub_seed(seed, "init"))
-        base = LlamaForCausalLM(_model_config(config, tok)).to(torch.float32)
+        base = LlamaForCausalLM(_model_config(config, tok)).to(torch.float32)  # type: ignore[arg-type]  # transformers' typed .to wrapper
         batches = _batches(
             tok, pretraining_mixture(config), seed, "base", exclude, target_only=False, batch_size=config.batch_size
         )
