@@ -204,6 +204,21 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     assert best[-1].value == max(r.objectives["sort"] for r in records if r.ok)
 
 
+def test_the_final_front_plot_shows_every_candidate(tmp_path, empty_store, monkeypatch) -> None:
+    """Plots are throttled while a search runs (PLOT_SHARE), but at close they show the final front,
+    as front.csv does; the plot once stopped at the candidates of an early generation."""
+    import evomerge.tracking.plots as plots
+    import evomerge.tracking.tracker as tracker_module
+
+    drawn: list[int] = []
+    real = plots.plot_front
+    monkeypatch.setattr(plots, "plot_front", lambda *a, **k: (drawn.append(len(k["ids"])), real(*a, **k))[1])
+    monkeypatch.setattr(tracker_module, "PLOT_SHARE", 0.0)  # after the first drawing, only close may draw
+    run_dir, config, records = make_run_dir(tmp_path / "run", empty_store)
+    drive(Tracker(config, run_dir.path), run_dir, records)
+    assert drawn and drawn[-1] == sum(1 for r in records if r.ok)
+
+
 def test_leaving_the_front_flips_the_tag(tmp_path, empty_store) -> None:
     run_dir, config, _ = make_run_dir(tmp_path / "run", empty_store)
     base = [r.replace(status=CandidateStatus.OK, reason=None, generation=0) for r in make_records()[:3]]

@@ -116,6 +116,8 @@ class Tracker:
         """The best few full records (by the weighted score), for the weights heatmap."""
         self._summary_steps: set[int] = set()
         self._artifacts_at = -1
+        self._plotted_count = -1
+        """How many records the plots showed when last drawn (the plots may lag front.csv; never at close)."""
         """How many records the parent's artifacts showed when last logged."""
         self._plot_seconds = 0.0
         self._plotted_at = -math.inf
@@ -337,7 +339,7 @@ class Tracker:
         self._log_steps(steps)  # skips steps already logged with the same candidates
         with self._lock:
             self._summary_steps -= requested
-            changed = len(self._slim) != self._artifacts_at
+            changed = len(self._slim) != self._artifacts_at or (final and len(self._slim) != self._plotted_count)
         if changed:
             self._log_artifacts(final=final)
         self._backfill = False
@@ -623,6 +625,7 @@ class Tracker:
                     plot_weights(root / "plots" / "weights.png", best)
                 self._plotted_at = time.monotonic()
                 self._plot_seconds = self._plotted_at - drawn
+                self._plotted_count = counted
             self.client.log_artifacts(self.parent_run_id, tmp)
         self._artifacts_at = counted
 
