@@ -18,9 +18,12 @@ What needs the whole tensor is computed in earlier passes over the same blocks:
   for the output pass.
 Everything else is element-wise and gives the same numbers block by block as whole.
 
-Tensors of at most ``WHOLE_TENSOR_MAX`` entries (all of them in small models, so the mergekit parity
-tests and the search's in-memory candidates), float64 merges, and methods without a kernel here
-(breadcrumbs, della) are merged whole by the method's own function.
+Which method gets which kernel follows from its declaration (``evomerge.recipe.methods.SPECS``):
+one kernel per algorithm (``KERNELS``), and for the task-arithmetic family one block selector per
+sparsification (``SELECTORS``). Tensors of at most ``WHOLE_TENSOR_MAX`` entries (all of them in small
+models, so the mergekit parity tests and the search's in-memory candidates), float64 merges, and
+methods whose sparsification has no block selector (breadcrumbs' ``magnitude_outliers``, della) are
+merged whole by the method's own function.
 
 Randomness differs between the two paths: whole tensors draw DARE masks with ``torch.bernoulli``
 (mergekit's call), blocks from a numpy stream per (tensor, input) (``bernoulli`` costs ~11 ns per
@@ -50,6 +53,7 @@ from evomerge.merge.methods import (
     nuslerp_t,
     slerp_coefficients,
 )
+from evomerge.recipe.methods import SPECS, Algorithm, MethodSpec, Sparsification
 
 BLOCK_ELEMENTS = 1 << 18
 """Entries per block (1 MiB in float32): small enough for L2 cache, large enough that per-op
@@ -420,8 +424,10 @@ SAMPLE_EVERY = 16
 """TIES: every 16th block is histogrammed first, to predict where the threshold lies."""
 
 
-def _magnitude_selectors(inputs: JobInputs, blocks: list[slice], densities: list[float], rescale: bool) -> list[_Keep]:
-    """TIES trimming per input (exact k largest; see ``_RadixSelect``)."""
+def _magnitude_selectors(
+    inputs: JobInputs, blocks: list[slice], densities: list[float], rescale: bool, seed: int
+) -> list[_Keep]:
+    """TIES trimming per input (exact k largest; see ``_RadixSelect``). Not random: ``seed`` unused."""
     n = inputs.numel
     selectors: list[_Keep] = []
     select: dict[int, _RadixSelect] = {}
@@ -499,20 +505,38 @@ def _random_selectors(
     return selectors
 
 
-def task_arithmetic_blocks(name: str, sparsification: str | None, consensus: str | None) -> BlockKernel:
-    """Block kernel of the generalized task-arithmetic family (task_arithmetic, ties, dare_*)."""
+def _keep_all(inputs: JobInputs, blocks: list[slice], densities: list[float], rescale: bool, seed: int) -> list[_Keep]:
+    """No sparsification: every task vector is kept whole."""
+    return [_Keep() for _ in densities]
+
+
+Selectors = Callable[[JobInputs, list[slice], list[float], bool, int], list[_Keep]]
+"""``selectors(inputs, blocks, densities, rescale, seed)``: one sparsifier per input, after any
+passes over the blocks its statistics need."""
+
+SELECTORS: dict[Sparsification | None, Selectors] = {
+    None: _keep_all,
+    Sparsification.MAGNITUDE: _magnitude_selectors,
+    Sparsification.RANDOM: _random_selectors,
+}
+"""Sparsifications the task-arithmetic kernel can apply block by block; members of the family with
+another one (breadcrumbs, della) are merged whole."""
+
+
+def task_arithmetic_blocks(spec: MethodSpec) -> BlockKernel | None:
+    """Block kernel of a member of the generalized task-arithmetic family (``None`` when its
+    sparsification has no block selector): sparsifiers per input first, then the element-wise
+    combination (``combine_task_vectors``, shared with the whole-tensor function) per block."""
+    select = SELECTORS.get(spec.sparsification)
+    if select is None:
+        return None
+    name, consensus = spec.name, spec.consensus
 
     def kernel(inputs: JobInputs, model_params, params, seed: int) -> Iterator[Block]:
         blocks = inputs.row_blocks()
         weights = [float(p["weight"]) for p in model_params]
         densities = [float(p["density"]) for p in model_params]
-        rescale = bool(params["rescale"])
-        if sparsification == "magnitude":
-            selectors = _magnitude_selectors(inputs, blocks, densities, rescale)
-        elif sparsification == "random":
-            selectors = _random_selectors(inputs, blocks, densities, rescale, seed)
-        else:
-            selectors = [_Keep() for _ in model_params]
+        selectors = select(inputs, blocks, densities, bool(params["rescale"]), seed)
         for rows in blocks:
             xs, base = inputs.read(rows)
             if not xs:
@@ -521,18 +545,33 @@ def task_arithmetic_blocks(name: str, sparsification: str | None, consensus: str
             deltas = [selector.apply_(torch.sub(x, base)) for selector, x in zip(selectors, xs)]
             yield rows, combine_task_vectors(deltas, base, weights, params, consensus=consensus, name=name)
 
+    kernel.__name__ = kernel.__qualname__ = f"{name}_blocks"
     return kernel
 
 
+# ----------------------------------------------------------------------------------------------
+# the kernels of the declared methods
+
+
+KERNELS: dict[Algorithm, Callable[[MethodSpec], BlockKernel | None]] = {
+    Algorithm.LINEAR: lambda spec: elementwise(linear),
+    Algorithm.PASSTHROUGH: lambda spec: passthrough_blocks,
+    Algorithm.SLERP: lambda spec: slerp_blocks,
+    Algorithm.NUSLERP: lambda spec: nuslerp_blocks,
+    Algorithm.MODEL_STOCK: lambda spec: model_stock_blocks,
+    Algorithm.TASK_ARITHMETIC: task_arithmetic_blocks,
+}
+"""Per algorithm: the block kernel of a declared method, or ``None`` (merged whole). An algorithm
+missing here is merged whole too."""
+
+
+def block_kernel(spec: MethodSpec) -> BlockKernel | None:
+    """The block kernel of a declared method, or ``None`` when it is always merged whole."""
+    make = KERNELS.get(spec.algorithm)
+    return make(spec) if make is not None else None
+
+
 BLOCK_KERNELS: dict[str, BlockKernel] = {
-    "linear": elementwise(linear),
-    "passthrough": passthrough_blocks,
-    "slerp": slerp_blocks,
-    "nuslerp": nuslerp_blocks,
-    "model_stock": model_stock_blocks,
-    "task_arithmetic": task_arithmetic_blocks("task_arithmetic", None, None),
-    "ties": task_arithmetic_blocks("ties", "magnitude", "sum"),
-    "dare_ties": task_arithmetic_blocks("dare_ties", "random", "sum"),
-    "dare_linear": task_arithmetic_blocks("dare_linear", "random", None),
+    name: kernel for name, spec in SPECS.items() if (kernel := block_kernel(spec)) is not None
 }
 """Methods merged block-wise for large tensors; the others are always merged whole."""

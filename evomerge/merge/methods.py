@@ -1,6 +1,12 @@
-"""Merge methods: one small pure function per method, and a plain registry.
+"""Whole-tensor merge functions, one per declared algorithm, and the engine's method registry.
 
-Every method has the same call shape so the engine (and the in-memory evaluator) can run any of
+Every method is declared once, torch-free, in ``evomerge.recipe.methods.SPECS`` (names, parameters,
+defaults, inputs; for the task-arithmetic family its sparsification and consensus). This module
+gives each declaration its function (``METHODS``, built from ``SPECS`` and ``WHOLE_TENSOR``), which
+the engine runs on tensors merged whole; ``merge/blocks.py`` derives the block kernels for large
+tensors from the same declarations.
+
+Every function has the same call shape so the engine (and the in-memory evaluator) can run any of
 them in one loop over tensors:
 
     fn(tensors, base, model_params, params, generator) -> Tensor
@@ -12,6 +18,11 @@ them in one loop over tensors:
 - ``model_params``: one dict per entry of ``tensors`` with that input's resolved parameters.
 - ``params``: the resolved global (shared) parameters.
 - ``generator``: a seeded ``torch.Generator`` for randomized methods (dare, della), else ``None``.
+
+``METHODS[name].fn`` checks its inputs against the declaration (counts, base, dtypes, shapes)
+before computing; the algorithm functions below (``linear``, ``slerp``, ...,
+``generalized_task_arithmetic``) do not, since the block kernels call them on pieces of inputs the
+plan has already checked.
 
 Parameter names, defaults and semantics follow mergekit (0.1.5), the reference implementation;
 tests hold each method to mergekit's output.
@@ -38,108 +49,57 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from evomerge.recipe import methods as declared
+from evomerge.recipe.methods import (  # noqa: F401 (REQUIRED re-exported)
+    REQUIRED,
+    Algorithm,
+    Consensus,
+    Sparsification,
+    check_count,
+)
 
 MethodFn = Callable[
     [Sequence[Tensor], Tensor | None, Sequence[Mapping[str, Any]], Mapping[str, Any], torch.Generator | None],
     Tensor,
 ]
 
-REQUIRED = object()
-"""Marks a parameter that has no default: a recipe must set it."""
-
 EXACT_SORT_MAX_NUMEL = 1 << 16
 """Magnitude selection sorts (as mergekit does) up to this many elements, else uses ``kthvalue``."""
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What the engine needs to know about a method besides its function."""
+@dataclass(frozen=True, kw_only=True)
+class MethodSpec(declared.MethodSpec):
+    """A method's declaration (``evomerge.recipe.methods.MethodSpec``) with its whole-tensor function."""
 
-    name: str
     fn: MethodFn
-    uses_base: bool = False
-    """The base model is a distinguished input (``base``), required by the method."""
-    params: Mapping[str, Any] = field(default_factory=dict)
-    """Global parameters and their defaults (``REQUIRED`` for none)."""
-    model_params: Mapping[str, Any] = field(default_factory=dict)
-    """Per-input parameters and their defaults (``REQUIRED`` for none). Never bound for the base
-    when the base is a distinguished input."""
-    min_inputs: int = 1
-    max_inputs: int | None = None
-    """Bounds on ``len(tensors)`` (base excluded when it is a distinguished input)."""
-    randomized: bool = False
-    optional_base: bool = False
-    """The base model, when a recipe names one, is a distinguished input (``base``, not in
-    ``tensors``); without one the method still runs (``base=None``). Only nuslerp."""
-    optional_tensor_policy: str = "error"
-    """mergekit's handling of an *optional* weight (e.g. ``lm_head`` of a tied model) that only
-    some inputs have: ``"error"``; ``"passthrough_singleton"`` (exactly one input has it: copy
-    that one); ``"base_or_skip"`` (fewer inputs than the method needs: copy the base's if only the
-    base has it, else leave the tensor out)."""
-
-    def check_inputs(self, count: int, has_base: bool) -> None:
-        """Raise ``ValueError`` unless ``count`` inputs (base excluded) and ``has_base`` suit the method."""
-        _check_count(self.name, count, self.min_inputs, self.max_inputs)
-        if self.uses_base and not has_base:
-            raise ValueError(f"{self.name}: needs a base model (base_model)")
-        if has_base and not (self.uses_base or self.optional_base):
-            raise ValueError(f"{self.name}: takes no distinguished base tensor; pass the base as an input")
-
-    def bind(
-        self, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Fill defaults into (params, model_params); unknown or missing required names raise."""
-
-        def fill(given: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
-            unknown = set(given) - set(defaults)
-            if unknown:
-                raise ValueError(f"{self.name}: unknown {where} parameter(s): {', '.join(sorted(unknown))}")
-            out = {key: given.get(key, default) for key, default in defaults.items()}
-            missing = [key for key, value in out.items() if value is REQUIRED]
-            if missing:
-                raise ValueError(f"{self.name}: required {where} parameter(s) not set: {', '.join(missing)}")
-            return out
-
-        return fill(params, self.params, "global"), [fill(p, self.model_params, "per-model") for p in model_params]
 
 
 # ----------------------------------------------------------------------------------------------
 # input checks
 
 
-def _check_count(name: str, count: int, lo: int, hi: int | None) -> None:
-    if count < lo or (hi is not None and count > hi):
-        if hi == lo:
-            want = f"exactly {lo}"
-        elif hi is None:
-            want = f"at least {lo}"
-        else:
-            want = f"{lo} to {hi}"
-        raise ValueError(f"{name}: takes {want} input tensor(s) besides any base, got {count}")
-
-
 def _check(
-    name: str,
+    spec: declared.MethodSpec,
     tensors: Sequence[Tensor],
     base: Tensor | None,
     model_params: Sequence[Mapping[str, Any]],
-    *,
-    lo: int,
-    hi: int | None,
-    base_policy: str,
 ) -> None:
-    """Validate counts, base presence (``required``/``optional``/``ignored``), dtypes and shapes."""
-    _check_count(name, len(tensors), lo, hi)
+    """Validate what the declaration implies: input counts, the base's presence (required with
+    ``uses_base``, allowed with ``optional_base``, else refused), floating dtypes, equal shapes."""
+    name = spec.name
+    check_count(name, len(tensors), spec.min_inputs, spec.max_inputs)
     if len(model_params) != len(tensors):
         raise ValueError(f"{name}: got {len(model_params)} model_params for {len(tensors)} tensors")
-    if base is None and base_policy == "required":
+    if base is None and spec.uses_base:
         raise ValueError(f"{name}: needs a base model tensor")
-    if base is not None and base_policy == "ignored":
+    if base is not None and not (spec.uses_base or spec.optional_base):
         raise ValueError(f"{name}: takes no distinguished base tensor; pass the base as an input")
     every = list(tensors) + ([base] if base is not None else [])
     for tensor in every:
@@ -176,7 +136,6 @@ def linear(
     As in mergekit there is no guard for weights summing to zero: with ``normalize`` the result
     is then inf/nan.
     """
-    _check("linear", tensors, base, model_params, lo=1, hi=None, base_policy="ignored")
     weights = [float(p["weight"]) for p in model_params]
     dtype = tensors[0].dtype
     out = tensors[0].to(_accumulation_dtype(dtype)) * weights[0]
@@ -195,7 +154,6 @@ def passthrough(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The single input, times its ``scale`` when set (returned as is, not copied, without)."""
-    _check("passthrough", tensors, base, model_params, lo=1, hi=1, base_policy="ignored")
     scale = model_params[0]["scale"]
     return tensors[0] if scale is None else tensors[0] * float(scale)
 
@@ -252,7 +210,6 @@ def slerp(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Spherical interpolation from the base (``t=0``) to the one other input (``t=1``)."""
-    _check("slerp", tensors, base, model_params, lo=1, hi=1, base_policy="required")
     return slerp_tensors(float(params["t"]), base, tensors[0])
 
 
@@ -317,7 +274,6 @@ def nuslerp(
 ) -> Tensor:
     """Slerp of two inputs at ``t = weight[1] / (weight[0] + weight[1])`` (0.5 if that sum is ~0);
     with a base, of their task vectors, added back to the base."""
-    _check("nuslerp", tensors, base, model_params, lo=2, hi=2, base_policy="optional")
     t = nuslerp_t(model_params)
     options = {"row_wise": bool(params["nuslerp_row_wise"]), "flatten": bool(params["nuslerp_flatten"])}
     if base is None:
@@ -343,7 +299,6 @@ def model_stock(
     Whole tensors by default; per row (last dimension) with ``filter_wise`` (1-D tensors are then
     one row). Where the denominator vanishes (|.| < 1e-6) the base is kept.
     """
-    _check("model_stock", tensors, base, model_params, lo=2, hi=None, base_policy="required")
     shape = base.shape
     filter_wise = bool(params["filter_wise"])
     if filter_wise:
@@ -537,10 +492,11 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None,
     *,
     name: str,
-    sparsification: str | None,
-    consensus: str | None,
+    sparsification: Sparsification | None,
+    consensus: Consensus | None,
 ) -> Tensor:
-    """mergekit's GeneralizedTaskArithmeticMerge.
+    """mergekit's GeneralizedTaskArithmeticMerge (every member of the family; ``name`` is the
+    member's, for errors).
 
     For each input: task vector ``x - base``, sparsified (``magnitude`` / ``random`` /
     ``magnitude_outliers`` / ``della``, with the input's ``density``, ``gamma``, ``epsilon``),
@@ -550,7 +506,6 @@ def generalized_task_arithmetic(
     agreeing inputs under consensus; a zero sum, or |sum| < 1e-8 without consensus, divides by
     1); times ``lambda``; plus the base.
     """
-    _check(name, tensors, base, model_params, lo=0, hi=None, base_policy="required")
     if not tensors:
         return base
     rescale = bool(params["rescale"])
@@ -559,16 +514,18 @@ def generalized_task_arithmetic(
     def task_vector(x: Tensor, p: Mapping[str, Any]) -> Tensor:
         delta = torch.sub(x, base)
         density = float(p["density"])
-        if sparsification == "magnitude":
+        if sparsification is None:
+            return delta
+        if sparsification is Sparsification.MAGNITUDE:
             return sparsify_magnitude(delta, density, rescale)
-        if sparsification == "magnitude_outliers":
+        if sparsification is Sparsification.MAGNITUDE_OUTLIERS:
             return sparsify_magnitude_outliers(delta, density, float(p["gamma"]), rescale)
-        if sparsification == "random":
+        if sparsification is Sparsification.RANDOM:
             return sparsify_random(delta, density, rescale, _need_generator(name, generator) if density < 1 else None)
-        if sparsification == "della":
+        if sparsification is Sparsification.DELLA:
             gen = _need_generator(name, generator) if 0 < density < 1 else None
             return sparsify_della(delta, density, float(p["epsilon"]), rescale, gen)
-        return delta
+        raise ValueError(f"{name}: unknown sparsification {sparsification!r}")
 
     deltas = [task_vector(x, p) for x, p in zip(tensors, model_params)]
     return combine_task_vectors(deltas, base, weights, params, consensus=consensus, name=name)
@@ -580,7 +537,7 @@ def combine_task_vectors(
     weights: Sequence[float],
     params: Mapping[str, Any],
     *,
-    consensus: str | None,
+    consensus: Consensus | None,
     name: str,
 ) -> Tensor:
     """The element-wise second half of the task-arithmetic family: weight, elect signs, sum,
@@ -604,11 +561,11 @@ def combine_task_vectors(
     else:
         for d, w in zip(deltas, weights):
             d.mul_(w)
-        if consensus == "sum":
+        if consensus is Consensus.SUM:
             elected = deltas[0].clone()
             for d in deltas[1:]:
                 elected.add_(d)
-        elif consensus == "count":
+        elif consensus is Consensus.COUNT:
             elected = deltas[0].sign()
             for d in deltas[1:]:
                 elected.add_(d.sign())
@@ -640,160 +597,51 @@ def combine_task_vectors(
     return mixed.add_(base)
 
 
-def task_arithmetic(tensors, base, model_params, params, generator=None) -> Tensor:
-    """Task Arithmetic: base + sum of weighted task vectors."""
-    return generalized_task_arithmetic(
-        tensors, base, model_params, params, generator, name="task_arithmetic", sparsification=None, consensus=None
-    )
+# ----------------------------------------------------------------------------------------------
+# the registry: one function per declared method
 
 
-def ties(tensors, base, model_params, params, generator=None) -> Tensor:
-    """TIES: magnitude trimming and sign consensus."""
-    return generalized_task_arithmetic(
-        tensors, base, model_params, params, generator, name="ties", sparsification="magnitude", consensus="sum"
-    )
-
-
-def dare_ties(tensors, base, model_params, params, generator=None) -> Tensor:
-    """DARE (random drop) with TIES sign consensus."""
-    return generalized_task_arithmetic(
-        tensors, base, model_params, params, generator, name="dare_ties", sparsification="random", consensus="sum"
-    )
-
-
-def dare_linear(tensors, base, model_params, params, generator=None) -> Tensor:
-    """DARE (random drop), linear combination."""
-    return generalized_task_arithmetic(
-        tensors, base, model_params, params, generator, name="dare_linear", sparsification="random", consensus=None
-    )
-
-
-def breadcrumbs(tensors, base, model_params, params, generator=None) -> Tensor:
-    """Model Breadcrumbs: drop the largest outliers and the smallest entries."""
-    return generalized_task_arithmetic(
-        tensors,
-        base,
-        model_params,
-        params,
-        generator,
-        name="breadcrumbs",
-        sparsification="magnitude_outliers",
-        consensus=None,
-    )
-
-
-def breadcrumbs_ties(tensors, base, model_params, params, generator=None) -> Tensor:
-    """Model Breadcrumbs with TIES sign consensus."""
-    return generalized_task_arithmetic(
-        tensors,
-        base,
-        model_params,
-        params,
-        generator,
-        name="breadcrumbs_ties",
-        sparsification="magnitude_outliers",
-        consensus="sum",
-    )
-
-
-def della(tensors, base, model_params, params, generator=None) -> Tensor:
-    """DELLA: magnitude-ranked random drop with TIES sign consensus."""
-    return generalized_task_arithmetic(
-        tensors, base, model_params, params, generator, name="della", sparsification="della", consensus="sum"
-    )
-
-
-def della_linear(tensors, base, model_params, params, generator=None) -> Tensor:
-    """DELLA, linear combination."""
-    return generalized_task_arithmetic(
-        tensors, base, model_params, params, generator, name="della_linear", sparsification="della", consensus=None
-    )
-
-
-def _task_arithmetic_spec(
-    name: str, fn: MethodFn, *, normalize: bool, rescale: bool, sparsification: str | None, randomized: bool = False
-) -> MethodSpec:
-    model_params: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
-    if sparsification == "magnitude_outliers":
-        model_params["gamma"] = 0.01
-    if sparsification == "della":
-        model_params["epsilon"] = 0.15
-    return MethodSpec(
-        name=name,
-        fn=fn,
-        uses_base=True,
-        params={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-        model_params=model_params,
-        min_inputs=0,
-        randomized=randomized,
-    )
-
-
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec(
-        name="linear",
-        fn=linear,
-        params={"normalize": True},
-        model_params={"weight": REQUIRED},
-    ),
-    "slerp": MethodSpec(
-        name="slerp",
-        fn=slerp,
-        uses_base=True,
-        params={"t": REQUIRED},
-        min_inputs=1,
-        max_inputs=1,
-        optional_tensor_policy="passthrough_singleton",
-    ),
-    "nuslerp": MethodSpec(
-        name="nuslerp",
-        fn=nuslerp,
-        optional_base=True,
-        params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
-        model_params={"weight": REQUIRED},
-        min_inputs=2,
-        max_inputs=2,
-        optional_tensor_policy="passthrough_singleton",
-    ),
-    "model_stock": MethodSpec(
-        name="model_stock",
-        fn=model_stock,
-        uses_base=True,
-        params={"filter_wise": False},
-        min_inputs=2,
-        optional_tensor_policy="base_or_skip",
-    ),
-    "passthrough": MethodSpec(
-        name="passthrough",
-        fn=passthrough,
-        model_params={"scale": None},
-        min_inputs=1,
-        max_inputs=1,
-    ),
-    "task_arithmetic": _task_arithmetic_spec(
-        "task_arithmetic", task_arithmetic, normalize=False, rescale=False, sparsification=None
-    ),
-    "ties": _task_arithmetic_spec("ties", ties, normalize=True, rescale=False, sparsification="magnitude"),
-    "dare_ties": _task_arithmetic_spec(
-        "dare_ties", dare_ties, normalize=False, rescale=True, sparsification="random", randomized=True
-    ),
-    "dare_linear": _task_arithmetic_spec(
-        "dare_linear", dare_linear, normalize=False, rescale=True, sparsification="random", randomized=True
-    ),
-    "breadcrumbs": _task_arithmetic_spec(
-        "breadcrumbs", breadcrumbs, normalize=False, rescale=False, sparsification="magnitude_outliers"
-    ),
-    "breadcrumbs_ties": _task_arithmetic_spec(
-        "breadcrumbs_ties", breadcrumbs_ties, normalize=False, rescale=False, sparsification="magnitude_outliers"
-    ),
-    "della": _task_arithmetic_spec(
-        "della", della, normalize=True, rescale=True, sparsification="della", randomized=True
-    ),
-    "della_linear": _task_arithmetic_spec(
-        "della_linear", della_linear, normalize=False, rescale=True, sparsification="della", randomized=True
+WHOLE_TENSOR: dict[Algorithm, Callable[[declared.MethodSpec], MethodFn]] = {
+    Algorithm.LINEAR: lambda spec: linear,
+    Algorithm.PASSTHROUGH: lambda spec: passthrough,
+    Algorithm.SLERP: lambda spec: slerp,
+    Algorithm.NUSLERP: lambda spec: nuslerp,
+    Algorithm.MODEL_STOCK: lambda spec: model_stock,
+    Algorithm.TASK_ARITHMETIC: lambda spec: partial(
+        generalized_task_arithmetic, name=spec.name, sparsification=spec.sparsification, consensus=spec.consensus
     ),
 }
-"""The registry: method name -> spec. Names and parameters are mergekit's."""
+"""Per algorithm: the (unchecked) whole-tensor function of a declared method."""
+
+
+def _checked(spec: declared.MethodSpec, compute: MethodFn) -> MethodFn:
+    """``compute`` behind the input checks its declaration implies (see ``_check``)."""
+
+    def fn(
+        tensors: Sequence[Tensor],
+        base: Tensor | None,
+        model_params: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        _check(spec, tensors, base, model_params)
+        return compute(tensors, base, model_params, params, generator)
+
+    fn.__name__ = fn.__qualname__ = spec.name
+    fn.__doc__ = spec.summary
+    return fn
+
+
+def implement(spec: declared.MethodSpec) -> MethodSpec:
+    """The declaration with its function; a declared algorithm without one fails at import."""
+    if spec.algorithm not in WHOLE_TENSOR:
+        raise NotImplementedError(f"merge method {spec.name!r}: no whole-tensor function for {spec.algorithm!r}")
+    declaration = {f.name: getattr(spec, f.name) for f in fields(spec)}
+    return MethodSpec(**declaration, fn=_checked(spec, WHOLE_TENSOR[spec.algorithm](spec)))
+
+
+METHODS: dict[str, MethodSpec] = {name: implement(spec) for name, spec in declared.SPECS.items()}
+"""The engine's registry: method name -> declaration and function, for every declared method."""
 
 
 def get_method(name: str) -> MethodSpec:
@@ -801,6 +649,4 @@ def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        valid = ", ".join(sorted(METHODS))
-        raise ValueError(f"merge_method: unknown method {name!r}; valid methods: {valid}") from None
-
+        raise declared.unknown_method(name) from None

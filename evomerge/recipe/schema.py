@@ -3,16 +3,16 @@
 A recipe is the unit that is exported, hashed (cache key), logged and re-materialized. It reads and
 writes the YAML that mergekit's ``mergekit-yaml`` runs, so a recipe found by a search can be handed to
 either tool. Validation happens here, once: unknown fields, unknown parameters for the method and
-out-of-range values are errors that name the offending field.
+out-of-range values are errors that name the offending field. Methods and their parameters come from
+the torch-free declarations in ``evomerge.recipe.methods``, so reading a recipe never imports torch.
 """
 
 from __future__ import annotations
 
-import re
-
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -20,25 +20,12 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.merge.methods import get_method
+from evomerge.recipe.methods import BOOL_PARAMS, PARAM_RANGES, get_method
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 DTYPES = ("float32", "float16", "bfloat16")
-
-BOOL_PARAMS = frozenset(
-    {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise"}
-)
-"""Parameters that take true/false."""
-
-PARAM_RANGES: dict[str, tuple[float, float]] = {
-    "t": (0.0, 1.0),
-    "density": (0.0, 1.0),
-    "gamma": (0.0, 1.0),
-    "epsilon": (0.0, 1.0),
-}
-"""Closed ranges of bounded numeric parameters; the others (weight, lambda, scale) take any finite value."""
 
 
 class RecipeError(ValueError):

@@ -1,0 +1,65 @@
+"""Recipes: mergekit's merge-configuration schema (``schema``) and the merge methods it validates
+against (``methods``). Neither imports torch; the merge engine (``evomerge.merge``) depends on this
+package, never the reverse.
+
+Everything ``evomerge.recipe`` exported when it was one module is re-exported here.
+"""
+
+from evomerge.recipe.methods import (
+    BOOL_PARAMS,
+    PARAM_RANGES,
+    REQUIRED,
+    SPECS,
+    Algorithm,
+    Consensus,
+    MethodSpec,
+    Sparsification,
+    get_method,
+)
+from evomerge.recipe.schema import (
+    DTYPES,
+    ConditionalParameter,
+    InputModel,
+    OutputSlice,
+    Parameters,
+    ParameterSetting,
+    Recipe,
+    RecipeError,
+    Scalar,
+    ScalarOrGradient,
+    SliceSource,
+    _describe,  # noqa: F401 (private, used by search/config.py and search/space.py)
+    chain_to_yaml,
+    evaluate_setting,
+    load_recipe_chain,
+    resolve,
+    substitute_models,
+)
+
+__all__ = [
+    "BOOL_PARAMS",
+    "DTYPES",
+    "PARAM_RANGES",
+    "REQUIRED",
+    "SPECS",
+    "Algorithm",
+    "ConditionalParameter",
+    "Consensus",
+    "InputModel",
+    "MethodSpec",
+    "OutputSlice",
+    "ParameterSetting",
+    "Parameters",
+    "Recipe",
+    "RecipeError",
+    "Scalar",
+    "ScalarOrGradient",
+    "SliceSource",
+    "Sparsification",
+    "chain_to_yaml",
+    "evaluate_setting",
+    "get_method",
+    "load_recipe_chain",
+    "resolve",
+    "substitute_models",
+]
