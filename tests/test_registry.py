@@ -24,7 +24,12 @@ from evomerge.recipe.methods import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["evomerge.recipe", "evomerge.recipe.methods", "evomerge.merge.routing"])
+@pytest.mark.parametrize("module", [
+    "evomerge.recipe", "evomerge.recipe.methods", "evomerge.merge.routing",
+    # reading a run (front, picks, export) and resolving a config or a space: no torch either
+    "evomerge.search.front", "evomerge.search.report", "evomerge.search.picks", "evomerge.search.export",
+    "evomerge.search.config", "evomerge.search.space", "evomerge.search.genome",
+])
 def test_schema_imports_no_torch(module: str) -> None:
     """Reading, validating and writing recipes (front, export, the search space) never loads torch."""
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"

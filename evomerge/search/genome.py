@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evomerge.merge.methods import get_method
+from evomerge.recipe.methods import get_method
 from evomerge.merge.routing import Hop, check_foldable, recipe_to_routing, routing_to_recipe
 from evomerge.recipe import Recipe, evaluate_setting
 from evomerge.search.space import Bounds, DataFlowSpace, ParameterSpace, SearchSpace, SpaceError

@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.merge.methods import REQUIRED, get_method
+from evomerge.recipe.methods import REQUIRED, get_method
 from evomerge.recipe import BOOL_PARAMS
 
 
