@@ -21,6 +21,7 @@ from rich.console import Console
 # Library progress bars (tqdm in transformers, lm-eval, mergekit) would interleave with ours.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+
 def _number(value: float) -> str:
     """Four decimals, or scientific notation for huge values (perplexities of broken merges)."""
     return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
@@ -59,7 +60,9 @@ def merge(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the merged checkpoint to.")],
     device: Annotated[str, typer.Option(help="Where to compute: cpu or cuda.")] = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Maximum size of one output shard, e.g. 2GB or 500MB.")] = "5GB",
-    allow_pickle: Annotated[bool, typer.Option(help="Allow .bin (pickle) checkpoints; only for sources you trust.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Allow .bin (pickle) checkpoints; only for sources you trust.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for randomized methods (dare, della).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -98,15 +101,25 @@ def merge(
 
 @app.command("eval")
 def eval_command(
-    target: Annotated[Path, typer.Argument(help="A checkpoint directory, or a recipe YAML (merged in memory, never written).")],
+    target: Annotated[
+        Path, typer.Argument(help="A checkpoint directory, or a recipe YAML (merged in memory, never written).")
+    ],
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names, e.g. zoo_reverse,zoo_sort.")],
-    include_path: Annotated[Optional[list[Path]], typer.Option(help="Directory of task YAMLs (repeatable), e.g. ZOO/tasks.")] = None,
-    backend: Annotated[str, typer.Option(help="fast (batched log-likelihood, default) or lm-eval (lm-eval's own evaluator).")] = "fast",
-    split: Annotated[str, typer.Option(help="Which item set to score: search or test (or any split the task has).")] = "test",
+    include_path: Annotated[
+        Optional[list[Path]], typer.Option(help="Directory of task YAMLs (repeatable), e.g. ZOO/tasks.")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="fast (batched log-likelihood, default) or lm-eval (lm-eval's own evaluator).")
+    ] = "fast",
+    split: Annotated[
+        str, typer.Option(help="Which item set to score: search or test (or any split the task has).")
+    ] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N items of each task.")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow .bin (pickle) checkpoints; only for sources you trust.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Allow .bin (pickle) checkpoints; only for sources you trust.")
+    ] = False,
 ) -> None:
     """Score a checkpoint or a recipe on lm-eval tasks; prints task -> metric -> value."""
     import json
@@ -125,8 +138,12 @@ def eval_command(
     try:
         objectives = [Objective(task=name, split=split, limit=limit) for name in names]
         evaluator = CandidateEvaluator(
-            objectives, include_paths=include_path or [], backend=cast(Literal["fast", "lm-eval"], backend), device=device,
-            base_dir=Path.cwd(), allow_pickle=allow_pickle,
+            objectives,
+            include_paths=include_path or [],
+            backend=cast(Literal["fast", "lm-eval"], backend),
+            device=device,
+            base_dir=Path.cwd(),
+            allow_pickle=allow_pickle,
         )
         if target.is_dir():
             result = evaluator.evaluate_checkpoint(target)
@@ -148,22 +165,42 @@ def eval_command(
         for metric, value in metrics.items():
             table.add_row(task_split.split("@")[0], metric, _number(value))
     out.print(table)
-    err.print(
-        f"materialize {result.materialize_seconds:.2f}s · score {result.score_seconds:.2f}s", highlight=False
-    )
+    err.print(f"materialize {result.materialize_seconds:.2f}s · score {result.score_seconds:.2f}s", highlight=False)
 
 
 @app.command()
 def search(
     config: Annotated[Path, typer.Argument(help="Run config YAML (configs/*.yaml).")],
-    run_dir: Annotated[Optional[Path], typer.Option(help="Where evaluations.jsonl, state and run.yaml go (default: runs/<config name>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir (after Ctrl-C, a crash or kill -9).")] = False,
-    budget: Annotated[Optional[int], typer.Option(min=1, help="Candidates to score in total (overrides optimizer.budget).")] = None,
-    time_limit: Annotated[Optional[str], typer.Option(help="Stop after this long, e.g. 8h, 90m (in-flight candidates finish).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per CPU locally, per GPU on a cluster); 0 runs in-process.")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray on loopback).")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite in the run dir).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: key=value, dotted keys (e.g. zoo=DIR, optimizer.population=12).")] = None,
+    run_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Where evaluations.jsonl, state and run.yaml go (default: runs/<config name>)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --run-dir (after Ctrl-C, a crash or kill -9).")
+    ] = False,
+    budget: Annotated[
+        Optional[int], typer.Option(min=1, help="Candidates to score in total (overrides optimizer.budget).")
+    ] = None,
+    time_limit: Annotated[
+        Optional[str], typer.Option(help="Stop after this long, e.g. 8h, 90m (in-flight candidates finish).")
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="Ray workers (default: one per CPU locally, per GPU on a cluster); 0 runs in-process."),
+    ] = None,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray on loopback)."),
+    ] = None,
+    tracking_uri: Annotated[
+        Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite in the run dir).")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="Override a config value: key=value, dotted keys (e.g. zoo=DIR, optimizer.population=12)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Search merge recipes: an optimizer proposes, Ray workers merge in memory and score, everything is checkpointed."""
@@ -181,8 +218,9 @@ def search(
     if time_limit:
         overrides.append(f"runtime.time_limit={time_limit}")
     try:
-        launched = run_search(config, run_dir=run_dir, overrides=overrides, resume=resume, budget=budget,
-                              progress=not quiet)
+        launched = run_search(
+            config, run_dir=run_dir, overrides=overrides, resume=resume, budget=budget, progress=not quiet
+        )
     except (*_user_errors(), ConfigError, SearchError) as exc:
         _fail(str(exc))
     summary, directory = launched.summary, launched.run_dir
@@ -200,14 +238,18 @@ def search(
 def front(
     run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    rescore: Annotated[Optional[str], typer.Option(help="Re-score the front on this held-out split (e.g. test) first; shown next to the search scores.")] = None,
+    rescore: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Re-score the front on this held-out split (e.g. test) first; shown next to the search scores."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="For --rescore: auto (CUDA if present), cpu or cuda.")] = "auto",
 ) -> None:
     """Print the current Pareto front of a run (the best candidate, for one objective)."""
     if rescore:
         from evomerge.eval.tasks import TaskError
         from evomerge.search.rescore import rescore_front
-
         from evomerge.tracking.rescore import log_rescores
 
         try:
@@ -221,14 +263,21 @@ def front(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
-    pick: Annotated[str, typer.Option(help="knee (balanced front member), best:OBJECTIVE, or a candidate id.")] = "knee",
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the picked recipe here (YAML).")] = None,
-    front_dir: Annotated[Optional[Path], typer.Option(help="Write every front member's recipe here, plus index.json.")] = None,
+    pick: Annotated[
+        str, typer.Option(help="knee (balanced front member), best:OBJECTIVE, or a candidate id.")
+    ] = "knee",
+    output: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Write the picked recipe here (YAML).")
+    ] = None,
+    front_dir: Annotated[
+        Optional[Path], typer.Option(help="Write every front member's recipe here, plus index.json.")
+    ] = None,
 ) -> None:
     """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run."""
     from evomerge.atomic import write_text
     from evomerge.search.export import export_front, export_yaml
-    from evomerge.search.picks import PickError, pick as pick_record
+    from evomerge.search.picks import PickError
+    from evomerge.search.picks import pick as pick_record
     from evomerge.search.report import RunReport
 
     if output is None and front_dir is None:
@@ -261,14 +310,26 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
     rows = report.front()
     rescores = load_rescores(run_dir)
     if json_output:
-        front = [{**row.to_json(), "rescored": {split: values[row.id] for split, values in rescores.items() if row.id in values}}
-                 for row in rows]
-        out.print_json(json.dumps({"objectives": report.labels, "directions": report.directions,
-                                   "hypervolume": report.hypervolume(), "front": front}))
+        front = [
+            {
+                **row.to_json(),
+                "rescored": {split: values[row.id] for split, values in rescores.items() if row.id in values},
+            }
+            for row in rows
+        ]
+        out.print_json(
+            json.dumps(
+                {
+                    "objectives": report.labels,
+                    "directions": report.directions,
+                    "hypervolume": report.hypervolume(),
+                    "front": front,
+                }
+            )
+        )
         return
-    from rich.table import Table
-
     from rich import box
+    from rich.table import Table
 
     title = "best candidate" if len(report.labels) == 1 else f"Pareto front · hypervolume {report.hypervolume():.4f}"
     methods = {row.method for row in rows}
@@ -287,8 +348,9 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
         name, _, metric = label.rpartition("/")
         name = name.removeprefix(prefix)
         arrow = "↑" if direction == "maximize" else "↓"
-        table.add_column(f"{name or metric}\n{metric if name else ''} {arrow}", justify="right", min_width=6,
-                         overflow="fold")
+        table.add_column(
+            f"{name or metric}\n{metric if name else ''} {arrow}", justify="right", min_width=6, overflow="fold"
+        )
         for split in rescores:
             table.add_column(f"\n{split}", justify="right", style="cyan", min_width=6)
     if not one_method:
@@ -307,10 +369,19 @@ def _print_front(run_dir: Path, json_output: bool) -> None:
 
 @app.command()
 def ui(
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow backend store to serve, e.g. sqlite:///runs/x/mlflow.db (default: $MLFLOW_TRACKING_URI).")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="A search's run directory: serve its store (RUN_DIR/mlflow.db).")] = None,
+    tracking_uri: Annotated[
+        Optional[str],
+        typer.Option(
+            help="MLflow backend store to serve, e.g. sqlite:///runs/x/mlflow.db (default: $MLFLOW_TRACKING_URI)."
+        ),
+    ] = None,
+    run_dir: Annotated[
+        Optional[Path], typer.Option(help="A search's run directory: serve its store (RUN_DIR/mlflow.db).")
+    ] = None,
     port: Annotated[int, typer.Option(help="Port to serve on, bound to 127.0.0.1.")] = 5000,
-    experiment: Annotated[Optional[str], typer.Option(help="Experiment to open (default: the run's, else evomerge).")] = None,
+    experiment: Annotated[
+        Optional[str], typer.Option(help="Experiment to open (default: the run's, else evomerge).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to answer.")] = 120.0,
 ) -> None:
     """Serve the MLflow UI for a run's store on 127.0.0.1 (one worker) and print the experiment's URL; Ctrl-C stops it."""
@@ -333,7 +404,9 @@ def ui(
     if experiment is None and run_dir is not None and (run_dir / "run.yaml").exists():
         import yaml
 
-        experiment = ((yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("tracking") or {}).get("experiment")
+        experiment = ((yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("tracking") or {}).get(
+            "experiment"
+        )
     server = MlflowServer(store, port=port, cwd=run_dir.resolve() if run_dir else None)
 
     # SIGTERM/SIGHUP end the command like Ctrl-C (the server goes with it); SIGINT explicitly too: a
@@ -343,7 +416,11 @@ def ui(
     with signals_as_interrupt(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             process = server.start()
-            err.print(f"starting mlflow server for {store} (pid {process.pid}, log {server.log_path}) ...", highlight=False, soft_wrap=True)
+            err.print(
+                f"starting mlflow server for {store} (pid {process.pid}, log {server.log_path}) ...",
+                highlight=False,
+                soft_wrap=True,
+            )
             server.wait_ready(timeout)
             experiment_id = link.experiment_id if link else server.experiment_id(experiment or "evomerge")
             err.print(f"MLflow UI on {server.url} - Ctrl-C to stop", highlight=False, soft_wrap=True)
@@ -361,7 +438,10 @@ def ui(
 
 @zoo_app.command("build")
 def zoo_build(
-    out_dir: Annotated[Optional[Path], typer.Argument(help="Where to build (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed<N>).")] = None,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Argument(help="Where to build (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed<N>)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed: the same seed always gives the same zoo.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -377,12 +457,22 @@ def zoo_build(
 
 @zoo_app.command("compare")
 def zoo_compare(
-    recipes: Annotated[Optional[list[Path]], typer.Argument(help="Recipe YAMLs to score beside the zoo's own models (label: the file name).")] = None,
-    zoo: Annotated[Optional[Path], typer.Option(help="The zoo directory (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed0).")] = None,
-    skills: Annotated[Optional[str], typer.Option(help="Comma-separated specialists to merge and compare (default: all).")] = None,
+    recipes: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Recipe YAMLs to score beside the zoo's own models (label: the file name)."),
+    ] = None,
+    zoo: Annotated[
+        Optional[Path],
+        typer.Option(help="The zoo directory (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo-seed0)."),
+    ] = None,
+    skills: Annotated[
+        Optional[str], typer.Option(help="Comma-separated specialists to merge and compare (default: all).")
+    ] = None,
     synergy: Annotated[bool, typer.Option("--synergy", help="Add the synergy task as a column.")] = False,
     split: Annotated[str, typer.Option(help="Item split to score: test (held out) or search.")] = "test",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores and retentions as JSON here.")] = None,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the scores and retentions as JSON here.")
+    ] = None,
 ) -> None:
     """Base, specialists, hand-set merges and RECIPES side by side: accuracy and gain retention per skill.
 
@@ -411,8 +501,14 @@ def zoo_compare(
         except (OSError, RecipeError, ValueError) as exc:
             _fail(f"{path}: {exc}")
     with err.status("scoring") as status:
-        result = compare(zoo_json, loaded, skills=chosen, synergy=synergy, split=split,
-                         progress=lambda label: status.update(f"scoring {label}"))
+        result = compare(
+            zoo_json,
+            loaded,
+            skills=chosen,
+            synergy=synergy,
+            split=split,
+            progress=lambda label: status.update(f"scoring {label}"),
+        )
     table = Table(title=f"{zoo_dir} · split {split} · acc, and gain retention over the base")
     table.add_column("model / merge")
     for skill in result.tasks:

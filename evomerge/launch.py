@@ -77,9 +77,17 @@ def run_search(
 
     status = "FAILED"
     try:
-        job = Search(run, directory, executor, budget=budget, time_limit=seconds, progress=progress,
-                     on_record=tracker.on_record if tracker else None,
-                     on_generation=tracker.on_generation if tracker else None, on_start=start_tracking)
+        job = Search(
+            run,
+            directory,
+            executor,
+            budget=budget,
+            time_limit=seconds,
+            progress=progress,
+            on_record=tracker.on_record if tracker else None,
+            on_generation=tracker.on_generation if tracker else None,
+            on_start=start_tracking,
+        )
         with signals_as_interrupt(signal.SIGTERM) if stop_on_sigterm else contextlib.nullcontext():
             summary = job.execute(resume=resume)
         status = "KILLED" if summary.stopped == "interrupted" else "FINISHED"

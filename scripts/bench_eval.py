@@ -42,10 +42,18 @@ def recipes(base: str, models: list[str], count: int, seed: int) -> list[Recipe]
     out = []
     for _ in range(count):
         weights = rng.uniform(0.2, 1.0, len(models))
-        out.append(Recipe.from_dict({
-            "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
-            "models": [{"model": m, "parameters": {"weight": round(float(w), 6)}} for m, w in zip(models, weights)],
-        }))
+        out.append(
+            Recipe.from_dict(
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": base,
+                    "dtype": "float32",
+                    "models": [
+                        {"model": m, "parameters": {"weight": round(float(w), 6)}} for m, w in zip(models, weights)
+                    ],
+                }
+            )
+        )
     return out
 
 
@@ -57,10 +65,17 @@ def make_large(zoo: Path, root: Path, hidden: int, layers: int) -> tuple[str, li
     tokenizer_dir = zoo / manifest["base"]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
-        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 256),
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     paths = []
     torch.manual_seed(0)
@@ -115,8 +130,16 @@ def time_memory(objectives, include, candidates: list[Recipe], backend: str) -> 
 
 def summarize(name: str, merge_s: float, score_s: float, n: int, values: list[dict]) -> dict:
     total = merge_s + score_s
-    return {"mode": name, "candidates": n, "seconds_per_candidate": total / n, "candidates_per_hour": 3600 * n / total,
-            "materialize_fraction": merge_s / total, "materialize_s": merge_s / n, "score_s": score_s / n, "values": values}
+    return {
+        "mode": name,
+        "candidates": n,
+        "seconds_per_candidate": total / n,
+        "candidates_per_hour": 3600 * n / total,
+        "materialize_fraction": merge_s / total,
+        "materialize_s": merge_s / n,
+        "score_s": score_s / n,
+        "values": values,
+    }
 
 
 def main() -> None:
@@ -157,14 +180,20 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"# bench_eval: {platform.node()} · {os.cpu_count()} cores · torch {torch.__version__} · "
-          f"{args.candidates} candidates · {len(objectives)} tasks × {args.limit} items")
-    print("| model | mode | candidates/hour | s/candidate | materialize s | score s | materialize share | × disk | same scores |")
+    print(
+        f"# bench_eval: {platform.node()} · {os.cpu_count()} cores · torch {torch.__version__} · "
+        f"{args.candidates} candidates · {len(objectives)} tasks × {args.limit} items"
+    )
+    print(
+        "| model | mode | candidates/hour | s/candidate | materialize s | score s | materialize share | × disk | same scores |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['mode']} | {r['candidates_per_hour']:.0f} | {r['seconds_per_candidate']:.3f} | "
-              f"{r['materialize_s']:.3f} | {r['score_s']:.3f} | {100 * r['materialize_fraction']:.0f}% | "
-              f"{r['speedup_vs_disk']:.1f}× | {'yes' if r['same_scores_as_disk'] else 'NO'} |")
+        print(
+            f"| {r['model']} | {r['mode']} | {r['candidates_per_hour']:.0f} | {r['seconds_per_candidate']:.3f} | "
+            f"{r['materialize_s']:.3f} | {r['score_s']:.3f} | {100 * r['materialize_fraction']:.0f}% | "
+            f"{r['speedup_vs_disk']:.1f}× | {'yes' if r['same_scores_as_disk'] else 'NO'} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

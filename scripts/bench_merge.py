@@ -144,8 +144,14 @@ class StreamingSafetensorsWriter:
     code under test.
     """
 
-    def __init__(self, out_dir: Path, layout: list[tuple[str, tuple[int, ...]]], max_shard_bytes: int,
-                 dtype_code: str = "BF16", itemsize: int = 2):
+    def __init__(
+        self,
+        out_dir: Path,
+        layout: list[tuple[str, tuple[int, ...]]],
+        max_shard_bytes: int,
+        dtype_code: str = "BF16",
+        itemsize: int = 2,
+    ):
         self.out_dir, self.dtype_code, self.itemsize = out_dir, dtype_code, itemsize
         shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
         size = 0
@@ -158,7 +164,9 @@ class StreamingSafetensorsWriter:
             size += nbytes
         self.shards = shards
         n = len(shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        )
         self.order = iter([(k, name, shape) for k, shard in enumerate(shards) for name, shape in shard])
         self.current = -1
         self.fh = None
@@ -213,12 +221,19 @@ def ensure_models(size: str, work_dir: Path, log=print) -> dict[str, Path]:
 
     shape = SIZES[size]
     root = work_dir / "models" / size
-    spec = {"shape": shape, "version": GENERATOR_VERSION, "std": WEIGHT_STD, "ft_std": FINETUNE_STD,
-            "shard": SOURCE_SHARD_BYTES}
+    spec = {
+        "shape": shape,
+        "version": GENERATOR_VERSION,
+        "std": WEIGHT_STD,
+        "ft_std": FINETUNE_STD,
+        "shard": SOURCE_SHARD_BYTES,
+    }
     stamp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     paths = {m: root / m for m in MODELS}
-    if all((p / ".bench-complete").is_file() and (p / ".bench-complete").read_text().strip() == stamp
-           for p in paths.values()):
+    if all(
+        (p / ".bench-complete").is_file() and (p / ".bench-complete").read_text().strip() == stamp
+        for p in paths.values()
+    ):
         log(f"models: cached in {root}")
         return paths
     layout = llama_tensors(shape)
@@ -283,18 +298,24 @@ def make_recipes(paths: dict[str, Path], num_layers: int) -> dict[str, dict[str,
     return {
         "linear": {
             "merge_method": "linear",
-            "models": [{"model": f1, "parameters": {"weight": 0.4}},
-                       {"model": f2, "parameters": {"weight": 0.3}},
-                       {"model": f3, "parameters": {"weight": 0.3}}],
+            "models": [
+                {"model": f1, "parameters": {"weight": 0.4}},
+                {"model": f2, "parameters": {"weight": 0.3}},
+                {"model": f3, "parameters": {"weight": 0.3}},
+            ],
             "dtype": "bfloat16",
         },
         "slerp": {  # mergekit's README slerp: per-layer t gradients, different for attention and MLP
             "merge_method": "slerp",
             "base_model": b,
             "models": [{"model": b}, {"model": f1}],
-            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
-                                 {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
-                                 {"value": 0.5}]},
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+                    {"value": 0.5},
+                ]
+            },
             "dtype": "bfloat16",
         },
         "ties": {
@@ -329,8 +350,10 @@ def make_recipes(paths: dict[str, Path], num_layers: int) -> dict[str, dict[str,
         },
         "passthrough": {
             "merge_method": "passthrough",
-            "slices": [{"sources": [{"model": f1, "layer_range": [0, first_end]}]},
-                       {"sources": [{"model": f2, "layer_range": [second_start, num_layers]}]}],
+            "slices": [
+                {"sources": [{"model": f1, "layer_range": [0, first_end]}]},
+                {"sources": [{"model": f2, "layer_range": [second_start, num_layers]}]},
+            ],
             "dtype": "bfloat16",
         },
     }
@@ -371,7 +394,11 @@ def dir_bytes(path: Path) -> int:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
         info["cpu"] = cpu
@@ -393,9 +420,12 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         info["mergekit"] = None
     try:
-        info["evomerge_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "evomerge"], cwd=REPO, capture_output=True, text=True).stdout
+        info["evomerge_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "evomerge"], cwd=REPO, capture_output=True, text=True
+        ).stdout
         if dirty.strip():
             info["evomerge_commit"] += " (+ uncommitted changes in evomerge/)"
     except (OSError, subprocess.CalledProcessError):
@@ -420,9 +450,13 @@ def measure_memory_bandwidth(nbytes: int = 2**30, trials: int = 5) -> dict[str, 
     half = torch.ones(nbytes // 4, dtype=torch.bfloat16)
     best_up = min(_timed(lambda: dst.copy_(half)) for _ in range(trials))
     upcast_bw = (half.nbytes + dst.nbytes) / best_up / GB
-    del src, dst, a, b, half
-    return {"torch_copy_gbps": torch_bw, "numpy_copy_gbps": numpy_bw, "bf16_to_fp32_gbps": upcast_bw,
-            "copy_gbps": max(torch_bw, numpy_bw), "buffer_bytes": nbytes}
+    return {
+        "torch_copy_gbps": torch_bw,
+        "numpy_copy_gbps": numpy_bw,
+        "bf16_to_fp32_gbps": upcast_bw,
+        "copy_gbps": max(torch_bw, numpy_bw),
+        "buffer_bytes": nbytes,
+    }
 
 
 def _timed(fn) -> float:
@@ -451,7 +485,12 @@ def measure_disk(work_dir: Path, nbytes: int) -> dict[str, float]:
     cold = n * len(chunk) / _timed(lambda: _read_all([path])) / GB
     warm = n * len(chunk) / _timed(lambda: _read_all([path])) / GB
     path.unlink()
-    return {"disk_write_gbps": write, "disk_read_cold_gbps": cold, "page_cache_read_gbps": warm, "probe_bytes": n * len(chunk)}
+    return {
+        "disk_write_gbps": write,
+        "disk_read_cold_gbps": cold,
+        "page_cache_read_gbps": warm,
+        "probe_bytes": n * len(chunk),
+    }
 
 
 _READ_BUF = bytearray(64 * 2**20)
@@ -591,8 +630,9 @@ def child_main(tool: str, recipe_path: Path, out_dir: Path, result_path: Path, s
             from evomerge.recipe import Recipe
 
             recipe = Recipe.from_dict(data, source=str(recipe_path))
-            run = lambda: merge_to_disk(recipe, out_dir, device="cpu", out_shard_size="5GB",  # noqa: E731
-                                        overwrite=True, seed=seed)
+
+            def run() -> Any:
+                return merge_to_disk(recipe, out_dir, device="cpu", out_shard_size="5GB", overwrite=True, seed=seed)
         else:
             from mergekit.config import MergeConfiguration
             from mergekit.merge import run_merge
@@ -629,15 +669,28 @@ def child_main(tool: str, recipe_path: Path, out_dir: Path, result_path: Path, s
     return 0 if result["ok"] else 1
 
 
-def run_child(tool: str, recipe_path: Path, out_dir: Path, work_dir: Path, seed: int, tag: str,
-              profile_to: Path | None = None) -> dict[str, Any]:
+def run_child(
+    tool: str, recipe_path: Path, out_dir: Path, work_dir: Path, seed: int, tag: str, profile_to: Path | None = None
+) -> dict[str, Any]:
     result_path = work_dir / "logs" / f"{tag}.result.json"
     log_path = work_dir / "logs" / f"{tag}.log"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
     shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--child-recipe", str(recipe_path),
-           "--child-out", str(out_dir), "--child-result", str(result_path), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        tool,
+        "--child-recipe",
+        str(recipe_path),
+        "--child-out",
+        str(out_dir),
+        "--child-result",
+        str(result_path),
+        "--seed",
+        str(seed),
+    ]
     if profile_to is not None:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         cmd = [py_spy, "record", "--rate", "50", "--format", "raw", "--output", str(profile_to), "--"] + cmd
@@ -668,13 +721,22 @@ def run_child(tool: str, recipe_path: Path, out_dir: Path, work_dir: Path, seed:
     busy1, steal1 = _cpu_jiffies()
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     self1 = resource.getrusage(resource.RUSAGE_SELF)
-    ours = sum(getattr(b, f) - getattr(a, f) for a, b in ((kids0, kids1), (self0, self1)) for f in ("ru_utime", "ru_stime"))
-    load = {"other_cores": max(0.0, ((busy1 - busy0) / hz - ours) / process_s),  # CPU used by other processes
-            "steal_cores": (steal1 - steal0) / hz / process_s, "child_cpu_s": ours}
+    ours = sum(
+        getattr(b, f) - getattr(a, f) for a, b in ((kids0, kids1), (self0, self1)) for f in ("ru_utime", "ru_stime")
+    )
+    load = {
+        "other_cores": max(0.0, ((busy1 - busy0) / hz - ours) / process_s),  # CPU used by other processes
+        "steal_cores": (steal1 - steal0) / hz / process_s,
+        "child_cpu_s": ours,
+    }
     try:
         result = json.loads(result_path.read_text())
     except (OSError, json.JSONDecodeError):
-        result = {"tool": tool, "ok": False, "error": f"child exited {proc.returncode} without a result; see {log_path}"}
+        result = {
+            "tool": tool,
+            "ok": False,
+            "error": f"child exited {proc.returncode} without a result; see {log_path}",
+        }
     result["process_s"] = process_s
     result["load"] = load
     result["sampled_peak"] = at_peak
@@ -698,13 +760,15 @@ def _children(pid: int) -> list[int]:
 
 def _sample_names(num_layers: int) -> list[str]:
     last, mid = num_layers - 1, num_layers // 2
-    return ["model.embed_tokens.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            f"model.layers.{mid}.mlp.down_proj.weight",
-            f"model.layers.{mid}.input_layernorm.weight",
-            f"model.layers.{last}.self_attn.k_proj.weight",
-            "model.norm.weight",
-            "lm_head.weight"]
+    return [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{mid}.mlp.down_proj.weight",
+        f"model.layers.{mid}.input_layernorm.weight",
+        f"model.layers.{last}.self_attn.k_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
 
 
 def _load(path: Path, names: list[str]) -> dict[str, Any]:
@@ -730,7 +794,6 @@ def _bf16_ulps(a, b):
 
 
 def compare_outputs(evo_dir: Path, mk_dir: Path) -> dict[str, Any]:
-    import torch
 
     n_layers = json.loads((evo_dir / "config.json").read_text())["num_hidden_layers"]
     mk_layers = json.loads((mk_dir / "config.json").read_text())["num_hidden_layers"]
@@ -748,10 +811,15 @@ def compare_outputs(evo_dir: Path, mk_dir: Path) -> dict[str, Any]:
             continue
         diff = (a.float() - b.float()).abs()
         ulp = _bf16_ulps(a, b)
-        entry = {"max_abs": diff.max().item(), "mismatch": int((a != b).sum().item()), "numel": a.numel(),
-                 "max_ulp": ulp.max().item(), "beyond_1ulp": int((ulp > 1.0).sum().item()),
-                 "rel_l2": (diff.norm() / b.float().norm().clamp_min(1e-30)).item(),
-                 "ref_std": b.float().std().item() if b.numel() > 1 else 0.0}
+        entry = {
+            "max_abs": diff.max().item(),
+            "mismatch": int((a != b).sum().item()),
+            "numel": a.numel(),
+            "max_ulp": ulp.max().item(),
+            "beyond_1ulp": int((ulp > 1.0).sum().item()),
+            "rel_l2": (diff.norm() / b.float().norm().clamp_min(1e-30)).item(),
+            "ref_std": b.float().std().item() if b.numel() > 1 else 0.0,
+        }
         per[name] = entry
         worst["max_abs"] = max(worst["max_abs"], entry["max_abs"])
         worst["max_ulp"] = max(worst["max_ulp"], entry["max_ulp"])
@@ -795,8 +863,12 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, list[tuple[str, fl
         return [(k, v / total) for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if keep(k)][:top]
 
     ours = lambda k: "evomerge/" in k or "mergekit/" in k  # noqa: E731
-    return {"self": rank(self_counts), "inclusive_lines": rank(incl_counts, ours),
-            "inclusive_functions": rank(func_incl, ours), "samples": total}  # type: ignore[dict-item]
+    return {
+        "self": rank(self_counts),
+        "inclusive_lines": rank(incl_counts, ours),
+        "inclusive_functions": rank(func_incl, ours),
+        "samples": total,
+    }  # type: ignore[dict-item]
 
 
 # =============================================================================================
@@ -841,7 +913,9 @@ def summarize(results: list[dict[str, Any]], methods: list[str], bw: float) -> d
                 "repeats": len(good),
             }
         src = next((r["source_bytes"] for r in results if r["method"] == method), None)
-        out_b = next((row[t]["output_bytes"] for t in TOOLS if isinstance(row.get(t), dict) and "output_bytes" in row[t]), None)
+        out_b = next(
+            (row[t]["output_bytes"] for t in TOOLS if isinstance(row.get(t), dict) and "output_bytes" in row[t]), None
+        )
         row["bytes_moved"] = (src or 0) + (out_b or 0) if src is not None and out_b is not None else None
         row["limit_s"] = row["bytes_moved"] / (bw * GB) if row["bytes_moved"] and bw else None
         summary[method] = row
@@ -850,8 +924,10 @@ def summarize(results: list[dict[str, Any]], methods: list[str], bw: float) -> d
 
 def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], bench: dict[str, Any]) -> str:
     lines = []
-    lines.append("| method | evomerge s | mergekit s | speedup | evomerge CPU s | mergekit CPU s | evomerge peak RSS GB "
-                 "| mergekit peak RSS GB | bytes moved GB | bytes-moved limit s | evomerge × limit | mergekit × limit |")
+    lines.append(
+        "| method | evomerge s | mergekit s | speedup | evomerge CPU s | mergekit CPU s | evomerge peak RSS GB "
+        "| mergekit peak RSS GB | bytes moved GB | bytes-moved limit s | evomerge × limit | mergekit × limit |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, row in summary.items():
         evo, mk = row.get("evomerge"), row.get("mergekit")
@@ -870,46 +946,71 @@ def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], benc
             anon = f" ({r['peak_anon'] / GB:.2f})" if r.get("peak_anon") else ""
             return _fmt_gb(r["peak_rss"]) + anon
 
-        def times(r):
+        def times(r, row=row):
             return f"{r['merge_s'] / row['limit_s']:.1f}×" if r and "merge_s" in r and row["limit_s"] else "—"
 
         def cell_cpu(r):
             return _fmt_s(r["cpu_s"]) if r and "cpu_s" in r else "—"
 
-        speed = (f"{mk['merge_s'] / evo['merge_s']:.2f}×" if evo and mk and "merge_s" in evo and "merge_s" in mk else "—")
-        lines.append(f"| {method} | {cell_s(evo)} | {cell_s(mk)} | {speed} | {cell_cpu(evo)} | {cell_cpu(mk)} | "
-                     f"{cell_rss(evo)} | {cell_rss(mk)} | "
-                     f"{_fmt_gb(row['bytes_moved'])} | {_fmt_s(row['limit_s'])} | {times(evo)} | {times(mk)} |")
+        speed = f"{mk['merge_s'] / evo['merge_s']:.2f}×" if evo and mk and "merge_s" in evo and "merge_s" in mk else "—"
+        lines.append(
+            f"| {method} | {cell_s(evo)} | {cell_s(mk)} | {speed} | {cell_cpu(evo)} | {cell_cpu(mk)} | "
+            f"{cell_rss(evo)} | {cell_rss(mk)} | "
+            f"{_fmt_gb(row['bytes_moved'])} | {_fmt_s(row['limit_s'])} | {times(evo)} | {times(mk)} |"
+        )
     lines.append("")
-    lines.append("Times: median merge-call wall time over repeats (in parentheses: the whole subprocess, interpreter "
-                 "start and imports included). Speedup = mergekit s / evomerge s. CPU s = user + system CPU time of the merge call "
-                 "(less sensitive than wall time to other load on this shared machine). Peak RSS = the merge process's "
-                 "VmHWM (resident anon + file-backed pages, Python/torch import included" + _import_rss(summary) + "); in parentheses the anonymous part at the sampled peak (mergekit's "
-                 "RSS is mostly mapped safetensors pages, i.e. shared page cache). Bytes moved = source tensor "
-                 "bytes the recipe reads + output bytes written; limit = bytes moved / memory-copy bandwidth "
-                 f"({bench['memory']['copy_gbps']:.1f} GB/s read+write)."
-                 + (" † = other processes (or the hypervisor) took more than a quarter of a core during that merge: "
-                    "its time is not clean." if any(
-                     isinstance(row.get(t), dict) and (row[t].get("other_load_cores", 0) > 0.25 or row[t].get("steal_cores", 0) > 0.1)
-                     for row in summary.values() for t in TOOLS) else ""))
-    cold = [f"{m}/{t} {row[t]['disk_read_bytes'] / GB:.2f} GB" for m, row in summary.items() for t in TOOLS
-            if _ok(row, t) and row[t].get("disk_read_bytes", 0) > 0.05 * GB]
+    lines.append(
+        "Times: median merge-call wall time over repeats (in parentheses: the whole subprocess, interpreter "
+        "start and imports included). Speedup = mergekit s / evomerge s. CPU s = user + system CPU time of the merge call "
+        "(less sensitive than wall time to other load on this shared machine). Peak RSS = the merge process's "
+        "VmHWM (resident anon + file-backed pages, Python/torch import included"
+        + _import_rss(summary)
+        + "); in parentheses the anonymous part at the sampled peak (mergekit's "
+        "RSS is mostly mapped safetensors pages, i.e. shared page cache). Bytes moved = source tensor "
+        "bytes the recipe reads + output bytes written; limit = bytes moved / memory-copy bandwidth "
+        f"({bench['memory']['copy_gbps']:.1f} GB/s read+write)."
+        + (
+            " † = other processes (or the hypervisor) took more than a quarter of a core during that merge: "
+            "its time is not clean."
+            if any(
+                isinstance(row.get(t), dict)
+                and (row[t].get("other_load_cores", 0) > 0.25 or row[t].get("steal_cores", 0) > 0.1)
+                for row in summary.values()
+                for t in TOOLS
+            )
+            else ""
+        )
+    )
+    cold = [
+        f"{m}/{t} {row[t]['disk_read_bytes'] / GB:.2f} GB"
+        for m, row in summary.items()
+        for t in TOOLS
+        if _ok(row, t) and row[t].get("disk_read_bytes", 0) > 0.05 * GB
+    ]
     if cold:
         lines.append("")
         lines.append("Not fully warm: these merges read from disk despite the warm-up: " + ", ".join(cold) + ".")
-    errors = [(m, t, row[t]["error"]) for m, row in summary.items() for t in TOOLS
-              if isinstance(row.get(t), dict) and "error" in row[t]]
+    errors = [
+        (m, t, row[t]["error"])
+        for m, row in summary.items()
+        for t in TOOLS
+        if isinstance(row.get(t), dict) and "error" in row[t]
+    ]
     if errors:
         lines.append("")
         for m, t, e in errors:
             lines.append(f"- {m} / {t}: error: `{e.splitlines()[0][:300]}`")
     if comparisons:
         lines.append("")
-        lines.append("Correctness, evomerge vs mergekit output (a sample of tensors: embeddings, first/middle/last-layer "
-                     "projections, a norm, the head):")
+        lines.append(
+            "Correctness, evomerge vs mergekit output (a sample of tensors: embeddings, first/middle/last-layer "
+            "projections, a norm, the head):"
+        )
         lines.append("")
-        lines.append("| method | tensors | max abs diff | max diff in bf16 ulps | elements differing | "
-                     "elements > 1 ulp apart | max rel L2 diff |")
+        lines.append(
+            "| method | tensors | max abs diff | max diff in bf16 ulps | elements differing | "
+            "elements > 1 ulp apart | max rel L2 diff |"
+        )
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for method, c in comparisons.items():
             if "error" in c:
@@ -918,14 +1019,18 @@ def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], benc
             share = c["mismatch"] / c["numel"] if c["numel"] else 0
             note = "" if method in DETERMINISTIC else " (randomized: not comparable elementwise)"
             beyond = c["beyond_1ulp"] / c["numel"] if c["numel"] else 0
-            lines.append(f"| {method}{note} | {c['compared']}/{c['of']} | {c['max_abs']:.3g} | {c['max_ulp']:.3g} | "
-                         f"{share:.3%} | {beyond:.3%} | {c['rel_l2']:.2g} |")
+            lines.append(
+                f"| {method}{note} | {c['compared']}/{c['of']} | {c['max_abs']:.3g} | {c['max_ulp']:.3g} | "
+                f"{share:.3%} | {beyond:.3%} | {c['rel_l2']:.2g} |"
+            )
     targets = []
     both = {m: r for m, r in summary.items() if _ok(r, "evomerge") and _ok(r, "mergekit")}
     if both:
         slower = [m for m, r in both.items() if r["evomerge"]["merge_s"] >= r["mergekit"]["merge_s"]]
-        targets.append(f"- evomerge faster than mergekit on every method: "
-                       f"{'yes' if not slower else 'no (slower or equal on: ' + ', '.join(slower) + ')'}")
+        targets.append(
+            f"- evomerge faster than mergekit on every method: "
+            f"{'yes' if not slower else 'no (slower or equal on: ' + ', '.join(slower) + ')'}"
+        )
     if _ok(summary.get("ties", {}), "evomerge") and _ok(summary.get("linear", {}), "evomerge"):
         ratio = summary["ties"]["evomerge"]["merge_s"] / summary["linear"]["evomerge"]["merge_s"]
         targets.append(f"- evomerge ties within 2× of linear: {'yes' if ratio <= 2 else 'no'} ({ratio:.2f}×)")
@@ -944,7 +1049,11 @@ def render(summary: dict[str, dict[str, Any]], comparisons: dict[str, Any], benc
 def _import_rss(summary: dict[str, dict[str, Any]]) -> str:
     parts = []
     for tool in TOOLS:
-        values = [row[tool]["rss_before_merge"] for row in summary.values() if _ok(row, tool) and row[tool].get("rss_before_merge")]
+        values = [
+            row[tool]["rss_before_merge"]
+            for row in summary.values()
+            if _ok(row, tool) and row[tool].get("rss_before_merge")
+        ]
         if values:
             parts.append(f"{tool} {statistics.median(values) / GB:.2f} GB")
     return ": RSS after imports, before merging: " + ", ".join(parts) if parts else ""
@@ -965,17 +1074,17 @@ def markdown_section(table: str, bench: dict[str, Any]) -> str:
     shape = SIZES[bench["size"]]
     return f"""## Merge: evomerge vs mergekit
 
-evomerge's streaming engine vs mergekit {m.get('mergekit')}, same recipes, same inputs, same disk. Generated by
+evomerge's streaming engine vs mergekit {m.get("mergekit")}, same recipes, same inputs, same disk. Generated by
 `scripts/bench_merge.py`; rerun it to refresh this section.
 
-- Command: `{bench['command']}`
-- Date: {bench['date']}
-- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, no GPU; torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}; evomerge {m.get('evomerge_commit')}
-- Models: synthetic Llama, {bench['params'] / 1e9:.2f}B parameters, bf16 (hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers, {shape['heads']} heads / {shape['kv_heads']} KV heads, vocab {shape['vocab']}, untied head), a base + 3 fine-tunes (base + N(0, {FINETUNE_STD}) noise), {bench['source_model_bytes'] / GB:.2f} GB each
-- Memory-copy bandwidth (1 GiB buffers, read + write, best of a measurement before and after the merges): torch {mem['torch_copy_gbps']:.1f} GB/s, numpy {mem['numpy_copy_gbps']:.1f} GB/s, bf16→fp32 upcast {mem['bf16_to_fp32_gbps']:.1f} GB/s
-- Disk ({disk['probe_bytes'] / GB:.1f} GB probe, best of before and after): write {disk['disk_write_gbps']:.2f} GB/s (fsync'd), cold read {disk['disk_read_cold_gbps']:.2f} GB/s, page-cache read {disk['page_cache_read_gbps']:.2f} GB/s; warming all sources before each merge read {bench['warm_gbps']:.2f} GB/s
-- Method: each merge runs in its own fresh subprocess, started once other processes leave the CPU idle; the page cache is warmed by reading every source file right before each merge (and the benchmark keeps the sources mapped so this VM's DAMON proactive reclaim cannot evict them mid-merge; per-merge disk reads are checked), dirty pages are synced between merges, and the tool order alternates between methods and repeats. Outputs are bf16 (`dtype: bfloat16`), one shard (5 GB limit, both tools' default), to the same disk, without fsync (neither tool syncs). mergekit runs with its default options except `copy_tokenizer=False` (the synthetic models have no tokenizer), `random_seed={bench['seed']}` and `quiet=True`; evomerge runs `merge_to_disk(recipe, out, device="cpu", out_shard_size="5GB", seed={bench['seed']})`. Repeats: {bench['repeats']}; a merge during which other processes used more than a quarter of a core is rerun (up to {bench['retry_busy']} time(s)) and flagged † if still not clean.
-- Recipes: linear over the 3 fine-tunes (0.4/0.3/0.3); slerp base↔ft1 (t gradients [0, .5, .3, .7, 1] for self_attn, reversed for mlp, 0.5 elsewhere); ties and dare_ties over the 3 fine-tunes with the base (density 0.5, weight 0.5); task_arithmetic (weight 0.5 each); passthrough stacking layers {bench['passthrough']}. The YAML files are written to `<work-dir>/recipes/` and read by both tools.
+- Command: `{bench["command"]}`
+- Date: {bench["date"]}
+- Machine: {m["cpu"]}, {m["cores"]} cores, {m["ram_gib"]} GiB RAM, no GPU; torch {m["torch"]} ({m["torch_threads"]} threads), Python {m["python"]}; evomerge {m.get("evomerge_commit")}
+- Models: synthetic Llama, {bench["params"] / 1e9:.2f}B parameters, bf16 (hidden {shape["hidden"]}, intermediate {shape["intermediate"]}, {shape["layers"]} layers, {shape["heads"]} heads / {shape["kv_heads"]} KV heads, vocab {shape["vocab"]}, untied head), a base + 3 fine-tunes (base + N(0, {FINETUNE_STD}) noise), {bench["source_model_bytes"] / GB:.2f} GB each
+- Memory-copy bandwidth (1 GiB buffers, read + write, best of a measurement before and after the merges): torch {mem["torch_copy_gbps"]:.1f} GB/s, numpy {mem["numpy_copy_gbps"]:.1f} GB/s, bf16→fp32 upcast {mem["bf16_to_fp32_gbps"]:.1f} GB/s
+- Disk ({disk["probe_bytes"] / GB:.1f} GB probe, best of before and after): write {disk["disk_write_gbps"]:.2f} GB/s (fsync'd), cold read {disk["disk_read_cold_gbps"]:.2f} GB/s, page-cache read {disk["page_cache_read_gbps"]:.2f} GB/s; warming all sources before each merge read {bench["warm_gbps"]:.2f} GB/s
+- Method: each merge runs in its own fresh subprocess, started once other processes leave the CPU idle; the page cache is warmed by reading every source file right before each merge (and the benchmark keeps the sources mapped so this VM's DAMON proactive reclaim cannot evict them mid-merge; per-merge disk reads are checked), dirty pages are synced between merges, and the tool order alternates between methods and repeats. Outputs are bf16 (`dtype: bfloat16`), one shard (5 GB limit, both tools' default), to the same disk, without fsync (neither tool syncs). mergekit runs with its default options except `copy_tokenizer=False` (the synthetic models have no tokenizer), `random_seed={bench["seed"]}` and `quiet=True`; evomerge runs `merge_to_disk(recipe, out, device="cpu", out_shard_size="5GB", seed={bench["seed"]})`. Repeats: {bench["repeats"]}; a merge during which other processes used more than a quarter of a core is rerun (up to {bench["retry_busy"]} time(s)) and flagged † if still not clean.
+- Recipes: linear over the 3 fine-tunes (0.4/0.3/0.3); slerp base↔ft1 (t gradients [0, .5, .3, .7, 1] for self_attn, reversed for mlp, 0.5 elsewhere); ties and dare_ties over the 3 fine-tunes with the base (density 0.5, weight 0.5); task_arithmetic (weight 0.5 each); passthrough stacking layers {bench["passthrough"]}. The YAML files are written to `<work-dir>/recipes/` and read by both tools.
 
 {table}
 """
@@ -1004,7 +1113,7 @@ def update_markdown(path: Path, section: str) -> None:
         pieces = [text[: first.start()], block]
         last = first.end()
         for match in found[1:]:
-            pieces.append(text[last: match.start()])
+            pieces.append(text[last : match.start()])
             last = match.end()
         pieces.append(text[last:])
         text = "".join(pieces)
@@ -1022,32 +1131,63 @@ def update_markdown(path: Path, section: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help=f"comma-separated subset of {','.join(ALL_METHODS + EXTRA_METHODS)} (default: {','.join(ALL_METHODS)})")
-    p.add_argument("--size", choices=sorted(SIZES), default="1b", help="1b: TinyLlama shape (1.1B); small: ~110M smoke run")
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help=f"models, outputs, logs (default {DEFAULT_WORK_DIR})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help=f"comma-separated subset of {','.join(ALL_METHODS + EXTRA_METHODS)} (default: {','.join(ALL_METHODS)})",
+    )
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="1b", help="1b: TinyLlama shape (1.1B); small: ~110M smoke run"
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help=f"models, outputs, logs (default {DEFAULT_WORK_DIR})"
+    )
     p.add_argument("--skip-mergekit", action="store_true", help="time evomerge only")
     p.add_argument("--repeats", type=int, default=1, help="timed merges per method and tool (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (both tools)")
-    p.add_argument("--wait-idle", type=float, default=300, metavar="SECONDS",
-                   help="before each merge, wait up to this long for other processes to stop using the CPU "
-                        "(0: don't wait); merges run on a busy machine are flagged † either way (default 300)")
-    p.add_argument("--retry-busy", type=int, default=1, metavar="N",
-                   help="rerun a merge up to N times when other processes used the CPU during it (default 1)")
-    p.add_argument("--no-pin-sources", action="store_true",
-                   help="do not keep the sources mapped in the parent (see SourcePin: on hosts with proactive "
-                        "page-cache reclaim, sources then get evicted during long merges)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="before each merge, wait up to this long for other processes to stop using the CPU "
+        "(0: don't wait); merges run on a busy machine are flagged † either way (default 300)",
+    )
+    p.add_argument(
+        "--retry-busy",
+        type=int,
+        default=1,
+        metavar="N",
+        help="rerun a merge up to N times when other processes used the CPU during it (default 1)",
+    )
+    p.add_argument(
+        "--no-pin-sources",
+        action="store_true",
+        help="do not keep the sources mapped in the parent (see SourcePin: on hosts with proactive "
+        "page-cache reclaim, sources then get evicted during long merges)",
+    )
     p.add_argument("--json", type=Path, help="write all measurements to this JSON file")
-    p.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="file whose '## Merge' section is replaced")
+    p.add_argument(
+        "--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="file whose '## Merge' section is replaced"
+    )
     p.add_argument("--no-markdown", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument("--no-compare", action="store_true", help="skip the evomerge-vs-mergekit output comparison")
     p.add_argument("--keep-outputs", action="store_true", help="keep merged checkpoints under <work-dir>/out")
-    p.add_argument("--from-json", type=Path, metavar="PATH",
-                   help="do not run anything: re-render the tables (and BENCHMARKS.md) from a --json file of an earlier run")
-    p.add_argument("--profile", action="store_true",
-                   help="after the timed runs, one extra untimed evomerge run per method under py-spy "
-                        "(raw stacks in <work-dir>/profiles, summary printed and in the JSON)")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="do not run anything: re-render the tables (and BENCHMARKS.md) from a --json file of an earlier run",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed runs, one extra untimed evomerge run per method under py-spy "
+        "(raw stacks in <work-dir>/profiles, summary printed and in the JSON)",
+    )
     # internal: the per-merge subprocess
     p.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--child-recipe", type=Path, help=argparse.SUPPRESS)
@@ -1067,8 +1207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def report_from_json(args: argparse.Namespace, log) -> int:
     payload = json.loads(args.from_json.read_text())
-    bench = {k: v for k, v in payload.items()
-             if k not in ("summary", "runs", "comparisons", "profiles", "recipes", "discarded_busy_runs")}
+    bench = {
+        k: v
+        for k, v in payload.items()
+        if k not in ("summary", "runs", "comparisons", "profiles", "recipes", "discarded_busy_runs")
+    }
     bench.setdefault("retry_busy", 0)
     summary = summarize(payload["runs"], bench["methods"], bench["memory"]["copy_gbps"])
     table = render(summary, payload.get("comparisons", {}), bench)
@@ -1091,11 +1234,18 @@ def main(argv: list[str] | None = None) -> int:
         return report_from_json(args, log)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     command = "python scripts/bench_merge.py " + " ".join(
-        a if not any(c in a for c in " '\"") else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
-    bench: dict[str, Any] = {"command": command.strip(), "size": args.size, "repeats": args.repeats, "seed": args.seed,
-                             "retry_busy": args.retry_busy,
-                             "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                             "machine": machine_info(), "methods": args.methods}
+        a if not any(c in a for c in " '\"") else repr(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    bench: dict[str, Any] = {
+        "command": command.strip(),
+        "size": args.size,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "retry_busy": args.retry_busy,
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine_info(),
+        "methods": args.methods,
+    }
     log(f"machine: {bench['machine']['cpu']}, {bench['machine']['cores']} cores, {bench['machine']['ram_gib']} GiB RAM")
 
     paths = ensure_models(args.size, args.work_dir, log)
@@ -1109,12 +1259,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"waited {waited:.0f} s for the machine to go idle (others now use {other:.2f} cores)")
     log("measuring memory-copy bandwidth ...")
     bench["memory"] = measure_memory_bandwidth()
-    log("  torch copy {torch_copy_gbps:.1f} GB/s, numpy copy {numpy_copy_gbps:.1f} GB/s, bf16->fp32 {bf16_to_fp32_gbps:.1f} GB/s "
-        "(read+write)".format(**bench["memory"]))
+    log(
+        "  torch copy {torch_copy_gbps:.1f} GB/s, numpy copy {numpy_copy_gbps:.1f} GB/s, bf16->fp32 {bf16_to_fp32_gbps:.1f} GB/s "
+        "(read+write)".format(**bench["memory"])
+    )
     log("measuring disk ...")
     bench["disk"] = measure_disk(args.work_dir, min(bench["source_model_bytes"], 2 * 2**30))
-    log("  write {disk_write_gbps:.2f} GB/s, cold read {disk_read_cold_gbps:.2f} GB/s, page-cache read "
-        "{page_cache_read_gbps:.2f} GB/s".format(**bench["disk"]))
+    log(
+        "  write {disk_write_gbps:.2f} GB/s, cold read {disk_read_cold_gbps:.2f} GB/s, page-cache read "
+        "{page_cache_read_gbps:.2f} GB/s".format(**bench["disk"])
+    )
     nbytes, secs = warm_sources(paths)
     log(f"warmed sources: {nbytes / GB:.1f} GB in {secs:.1f} s")
     pin = None if args.no_pin_sources else SourcePin(paths)
@@ -1122,8 +1276,10 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = SIZES[args.size]["layers"]
     recipes = make_recipes(paths, num_layers)
     pt = recipes["passthrough"]["slices"]
-    bench["passthrough"] = (f"{pt[0]['sources'][0]['layer_range'][0]}–{pt[0]['sources'][0]['layer_range'][1]} of ft1 and "
-                            f"{pt[1]['sources'][0]['layer_range'][0]}–{pt[1]['sources'][0]['layer_range'][1]} of ft2")
+    bench["passthrough"] = (
+        f"{pt[0]['sources'][0]['layer_range'][0]}–{pt[0]['sources'][0]['layer_range'][1]} of ft1 and "
+        f"{pt[1]['sources'][0]['layer_range'][0]}–{pt[1]['sources'][0]['layer_range'][1]} of ft2"
+    )
     recipe_dir = args.work_dir / "recipes" / args.size
     recipe_dir.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -1158,8 +1314,10 @@ def main(argv: list[str] | None = None) -> int:
                 for attempt in range(args.retry_busy):
                     if not (r.get("ok") and _busy(r)):
                         break
-                    log(f"[{method:>15} r{rep}] {tool:>8}: {r['merge_s']:7.2f} s, but other processes used "
-                        f"{r['load']['other_cores']:.2f} cores meanwhile: discarded, running it again")
+                    log(
+                        f"[{method:>15} r{rep}] {tool:>8}: {r['merge_s']:7.2f} s, but other processes used "
+                        f"{r['load']['other_cores']:.2f} cores meanwhile: discarded, running it again"
+                    )
                     r["discarded"] = True
                     discarded.append(r)
                     os.sync()
@@ -1168,19 +1326,31 @@ def main(argv: list[str] | None = None) -> int:
                     warm_sources(paths)
                     if pin is not None:
                         pin.touch()
-                    r = run_child(tool, recipe_paths[method], out_root / f"{method}-{tool}", args.work_dir, args.seed,
-                                  f"{tag}-retry{attempt + 1}")
+                    r = run_child(
+                        tool,
+                        recipe_paths[method],
+                        out_root / f"{method}-{tool}",
+                        args.work_dir,
+                        args.seed,
+                        f"{tag}-retry{attempt + 1}",
+                    )
                     r.update(method=method, repeat=rep, source_bytes=src_bytes, retry=attempt + 1)
                 results.append(r)
                 if r.get("ok"):
-                    log(f"[{method:>15} r{rep}] {tool:>8}: {r['merge_s']:7.2f} s merge ({r['process_s']:.1f} s process), "
+                    log(
+                        f"[{method:>15} r{rep}] {tool:>8}: {r['merge_s']:7.2f} s merge ({r['process_s']:.1f} s process), "
                         f"peak RSS {r['peak_rss'] / GB:.2f} GB, CPU {r['merge_cpu_s'] / r['merge_s']:.2f} cores, "
                         f"disk read {r.get('disk_read_bytes', 0) / GB:.2f} GB, other load {r['load']['other_cores']:.2f} "
-                        f"cores, steal {r['load']['steal_cores']:.2f}")
+                        f"cores, steal {r['load']['steal_cores']:.2f}"
+                    )
                     if _busy(r):
-                        log("    warning: the machine was busy with other work during this merge; its time is not clean")
+                        log(
+                            "    warning: the machine was busy with other work during this merge; its time is not clean"
+                        )
                 else:
-                    log(f"[{method:>15} r{rep}] {tool:>8}: FAILED: {r.get('error', '?').splitlines()[0][:300]} (log: {r['log']})")
+                    log(
+                        f"[{method:>15} r{rep}] {tool:>8}: FAILED: {r.get('error', '?').splitlines()[0][:300]} (log: {r['log']})"
+                    )
             evo_out, mk_out = out_root / f"{method}-evomerge", out_root / f"{method}-mergekit"
             if rep == 0 and not args.no_compare and len(tools) == 2:
                 pair = [r for r in results if r["method"] == method and r["repeat"] == rep]
@@ -1188,9 +1358,11 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         comparisons[method] = compare_outputs(evo_out, mk_out)
                         c = comparisons[method]
-                        log(f"[{method:>15}] evomerge vs mergekit: max |diff| {c['max_abs']:.3g} ({c['max_ulp']:.3g} bf16 ulps), "
+                        log(
+                            f"[{method:>15}] evomerge vs mergekit: max |diff| {c['max_abs']:.3g} ({c['max_ulp']:.3g} bf16 ulps), "
                             f"{c['mismatch'] / max(c['numel'], 1):.3%} of sampled elements differ, "
-                            f"{c['beyond_1ulp'] / max(c['numel'], 1):.3%} by more than 1 ulp")
+                            f"{c['beyond_1ulp'] / max(c['numel'], 1):.3%} by more than 1 ulp"
+                        )
                     except Exception as exc:  # noqa: BLE001
                         comparisons[method] = {"error": f"{type(exc).__name__}: {exc}"}
             if not args.keep_outputs:
@@ -1208,8 +1380,15 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for_idle(args.wait_idle)
             warm_sources(paths)
             raw = prof_dir / f"{args.size}-{method}-evomerge.txt"
-            r = run_child("evomerge", recipe_paths[method], out_root / f"{method}-evomerge-profile", args.work_dir,
-                          args.seed, f"{args.size}-{method}-evomerge-profile", profile_to=raw)
+            r = run_child(
+                "evomerge",
+                recipe_paths[method],
+                out_root / f"{method}-evomerge-profile",
+                args.work_dir,
+                args.seed,
+                f"{args.size}-{method}-evomerge-profile",
+                profile_to=raw,
+            )
             shutil.rmtree(out_root / f"{method}-evomerge-profile", ignore_errors=True)
             if not raw.exists():
                 log(f"[{method:>15}] profile: py-spy wrote nothing (see {r['log']})")
@@ -1240,8 +1419,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if args.json:
-        payload = {**bench, "summary": summary, "runs": results, "discarded_busy_runs": discarded, "comparisons": comparisons, "profiles": profiles,
-                   "recipes": {m: recipes[m] for m in args.methods}}
+        payload = {
+            **bench,
+            "summary": summary,
+            "runs": results,
+            "discarded_busy_runs": discarded,
+            "comparisons": comparisons,
+            "profiles": profiles,
+            "recipes": {m: recipes[m] for m in args.methods},
+        }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
         log(f"\nwrote {args.json}")
     if not args.no_markdown:

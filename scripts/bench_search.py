@@ -76,22 +76,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=int, nargs="+", default=[60, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--optimizers", nargs="+", default=["cma", "cma-worst", "nsga2", "random"],
-                        choices=sorted(OPTIMIZER_OVERRIDES))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra run-config override for the quality runs (as `evomerge search --set`)")
+    parser.add_argument(
+        "--optimizers", nargs="+", default=["cma", "cma-worst", "nsga2", "random"], choices=sorted(OPTIMIZER_OVERRIDES)
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra run-config override for the quality runs (as `evomerge search --set`)",
+    )
     parser.add_argument("--throughput-budget", type=int, default=32)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--zoo-seed", type=int, default=0, help="build (or reuse) the zoo of this seed")
-    parser.add_argument("--config", help="run config for every optimizer (default: configs/zoo-ps-cma.yaml for "
-                        "CMA-ES, configs/zoo-ps-nsga2.yaml for the others)")
+    parser.add_argument(
+        "--config",
+        help="run config for every optimizer (default: configs/zoo-ps-cma.yaml for "
+        "CMA-ES, configs/zoo-ps-nsga2.yaml for the others)",
+    )
     args = parser.parse_args()
 
     zoo = build_zoo(default_zoo_dir(args.zoo_seed), args.zoo_seed, progress=False).parent
     os.environ["EVOMERGE_ZOO_DIR"] = str(zoo)
     manifest = json.loads((zoo / "zoo.json").read_text())
-    include = str(zoo / manifest["include_path"])
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     out: dict = {"quality": [], "throughput": []}
     budget = max(args.budgets)
@@ -105,8 +114,10 @@ def main() -> None:
                 report = RunReport.load(work / f"{name}-{seed}")
                 labels = report.labels
                 if any(d != "maximize" for d in report.directions):
-                    sys.exit(f"bench_search compares accuracies: every objective must be maximized, got "
-                             f"{dict(zip(labels, report.directions))} (use `evomerge search` + `evomerge front` for others)")
+                    sys.exit(
+                        f"bench_search compares accuracies: every objective must be maximized, got "
+                        f"{dict(zip(labels, report.directions))} (use `evomerge search` + `evomerge front` for others)"
+                    )
                 out["searched_tasks"] = [label.split("/")[0] for label in labels]
                 curve, worst_curve = [], []
                 best = best_worst = -1.0
@@ -116,27 +127,40 @@ def main() -> None:
                         best_worst = max(best_worst, worst_acc(record.objectives, labels))
                     curve.append(best)
                     worst_curve.append(best_worst)
-                entry = {"optimizer": name, "seed": seed, "wall_s": wall, "curve": curve, "worst_curve": worst_curve,
-                         "budgets": {}}
+                entry = {
+                    "optimizer": name,
+                    "seed": seed,
+                    "wall_s": wall,
+                    "curve": curve,
+                    "worst_curve": worst_curve,
+                    "budgets": {},
+                }
                 for b in args.budgets:
                     prefix = report.records[:b]
                     ok = [r for r in prefix if r.has_all(labels)]
-                    entry["budgets"][b] = {"best_mean_acc": curve[min(b, len(curve)) - 1],
-                                           "best_worst_acc": worst_curve[min(b, len(worst_curve)) - 1],
-                                           "hypervolume": report.hypervolume(ok)}
+                    entry["budgets"][b] = {
+                        "best_mean_acc": curve[min(b, len(curve)) - 1],
+                        "best_worst_acc": worst_curve[min(b, len(worst_curve)) - 1],
+                        "hypervolume": report.hypervolume(ok),
+                    }
                 entry["best_recipe"] = max(report.ok, key=lambda r: mean_acc(r.objectives, labels)).recipe
                 entry["best_worst_recipe"] = max(
                     report.ok, key=lambda r: (worst_acc(r.objectives, labels), mean_acc(r.objectives, labels))
                 ).recipe
                 out["quality"].append(entry)
-                print(f"{name} seed {seed}: best mean acc {curve[-1]:.3f}, best worst-skill acc {worst_curve[-1]:.3f} "
-                      f"after {len(curve)} in {wall:.0f}s", flush=True)
+                print(
+                    f"{name} seed {seed}: best mean acc {curve[-1]:.3f}, best worst-skill acc {worst_curve[-1]:.3f} "
+                    f"after {len(curve)} in {wall:.0f}s",
+                    flush=True,
+                )
 
         # --- held-out test scores: base, specialists, hand-set merges, best evolved merges
         searched = out.get("searched_tasks") or list(manifest["tasks"].values())
         synergy = manifest["synergy"]["task"] in searched
         # baselines merge the searched skills' specialists (for the synergy task: its pair)
-        skills = manifest["synergy"]["skills"] if synergy else [k for k, t in manifest["tasks"].items() if t in searched]
+        skills = (
+            manifest["synergy"]["skills"] if synergy else [k for k, t in manifest["tasks"].items() if t in searched]
+        )
         picks = {}
         for name in args.optimizers:
             entries = [q for q in out["quality"] if q["optimizer"] == name]
@@ -150,11 +174,27 @@ def main() -> None:
         # --- throughput
         if not args.skip_throughput:
             for workers in (0, 1, 2):
-                overrides = ["optimizer.name=nsga2", "optimizer.seed=0", f"runtime.workers={workers}", "optimizer.population=8"]
-                _, summary, wall, idle = run_search("zoo-ps-nsga2.yaml", work / f"tp-{workers}", overrides, args.throughput_budget)
-                out["throughput"].append({"workers": workers, "candidates": summary.evaluated, "wall_s": wall,
-                                          "per_minute": 60 * summary.evaluated / wall, "idle_fraction": idle})
-                print(f"throughput workers={workers}: {60 * summary.evaluated / wall:.1f}/min idle {idle:.0%}", flush=True)
+                overrides = [
+                    "optimizer.name=nsga2",
+                    "optimizer.seed=0",
+                    f"runtime.workers={workers}",
+                    "optimizer.population=8",
+                ]
+                _, summary, wall, idle = run_search(
+                    "zoo-ps-nsga2.yaml", work / f"tp-{workers}", overrides, args.throughput_budget
+                )
+                out["throughput"].append(
+                    {
+                        "workers": workers,
+                        "candidates": summary.evaluated,
+                        "wall_s": wall,
+                        "per_minute": 60 * summary.evaluated / wall,
+                        "idle_fraction": idle,
+                    }
+                )
+                print(
+                    f"throughput workers={workers}: {60 * summary.evaluated / wall:.1f}/min idle {idle:.0%}", flush=True
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -165,8 +205,10 @@ def main() -> None:
 
 def print_tables(out: dict, args) -> None:
     print(f"\n# bench_search · {os.cpu_count()} cores · seeds {args.seeds} · overrides {args.overrides}\n")
-    print("| optimizer | budget | best mean acc (search), mean ± sd over seeds "
-          "| best worst-skill acc (search), mean ± sd | hypervolume, mean |")
+    print(
+        "| optimizer | budget | best mean acc (search), mean ± sd over seeds "
+        "| best worst-skill acc (search), mean ± sd | hypervolume, mean |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name in args.optimizers:
         entries = [q for q in out["quality"] if q["optimizer"] == name]
@@ -174,8 +216,10 @@ def print_tables(out: dict, args) -> None:
             bests = [q["budgets"][b]["best_mean_acc"] for q in entries]
             worsts = [q["budgets"][b]["best_worst_acc"] for q in entries]
             hvs = [q["budgets"][b]["hypervolume"] for q in entries]
-            print(f"| {name} | {b} | {np.mean(bests):.3f} ± {np.std(bests):.3f} "
-                  f"| {np.mean(worsts):.3f} ± {np.std(worsts):.3f} | {np.mean(hvs):.4f} |")
+            print(
+                f"| {name} | {b} | {np.mean(bests):.3f} ± {np.std(bests):.3f} "
+                f"| {np.mean(worsts):.3f} ± {np.std(worsts):.3f} | {np.mean(hvs):.4f} |"
+            )
     randoms = [q for q in out["quality"] if q["optimizer"] == "random"]  # CMA-ES (summed) vs random, on mean acc
     if randoms and any(q["optimizer"] == "cma" for q in out["quality"]):
         target = float(np.mean([q["curve"][-1] for q in randoms]))
@@ -183,21 +227,36 @@ def print_tables(out: dict, args) -> None:
         for q in (q for q in out["quality"] if q["optimizer"] == "cma"):
             hit = next((i + 1 for i, v in enumerate(q["curve"]) if v >= target), None)
             needed.append(hit)
-        print(f"\nCMA-ES candidates to reach random search's {max(args.budgets)}-candidate best ({target:.3f}): {needed}")
+        print(
+            f"\nCMA-ES candidates to reach random search's {max(args.budgets)}-candidate best ({target:.3f}): {needed}"
+        )
     randoms = {q["seed"]: q for q in out["quality"] if q["optimizer"] == "random"}
     nsga = [q for q in out["quality"] if q["optimizer"] == "nsga2"]
     if randoms and nsga:
-        wins = [(q["seed"], b, q["budgets"][b]["hypervolume"], randoms[q["seed"]]["budgets"][b]["hypervolume"])
-                for q in nsga if q["seed"] in randoms for b in args.budgets]
-        print("\nNSGA-II vs random hypervolume (seed, budget, nsga2, random): "
-              + ", ".join(f"({s}, {b}, {h:.4f}, {r:.4f})" for s, b, h, r in wins)
-              + f" -> NSGA-II ahead in {sum(h > r for _, _, h, r in wins)} of {len(wins)}")
+        wins = [
+            (q["seed"], b, q["budgets"][b]["hypervolume"], randoms[q["seed"]]["budgets"][b]["hypervolume"])
+            for q in nsga
+            if q["seed"] in randoms
+            for b in args.budgets
+        ]
+        print(
+            "\nNSGA-II vs random hypervolume (seed, budget, nsga2, random): "
+            + ", ".join(f"({s}, {b}, {h:.4f}, {r:.4f})" for s, b, h, r in wins)
+            + f" -> NSGA-II ahead in {sum(h > r for _, _, h, r in wins)} of {len(wins)}"
+        )
     test = out["test"]
     skills = [k for k in test["tasks"] if k in next(iter(test["gain_retention"].values()))]
-    print(f"\nHeld-out test split, acc; kept = gain retention (merge - base) / (specialist - base). "
-          f"Best hand-set merge (by worst kept): {test['best_hand_set']}.")
-    print("\n| test split | " + " | ".join(test["tasks"]) + " | " + " | ".join(f"kept {s}" for s in skills)
-          + " | kept, worst |")
+    print(
+        f"\nHeld-out test split, acc; kept = gain retention (merge - base) / (specialist - base). "
+        f"Best hand-set merge (by worst kept): {test['best_hand_set']}."
+    )
+    print(
+        "\n| test split | "
+        + " | ".join(test["tasks"])
+        + " | "
+        + " | ".join(f"kept {s}" for s in skills)
+        + " | kept, worst |"
+    )
     print("|---|" + "---:|" * (len(test["tasks"]) + len(skills) + 1))
     for label, scores in test["scores"].items():
         kept = test["gain_retention"].get(label)

@@ -28,14 +28,20 @@ def make_config(models: list[str]) -> dict:
     from evomerge.search.space import load_space
 
     space = {
-        "models": models, "base_model": "/zoo/base", "method": "ties",
+        "models": models,
+        "base_model": "/zoo/base",
+        "method": "ties",
         "parameters": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 0.2, "high": 1.0}},
-        "granularity": "layer", "split_attn_mlp": True,
+        "granularity": "layer",
+        "split_attn_mlp": True,
     }
     return {
-        "name": "bench-tracking", "search_space": load_space(space).model_dump(mode="json"),
-        "objectives": [{"task": "zoo_reverse", "metric": "acc", "name": "reverse"},
-                       {"task": "zoo_sort", "metric": "acc", "name": "sort"}],
+        "name": "bench-tracking",
+        "search_space": load_space(space).model_dump(mode="json"),
+        "objectives": [
+            {"task": "zoo_reverse", "metric": "acc", "name": "reverse"},
+            {"task": "zoo_sort", "metric": "acc", "name": "sort"},
+        ],
         "optimizer": {"name": "nsga2", "population": 8, "budget": 200, "sigma": 0.25, "seed": 0},
         "tracking": {"uri": None, "experiment": "evomerge"},
     }
@@ -53,14 +59,27 @@ def make_records(config: dict, count: int, population: int, layers: int) -> list
         x = rng.random(genome.dim)
         recipe = genome.decode(x)
         failed = cid % 37 == 5
-        records.append(CandidateRecord.from_json({
-            "id": cid, "generation": cid // population, "genome": [round(float(v), 8) for v in x],
-            "recipe_hash": recipe.content_hash(), "recipe": recipe.to_dict(),
-            "objectives": {} if failed else {"reverse": float(rng.random()), "sort": float(rng.random())},
-            "status": "failed" if failed else "ok", "reason": "timeout" if failed else None,
-            "worker": f"w{cid % 2}", "seconds": 1.0, "materialize_seconds": 0.3, "score_seconds": 0.7,
-            "cached": False, "attempts": 1, "time": time.time(),
-        }))
+        records.append(
+            CandidateRecord.from_json(
+                {
+                    "id": cid,
+                    "generation": cid // population,
+                    "genome": [round(float(v), 8) for v in x],
+                    "recipe_hash": recipe.content_hash(),
+                    "recipe": recipe.to_dict(),
+                    "objectives": {} if failed else {"reverse": float(rng.random()), "sort": float(rng.random())},
+                    "status": "failed" if failed else "ok",
+                    "reason": "timeout" if failed else None,
+                    "worker": f"w{cid % 2}",
+                    "seconds": 1.0,
+                    "materialize_seconds": 0.3,
+                    "score_seconds": 0.7,
+                    "cached": False,
+                    "attempts": 1,
+                    "time": time.time(),
+                }
+            )
+        )
     return records
 
 
@@ -101,8 +120,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200)
     parser.add_argument("--population", type=int, default=8)
-    parser.add_argument("--candidate-seconds", type=float, default=0.25,
-                        help="simulated wait per candidate in the driver (default 0.25)")
+    parser.add_argument(
+        "--candidate-seconds",
+        type=float,
+        default=0.25,
+        help="simulated wait per candidate in the driver (default 0.25)",
+    )
     parser.add_argument("--layers", type=int, default=16, help="layers of the synthetic recipes (per-layer genes)")
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=1, help="alternate plain/tracked runs this often; medians")
@@ -113,7 +136,7 @@ def main() -> None:
     config["optimizer"]["population"] = args.population
     records = make_records(config, args.records, args.population, args.layers)
     bases, trackeds = [], []
-    for i in range(args.repeat):
+    for _i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
             bases.append(loop(records, config, Path(tmp) / "plain", args.candidate_seconds, tracked=False))
             trackeds.append(loop(records, config, Path(tmp) / "tracked", args.candidate_seconds, tracked=True))
@@ -121,18 +144,27 @@ def main() -> None:
     tracked = sorted(trackeds, key=lambda r: r["wall"])[len(trackeds) // 2]
     overhead = 100.0 * (tracked["wall"] - base["wall"]) / base["wall"]
     if args.repeat > 1:
-        print("runs (plain / tracked wall s): " + ", ".join(f"{b['wall']:.2f} / {t['wall']:.2f}" for b, t in zip(bases, trackeds)))
+        print(
+            "runs (plain / tracked wall s): "
+            + ", ".join(f"{b['wall']:.2f} / {t['wall']:.2f}" for b, t in zip(bases, trackeds))
+        )
     n = args.records
-    print(f"{n} records, population {args.population}, {args.candidate_seconds:.3f} s per candidate, "
-          f"{args.models} models x {args.layers} layers (per-layer attn/MLP genes)")
+    print(
+        f"{n} records, population {args.population}, {args.candidate_seconds:.3f} s per candidate, "
+        f"{args.models} models x {args.layers} layers (per-layer attn/MLP genes)"
+    )
     print(f"without tracker: {base['wall']:.2f} s")
     print(f"with tracker:    {tracked['wall']:.2f} s  (loop {tracked['loop']:.2f} s + close {tracked['close']:.2f} s)")
     print(f"overhead:        {overhead:+.1f} %")
-    print(f"start/on_record/on_generation blocked the loop {(tracked['hook_seconds'] - tracked['close']) * 1000:.1f} ms "
-          f"in total (slowest on_record+on_generation: {tracked['hook_max'] * 1000:.2f} ms)")
-    print(f"background worker: {tracked['worker_seconds']:.2f} s wall, {tracked['worker_cpu_seconds']:.2f} s CPU "
-          f"({1000 * tracked['worker_cpu_seconds'] / n:.1f} ms CPU per record, MLflow import and store creation "
-          f"included); {int(tracked['logged'])} child runs, {int(tracked['failures'])} failures")
+    print(
+        f"start/on_record/on_generation blocked the loop {(tracked['hook_seconds'] - tracked['close']) * 1000:.1f} ms "
+        f"in total (slowest on_record+on_generation: {tracked['hook_max'] * 1000:.2f} ms)"
+    )
+    print(
+        f"background worker: {tracked['worker_seconds']:.2f} s wall, {tracked['worker_cpu_seconds']:.2f} s CPU "
+        f"({1000 * tracked['worker_cpu_seconds'] / n:.1f} ms CPU per record, MLflow import and store creation "
+        f"included); {int(tracked['logged'])} child runs, {int(tracked['failures'])} failures"
+    )
 
 
 if __name__ == "__main__":

@@ -15,15 +15,30 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_random_llama(path: Path, seed: int, *, layers: int = 3, hidden: int = 32, vocab: int = 64,
-                      dtype: torch.dtype = torch.float32, base: Path | None = None, noise: float = 0.05,
-                      **config_overrides) -> Path:
+def make_random_llama(
+    path: Path,
+    seed: int,
+    *,
+    layers: int = 3,
+    hidden: int = 32,
+    vocab: int = 64,
+    dtype: torch.dtype = torch.float32,
+    base: Path | None = None,
+    noise: float = 0.05,
+    **config_overrides,
+) -> Path:
     """A small random LlamaForCausalLM saved as safetensors; with ``base``, a perturbed copy of it (a 'fine-tune')."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
         **config_overrides,
     )
     torch.manual_seed(seed)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import load_all
 
 from evomerge.merge import blocks, engine, methods
 from evomerge.merge.blocks import BLOCK_KERNELS, JobInputs
 from evomerge.merge.engine import materialize_into, merge_to_disk, plan_recipe
 from evomerge.recipe import Recipe
-
-from test_engine import load_all
 
 
 def _family(shape=(96, 250), n=3, seed=0, ties=False):
@@ -26,7 +25,9 @@ def _family(shape=(96, 250), n=3, seed=0, ties=False):
 def _run_blocks(method, inputs, base, model_params, params, *, seed=0, block_elements=1000):
     spec = methods.get_method(method)
     params, model_params = spec.bind(params, model_params)
-    job = JobInputs(inputs, base if spec.uses_base else None, dtype=torch.float32, device="cpu", block_elements=block_elements)
+    job = JobInputs(
+        inputs, base if spec.uses_base else None, dtype=torch.float32, device="cpu", block_elements=block_elements
+    )
     pieces = list(BLOCK_KERNELS[method](job, model_params, params, seed))
     assert len(pieces) > 1, "the test should span several blocks"
     assert [p[0].start for p in pieces] == sorted(p[0].start for p in pieces)
@@ -50,8 +51,11 @@ CASES = [
     ("linear", [{"weight": 1.0}, {"weight": 2.0}, {"weight": -0.5}], {"normalize": False}),
     ("task_arithmetic", [{"weight": 0.7}, {"weight": 0.4}, {"weight": 1.1}], {}),
     ("ties", [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.75}, {"weight": 1.0, "density": 1.0}], {}),
-    ("ties", [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.0}, {"weight": 0.3, "density": 0.01}],
-     {"normalize": False, "lambda": 1.5}),
+    (
+        "ties",
+        [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.0}, {"weight": 0.3, "density": 0.01}],
+        {"normalize": False, "lambda": 1.5},
+    ),
 ]
 
 
@@ -75,8 +79,10 @@ def test_slerp_and_passthrough_blocks() -> None:
     inputs, base = _family(n=1)
     for t in (0.0, 0.3, 1.0):
         torch.testing.assert_close(
-            _run_blocks("slerp", inputs, base, [{}], {"t": t}), _run_whole("slerp", inputs, base, [{}], {"t": t}),
-            rtol=1e-6, atol=1e-6,
+            _run_blocks("slerp", inputs, base, [{}], {"t": t}),
+            _run_whole("slerp", inputs, base, [{}], {"t": t}),
+            rtol=1e-6,
+            atol=1e-6,
         )
     stored = inputs[0].to(torch.bfloat16)
     copy = _run_blocks("passthrough", [stored], None, [{}], {})
@@ -107,7 +113,10 @@ RECIPES = {
     "task_arithmetic": {"base": True, "models": [("a", {"weight": 0.5}), ("b", {"weight": 0.8})]},
     "ties": {"base": True, "models": [("a", {"weight": 0.5, "density": 0.4}), ("b", {"weight": 0.8, "density": 0.7})]},
     "slerp": {"base": True, "models": [("a", {})], "parameters": {"t": 0.4}},
-    "dare_ties": {"base": True, "models": [("a", {"weight": 0.5, "density": 0.4}), ("b", {"weight": 0.8, "density": 0.7})]},
+    "dare_ties": {
+        "base": True,
+        "models": [("a", {"weight": 0.5, "density": 0.4}), ("b", {"weight": 0.8, "density": 0.7})],
+    },
     "model_stock": {"base": True, "models": [("a", {}), ("b", {}), ("c", {})]},
     "nuslerp": {"base": True, "models": [("a", {"weight": 0.4}), ("b", {"weight": 0.6})]},
 }
@@ -166,7 +175,9 @@ def test_block_release_keeps_resident_pages_bounded(random_family, tmp_path, mon
 
 
 @pytest.mark.parametrize("misleading_sample", [False, True])
-def test_ties_threshold_exact_whether_the_sample_predicts_it_or_not(kthvalue_selection, monkeypatch, misleading_sample) -> None:
+def test_ties_threshold_exact_whether_the_sample_predicts_it_or_not(
+    kthvalue_selection, monkeypatch, misleading_sample
+) -> None:
     """The sampled blocks predict where the threshold lies; when they mislead (here: the sampled
     rows' task vectors are 100x larger), a second pass still finds the exact threshold."""
     inputs, base = _family(shape=(400, 250), n=2)
@@ -179,7 +190,9 @@ def test_ties_threshold_exact_whether_the_sample_predicts_it_or_not(kthvalue_sel
                 )
     outcomes = []
     original = blocks._RadixSelect.window_holds_boundary
-    monkeypatch.setattr(blocks._RadixSelect, "window_holds_boundary", lambda self: outcomes.append(original(self)) or outcomes[-1])
+    monkeypatch.setattr(
+        blocks._RadixSelect, "window_holds_boundary", lambda self: outcomes.append(original(self)) or outcomes[-1]
+    )
     model_params = [{"weight": 1.0, "density": 0.4}, {"weight": 0.5, "density": 0.7}]
     whole = _run_whole("ties", inputs, base, model_params, {})
     assert torch.equal(_run_blocks("ties", inputs, base, model_params, {}), whole)
@@ -197,17 +210,29 @@ def test_passthrough_copies_stored_bytes(random_family, tmp_path, monkeypatch, k
     original = ShardedWriter.copy_range
     monkeypatch.setattr(ShardedWriter, "copy_range", lambda self, *a: calls.append(a[0]) or original(self, *a))
     if not kernel_copy:
+
         def unsupported(*args, **kwargs):
             raise OSError("not supported")
+
         monkeypatch.setattr(os, "copy_file_range", unsupported)
-    recipe = Recipe.from_dict({
-        "merge_method": "passthrough",
-        "slices": [
-            {"sources": [{"model": str(random_family["a"]), "layer_range": [0, 2]}]},
-            {"sources": [{"model": str(random_family["b"]), "layer_range": [1, 3], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
-        ],
-        "dtype": "float32",
-    })
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(random_family["a"]), "layer_range": [0, 2]}]},
+                {
+                    "sources": [
+                        {
+                            "model": str(random_family["b"]),
+                            "layer_range": [1, 3],
+                            "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
+                        }
+                    ]
+                },
+            ],
+            "dtype": "float32",
+        }
+    )
     out = load_all(merge_to_disk(recipe, tmp_path / "out"))
     a, b = load_all(random_family["a"]), load_all(random_family["b"])
     assert calls and len(calls) < len(out)  # scaled tensors are computed, the rest copied
@@ -216,14 +241,17 @@ def test_passthrough_copies_stored_bytes(random_family, tmp_path, monkeypatch, k
     assert torch.equal(out["model.layers.3.self_attn.o_proj.weight"], 0.5 * b["model.layers.2.self_attn.o_proj.weight"])
 
 
-@pytest.mark.parametrize(("method", "model_params", "params", "with_base"), [
-    ("nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}, True),
-    ("nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}, False),
-    ("nuslerp", [{"weight": 1.0}, {"weight": 1.0}], {"nuslerp_flatten": False}, True),
-    ("nuslerp", [{"weight": 1.0}, {"weight": 2.0}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
-    ("model_stock", [{}, {}, {}], {}, True),
-    ("model_stock", [{}, {}, {}], {"filter_wise": True}, True),
-])
+@pytest.mark.parametrize(
+    ("method", "model_params", "params", "with_base"),
+    [
+        ("nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}, True),
+        ("nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}, False),
+        ("nuslerp", [{"weight": 1.0}, {"weight": 1.0}], {"nuslerp_flatten": False}, True),
+        ("nuslerp", [{"weight": 1.0}, {"weight": 2.0}], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
+        ("model_stock", [{}, {}, {}], {}, True),
+        ("model_stock", [{}, {}, {}], {"filter_wise": True}, True),
+    ],
+)
 def test_nuslerp_and_model_stock_blocks_match_whole(method, model_params, params, with_base) -> None:
     inputs, base = _family(n=len(model_params))
     spec = methods.get_method(method)

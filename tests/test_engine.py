@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_random_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,8 +18,6 @@ from evomerge.merge.engine import materialize_into, merge_to_disk, plan_recipe
 from evomerge.merge.io import CheckpointError, OutputTensor, ShardedWriter, parse_size, read_safetensors_header
 from evomerge.merge.plan import PlanError
 from evomerge.recipe import Recipe
-
-from conftest import make_random_llama
 
 
 def load_all(path: Path) -> dict[str, torch.Tensor]:
@@ -163,8 +162,15 @@ def odd_models(tmp_path_factory, random_family) -> dict[str, Path]:
     not_ckpt.mkdir()
     (not_ckpt / "config.json").write_text("{}")
     (not_ckpt / "model.safetensors").write_bytes(b"this is not a safetensors file")
-    return {"wide": wide, "big_vocab": big_vocab, "deep": deep, "other_arch": other_arch,
-            "renamed": renamed, "pickled": pickled, "not_ckpt": not_ckpt}
+    return {
+        "wide": wide,
+        "big_vocab": big_vocab,
+        "deep": deep,
+        "other_arch": other_arch,
+        "renamed": renamed,
+        "pickled": pickled,
+        "not_ckpt": not_ckpt,
+    }
 
 
 @pytest.mark.parametrize(
@@ -205,11 +211,16 @@ def test_pickle_checkpoints_load_when_allowed(random_family, odd_models, tmp_pat
 
 def test_layer_range_out_of_bounds_and_missing_model(random_family, tmp_path) -> None:
     recipe = Recipe.from_dict(
-        {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(random_family["a"]), "layer_range": [2, 5]}]}]}
+        {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": str(random_family["a"]), "layer_range": [2, 5]}]}],
+        }
     )
     with pytest.raises(PlanError, match=r"slices\[0\].sources\[0\].layer_range: \[2, 5\] is out of bounds .* 3 layers"):
         merge_to_disk(recipe, tmp_path / "out")
-    missing = Recipe.from_dict({"merge_method": "linear", "models": [{"model": str(tmp_path / "nope"), "parameters": {"weight": 1}}]})
+    missing = Recipe.from_dict(
+        {"merge_method": "linear", "models": [{"model": str(tmp_path / "nope"), "parameters": {"weight": 1}}]}
+    )
     with pytest.raises(PlanError, match="does not exist"):
         merge_to_disk(missing, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -250,7 +261,9 @@ def test_writer_refuses_out_of_order_tensors(tmp_path) -> None:
         writer.write("b", torch.zeros(2))
 
 
-@pytest.mark.parametrize("text, value", [("5GB", 5 * 10**9), ("500M", 500 * 10**6), ("1.5gb", 1_500_000_000), ("2GiB", 2 * 2**30)])
+@pytest.mark.parametrize(
+    "text, value", [("5GB", 5 * 10**9), ("500M", 500 * 10**6), ("1.5gb", 1_500_000_000), ("2GiB", 2 * 2**30)]
+)
 def test_parse_size(text, value) -> None:
     assert parse_size(text) == value
 

@@ -31,7 +31,7 @@ def zoo(zoo_dir) -> dict:
 
 def objectives(zoo, split: str = "search", limit: int | None = 40) -> list[Objective]:
     out = []
-    for skill, task in zoo["tasks"].items():
+    for _skill, task in zoo["tasks"].items():
         out.append(Objective(task=task, metric="acc", split=split, limit=limit))
         out.append(Objective(task=task, metric="perplexity", split=split, limit=limit))
     return out
@@ -66,7 +66,10 @@ def test_fast_backend_equals_lm_eval_backend(zoo, fast) -> None:
     reference = CandidateEvaluator(objectives(zoo), include_paths=[zoo["include"]], backend="lm-eval")
     specialist = next(iter(zoo["models"].values()))
     for target in (specialist, task_arithmetic(zoo)):
-        evaluate = (lambda e: e.evaluate_checkpoint(target)) if isinstance(target, str) else (lambda e: e.evaluate(target))
+
+        def evaluate(e, target=target):
+            return e.evaluate_checkpoint(target) if isinstance(target, str) else e.evaluate(target)
+
         ours, theirs = evaluate(fast), evaluate(reference)
         assert ours.ok and theirs.ok, (ours.reason, theirs.reason)
         assert_same_scores(ours.objectives, theirs.objectives)
@@ -102,18 +105,25 @@ def test_routings_with_other_layer_counts(zoo, fast, tmp_path) -> None:
     assert saved.objectives == result.objectives
     # back to the 4-layer resident model: still right
     plain = task_arithmetic(zoo, 0.65)
-    assert fast.evaluate(plain).objectives == fast.evaluate_checkpoint(merge_to_disk(plain, tmp_path / "plain")).objectives
+    assert (
+        fast.evaluate(plain).objectives == fast.evaluate_checkpoint(merge_to_disk(plain, tmp_path / "plain")).objectives
+    )
 
 
 def test_failures_are_results_not_exceptions(zoo, fast, monkeypatch) -> None:
     a, b = list(zoo["models"].values())[:2]
     nan_weights = Recipe.from_dict(
-        {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": -1.0}}]}
+        {
+            "merge_method": "linear",
+            "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": -1.0}}],
+        }
     )
     result = fast.evaluate(nan_weights)
     assert result.status == "failed" and "NaN or Inf" in result.reason
 
-    missing = Recipe.from_dict({"merge_method": "linear", "models": [{"model": "/nonexistent/model", "parameters": {"weight": 1}}]})
+    missing = Recipe.from_dict(
+        {"merge_method": "linear", "models": [{"model": "/nonexistent/model", "parameters": {"weight": 1}}]}
+    )
     result = fast.evaluate(missing)
     assert result.status == "failed" and "does not exist" in result.reason
 
@@ -122,7 +132,10 @@ def test_failures_are_results_not_exceptions(zoo, fast, monkeypatch) -> None:
 
     monkeypatch.setattr(evaluator_module, "_check_finite", lambda model: None)
     also_nan = Recipe.from_dict(
-        {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 2.0}}, {"model": b, "parameters": {"weight": -2.0}}]}
+        {
+            "merge_method": "linear",
+            "models": [{"model": a, "parameters": {"weight": 2.0}}, {"model": b, "parameters": {"weight": -2.0}}],
+        }
     )
     result = fast.evaluate(also_nan)
     assert result.status == "failed" and "NaN" in result.reason
@@ -178,15 +191,34 @@ def test_matches_plain_lm_eval_cli(zoo, tmp_path) -> None:
     skill, model = list(zoo["models"].items())[1]
     tasks = ",".join(zoo["tasks"].values())
     command = [
-        sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-        "--include_path", zoo["include"], "--tasks", tasks, "--device", "cpu", "--batch_size", "32",
-        "--output_path", str(tmp_path / "lm_eval_out"),
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model},dtype=float32",
+        "--include_path",
+        zoo["include"],
+        "--tasks",
+        tasks,
+        "--device",
+        "cpu",
+        "--batch_size",
+        "32",
+        "--output_path",
+        str(tmp_path / "lm_eval_out"),
     ]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     results_file = next((tmp_path / "lm_eval_out").rglob("results*.json"))
     theirs = json.loads(results_file.read_text())["results"]
     evaluator = CandidateEvaluator(
-        [Objective(task=t, metric=m, split="test", name=f"{t}/{m}") for t in zoo["tasks"].values() for m in ("acc", "perplexity")],
+        [
+            Objective(task=t, metric=m, split="test", name=f"{t}/{m}")
+            for t in zoo["tasks"].values()
+            for m in ("acc", "perplexity")
+        ],
         include_paths=[zoo["include"]],
     )
     ours = evaluator.evaluate_checkpoint(model).objectives

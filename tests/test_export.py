@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_mergekit_parity import assert_same_model, run_mergekit
+from test_search import search
 from typer.testing import CliRunner
 
 from evomerge.cli import app
@@ -12,9 +14,6 @@ from evomerge.merge.engine import merge_to_disk
 from evomerge.recipe import Recipe
 from evomerge.search.picks import PickError, knee, pick
 from evomerge.search.report import RunReport
-
-from test_mergekit_parity import assert_same_model, run_mergekit
-from test_search import search
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,12 @@ def ps_run(random_family, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dfs_run(random_family, tmp_path_factory):
     root = tmp_path_factory.mktemp("dfs_run")
-    space = {"kind": "dfs", "models": [str(random_family["a"]), str(random_family["b"])], "repeats": 2, "max_path_length": 6}
+    space = {
+        "kind": "dfs",
+        "models": [str(random_family["a"]), str(random_family["b"])],
+        "repeats": 2,
+        "max_path_length": 6,
+    }
     search(random_family, root, root / "run", **{"search_space": space, "optimizer.budget": 18})
     return root / "run"
 
@@ -53,7 +57,9 @@ def test_exported_recipes_are_reproduced_by_mergekit(request, run, tmp_path) -> 
     run_dir = request.getfixturevalue(run)
     runner = CliRunner()
     out = tmp_path / "knee.yaml"
-    result = runner.invoke(app, ["export", str(run_dir), "--pick", "knee", "-o", str(out), "--front-dir", str(tmp_path / "front")])
+    result = runner.invoke(
+        app, ["export", str(run_dir), "--pick", "knee", "-o", str(out), "--front-dir", str(tmp_path / "front")]
+    )
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "front" / "index.json").read_text())
     assert [m["id"] for m in index["front"]] == [r.id for r in RunReport.load(run_dir).front()]
@@ -80,10 +86,16 @@ def test_ps_dfs_chain_exports_as_stages_and_merges(random_family, ps_run, tmp_pa
     from evomerge.recipe import load_recipe_chain, substitute_models
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
-    space = {"kind": "dfs", "models": ["ps", str(random_family["b"])], "stages": {"ps": {"run": str(ps_run), "pick": "knee"}},
-             "repeats": 1, "max_path_length": 4}
-    from evomerge.search.config import resolve_run_config
+    space = {
+        "kind": "dfs",
+        "models": ["ps", str(random_family["b"])],
+        "stages": {"ps": {"run": str(ps_run), "pick": "knee"}},
+        "repeats": 1,
+        "max_path_length": 4,
+    }
     from test_search import run_config
+
+    from evomerge.search.config import resolve_run_config
 
     # resolving (validating) the config writes nothing; the search merges the stage as its first step
     run = resolve_run_config(run_config(random_family, tmp_path, **{"search_space": space}), base_dir=tmp_path)

@@ -13,7 +13,9 @@ from evomerge.search.space import SpaceError, load_space
 
 def ps_space(**overrides) -> dict:
     space = {
-        "models": ["/m/a", "/m/b"], "base_model": "/m/base", "method": "ties",
+        "models": ["/m/a", "/m/b"],
+        "base_model": "/m/base",
+        "method": "ties",
         "parameters": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 0.2, "high": 1.0}},
     }
     space.update(overrides)
@@ -64,9 +66,13 @@ def test_per_layer_and_attention_mlp_split() -> None:
 
 
 def test_method_and_normalize_genes() -> None:
-    genome = make_genome(load_space(ps_space(method=["ties", "task_arithmetic", "dare_linear"], normalize="search")), num_layers=2)
+    genome = make_genome(
+        load_space(ps_space(method=["ties", "task_arithmetic", "dare_linear"], normalize="search")), num_layers=2
+    )
     assert genome.names[:2] == ["method", "normalize"]
-    picks = {genome.decode(np.r_[m, n, np.full(genome.dim - 2, 0.5)]).merge_method for m in (0.0, 0.5, 1.0) for n in (0, 1)}
+    picks = {
+        genome.decode(np.r_[m, n, np.full(genome.dim - 2, 0.5)]).merge_method for m in (0.0, 0.5, 1.0) for n in (0, 1)
+    }
     assert picks == {"ties", "task_arithmetic", "dare_linear"}
     recipe = genome.decode(np.r_[0.0, 0.9, np.full(genome.dim - 2, 0.5)])
     assert recipe.parameters["normalize"] is True
@@ -90,7 +96,9 @@ def test_invalid_spaces_name_the_field(space, message) -> None:
 
 
 def test_dfs_paths_are_repaired_not_rejected() -> None:
-    space = load_space({"kind": "dfs", "models": ["/m/a", "/m/b"], "repeats": 2, "max_path_length": 5, "min_path_length": 2})
+    space = load_space(
+        {"kind": "dfs", "models": ["/m/a", "/m/b"], "repeats": 2, "max_path_length": 5, "min_path_length": 2}
+    )
     genome = make_genome(space, num_layers=3)
     n = len(genome.slots)
     assert n == 2 * 2 * 3 and genome.dim == 2 * n
@@ -103,7 +111,7 @@ def test_dfs_paths_are_repaired_not_rejected() -> None:
     x = np.ones(genome.dim)
     x[:n] = np.linspace(0.6, 1.0, n)
     path = genome.decode_path(x)
-    assert [(h.model, h.layer) for h in path] == genome.slots[n - 5:]
+    assert [(h.model, h.layer) for h in path] == genome.slots[n - 5 :]
     # scales are log-uniform between the bounds
     x[n:] = 0.5
     assert [h.scale for h in genome.decode_path(x)] == pytest.approx([1.0] * 5)
@@ -114,8 +122,15 @@ def test_dfs_paths_are_repaired_not_rejected() -> None:
 
 def test_global_parameters_get_one_gene_not_one_per_model() -> None:
     """slerp's ``t`` is one value for the merge: a copy per model would be inert genes."""
-    space = load_space({"models": ["/m/a", "/m/b"], "base_model": "/m/a", "method": "slerp",
-                        "parameters": {"t": {"low": 0.0, "high": 1.0}}, "granularity": "layer"})
+    space = load_space(
+        {
+            "models": ["/m/a", "/m/b"],
+            "base_model": "/m/a",
+            "method": "slerp",
+            "parameters": {"t": {"low": 0.0, "high": 1.0}},
+            "granularity": "layer",
+        }
+    )
     genome = make_genome(space, num_layers=3)
     assert genome.names == ["t[g0]", "t[g1]", "t[g2]"]
     x = np.array([0.1, 0.5, 0.9])
@@ -130,8 +145,14 @@ def test_global_parameters_get_one_gene_not_one_per_model() -> None:
 
 
 def test_per_model_and_global_parameters_side_by_side() -> None:
-    space = load_space({"models": ["/m/a", "/m/b"], "base_model": "/m/base", "method": "task_arithmetic",
-                        "parameters": {"weight": {"low": 0.0, "high": 1.0}, "lambda": {"low": 0.5, "high": 1.5}}})
+    space = load_space(
+        {
+            "models": ["/m/a", "/m/b"],
+            "base_model": "/m/base",
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}, "lambda": {"low": 0.5, "high": 1.5}},
+        }
+    )
     genome = make_genome(space, num_layers=2)
     assert genome.names == ["weight[a][g0]", "weight[b][g0]", "lambda[g0]"]
     recipe = genome.decode(np.array([0.2, 0.4, 1.0]))

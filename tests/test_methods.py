@@ -54,38 +54,42 @@ def _per_model(n, **values):
 W3 = [0.6, 0.3, -0.25]
 
 # (method, global params, per-model params for 3 inputs (or 1/2), number of inputs, pass the base)
-DETERMINISTIC = [
-    ("linear", {}, _per_model(3, weight=W3), 3, False),
-    ("linear", {"normalize": False}, _per_model(3, weight=W3), 3, False),
-    ("task_arithmetic", {}, _per_model(3, weight=W3), 3, True),
-    ("task_arithmetic", {"normalize": True, "lambda": 0.7}, _per_model(3, weight=W3), 3, True),
-    ("ties", {}, _per_model(3, weight=W3, density=0.5), 3, True),
-    ("ties", {"rescale": True, "int8_mask": True}, _per_model(3, weight=W3, density=[0.3, 0.5, 0.8]), 3, True),
-    ("ties", {"normalize": False, "lambda": 1.5}, _per_model(3, weight=W3, density=1.0), 3, True),
-    ("breadcrumbs", {}, _per_model(3, weight=W3, density=0.7, gamma=0.05), 3, True),
-    ("breadcrumbs", {"rescale": True}, _per_model(3, weight=W3, density=0.9, gamma=0.2), 3, True),
-    ("breadcrumbs_ties", {"normalize": True}, _per_model(3, weight=W3, density=0.6, gamma=0.1), 3, True),
-    ("model_stock", {}, _per_model(3), 3, True),
-    ("model_stock", {"filter_wise": True}, _per_model(3), 3, True),
-    ("model_stock", {}, _per_model(2), 2, True),
-    ("slerp", {"t": 0.3}, _per_model(1), 1, True),
-    ("slerp", {"t": 0.85}, _per_model(1), 1, True),
-    ("passthrough", {}, _per_model(1), 1, False),
-    ("passthrough", {}, _per_model(1, scale=-1.5), 1, False),
-] + [
-    (
-        "nuslerp",
-        {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise},
-        _per_model(2, weight=[1.0, 3.0]),
-        2,
-        with_base,
-    )
-    for with_base in (True, False)
-    for flatten in (True, False)
-    for row_wise in (True, False)
-] + [
-    ("nuslerp", {}, _per_model(2, weight=[0.5, -0.5]), 2, True),  # weights sum to 0: t = 0.5
-]
+DETERMINISTIC = (
+    [
+        ("linear", {}, _per_model(3, weight=W3), 3, False),
+        ("linear", {"normalize": False}, _per_model(3, weight=W3), 3, False),
+        ("task_arithmetic", {}, _per_model(3, weight=W3), 3, True),
+        ("task_arithmetic", {"normalize": True, "lambda": 0.7}, _per_model(3, weight=W3), 3, True),
+        ("ties", {}, _per_model(3, weight=W3, density=0.5), 3, True),
+        ("ties", {"rescale": True, "int8_mask": True}, _per_model(3, weight=W3, density=[0.3, 0.5, 0.8]), 3, True),
+        ("ties", {"normalize": False, "lambda": 1.5}, _per_model(3, weight=W3, density=1.0), 3, True),
+        ("breadcrumbs", {}, _per_model(3, weight=W3, density=0.7, gamma=0.05), 3, True),
+        ("breadcrumbs", {"rescale": True}, _per_model(3, weight=W3, density=0.9, gamma=0.2), 3, True),
+        ("breadcrumbs_ties", {"normalize": True}, _per_model(3, weight=W3, density=0.6, gamma=0.1), 3, True),
+        ("model_stock", {}, _per_model(3), 3, True),
+        ("model_stock", {"filter_wise": True}, _per_model(3), 3, True),
+        ("model_stock", {}, _per_model(2), 2, True),
+        ("slerp", {"t": 0.3}, _per_model(1), 1, True),
+        ("slerp", {"t": 0.85}, _per_model(1), 1, True),
+        ("passthrough", {}, _per_model(1), 1, False),
+        ("passthrough", {}, _per_model(1, scale=-1.5), 1, False),
+    ]
+    + [
+        (
+            "nuslerp",
+            {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise},
+            _per_model(2, weight=[1.0, 3.0]),
+            2,
+            with_base,
+        )
+        for with_base in (True, False)
+        for flatten in (True, False)
+        for row_wise in (True, False)
+    ]
+    + [
+        ("nuslerp", {}, _per_model(2, weight=[0.5, -0.5]), 2, True),  # weights sum to 0: t = 0.5
+    ]
+)
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
@@ -318,7 +322,7 @@ def test_float64_in_float64_out():
 
 def test_non_floating_inputs_raise_type_error():
     ints = [torch.arange(6).reshape(2, 3) for _ in range(3)]
-    for name, spec in METHODS.items():
+    for _name, spec in METHODS.items():
         n = max(spec.min_inputs, 1) if spec.max_inputs is None else spec.max_inputs
         base = ints[0] if spec.uses_base else None
         mp = [{k: (1.0 if v is REQUIRED else v) for k, v in spec.model_params.items()} for _ in range(n)]

@@ -21,8 +21,24 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     runner = CliRunner()
     run_dir = tmp_path / "run"
     small = "objectives=[{task: zoo_reverse, metric: acc, limit: 20}, {task: zoo_sort, metric: acc, limit: 20}]"
-    result = runner.invoke(app, ["search", str(CONFIGS / "zoo-ps-nsga2.yaml"), "--run-dir", str(run_dir), "--budget", "10",
-                                 "--workers", "0", "-q", "--set", small, "--set", "optimizer.population=5"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            str(CONFIGS / "zoo-ps-nsga2.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--budget",
+            "10",
+            "--workers",
+            "0",
+            "-q",
+            "--set",
+            small,
+            "--set",
+            "optimizer.population=5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = RunReport.load(run_dir)
     assert report.count == 10 and report.front()
@@ -46,8 +62,20 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     knee = tmp_path / "knee.yaml"
     assert runner.invoke(app, ["export", str(run_dir), "--pick", "knee", "-o", str(knee)]).exit_code == 0
     assert runner.invoke(app, ["merge", str(knee), str(tmp_path / "merged"), "-q"]).exit_code == 0
-    result = runner.invoke(app, ["eval", str(tmp_path / "merged"), "--tasks", "zoo_reverse,zoo_sort",
-                                 "--include-path", str(zoo_dir / "tasks"), "--split", "test", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "merged"),
+            "--tasks",
+            "zoo_reverse,zoo_sort",
+            "--include-path",
+            str(zoo_dir / "tasks"),
+            "--split",
+            "test",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     from evomerge.search.picks import knee as knee_of
 

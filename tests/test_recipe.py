@@ -81,10 +81,19 @@ def test_hash_ignores_key_order_but_not_content() -> None:
         (lambda d: d.update(merge_methd="ties"), "merge_methd: unknown field"),
         (lambda d: d["models"][0].update(modle="x"), "models.0.modle: unknown field"),
         (lambda d: d.update(merge_method="frobnicate"), "unknown method 'frobnicate'"),
-        (lambda d: d["models"][1]["parameters"].update(density=1.5), "models[1].parameters.density: 1.5 is out of range"),
-        (lambda d: d["models"][1]["parameters"].update(t=0.5), "models[1].parameters.t: not a parameter of merge_method 'ties'"),
+        (
+            lambda d: d["models"][1]["parameters"].update(density=1.5),
+            "models[1].parameters.density: 1.5 is out of range",
+        ),
+        (
+            lambda d: d["models"][1]["parameters"].update(t=0.5),
+            "models[1].parameters.t: not a parameter of merge_method 'ties'",
+        ),
         (lambda d: d["parameters"].update(normalize="yes"), "parameters.normalize: must be true or false"),
-        (lambda d: d["models"][0]["parameters"].update(weight=[0.1, "x"]), "models[0].parameters.weight: must be a number"),
+        (
+            lambda d: d["models"][0]["parameters"].update(weight=[0.1, "x"]),
+            "models[0].parameters.weight: must be a number",
+        ),
         (lambda d: d.pop("base_model"), "base_model: merge_method 'ties' needs a base_model"),
         (lambda d: d.update(dtype="float8"), "dtype: Input should be"),
         (lambda d: d.update(slices=[]), "exactly one of 'models' or 'slices'"),
@@ -141,8 +150,17 @@ def test_union_errors_are_one_readable_line() -> None:
     deepest path pydantic reached, without pydantic's per-branch type labels."""
     data = {
         "merge_method": "passthrough",
-        "slices": [{"sources": [{"model": "/x", "layer_range": [0, 2],
-                                 "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": None}]}}]}],
+        "slices": [
+            {
+                "sources": [
+                    {
+                        "model": "/x",
+                        "layer_range": [0, 2],
+                        "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": None}]},
+                    }
+                ]
+            }
+        ],
     }
     with pytest.raises(RecipeError) as info:
         Recipe.from_dict(data)

@@ -7,24 +7,49 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_search import search
 
 from evomerge.recipe import Recipe
 from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.rundir import RunDir
 
-from test_search import search
-
 DATA = Path(__file__).parent / "data"
 
 
 def test_json_round_trip_keeps_every_field_and_the_line_format() -> None:
-    record = CandidateRecord(id=3, generation=1, status=CandidateStatus.OK, objectives={"a": 0.5}, genome=(0.1, 0.2),
-                             recipe_hash="abc", recipe={"merge_method": "linear"}, worker="w0", seconds=1.5,
-                             cached=True, attempts=2, time=12.0)
+    record = CandidateRecord(
+        id=3,
+        generation=1,
+        status=CandidateStatus.OK,
+        objectives={"a": 0.5},
+        genome=(0.1, 0.2),
+        recipe_hash="abc",
+        recipe={"merge_method": "linear"},
+        worker="w0",
+        seconds=1.5,
+        cached=True,
+        attempts=2,
+        time=12.0,
+    )
     data = json.loads(json.dumps(record.to_json()))
     assert CandidateRecord.from_json(data) == record
-    assert list(data) == ["id", "generation", "genome", "recipe_hash", "recipe", "objectives", "status", "reason",
-                          "worker", "seconds", "materialize_seconds", "score_seconds", "cached", "attempts", "time"]
+    assert list(data) == [
+        "id",
+        "generation",
+        "genome",
+        "recipe_hash",
+        "recipe",
+        "objectives",
+        "status",
+        "reason",
+        "worker",
+        "seconds",
+        "materialize_seconds",
+        "score_seconds",
+        "cached",
+        "attempts",
+        "time",
+    ]
     assert record.slim().recipe == {"merge_method": "linear"} and record.slim().genome == ()
 
 

@@ -24,12 +24,22 @@ from evomerge.recipe.methods import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", [
-    "evomerge.recipe", "evomerge.recipe.methods", "evomerge.merge.routing",
-    # reading a run (front, picks, export) and resolving a config or a space: no torch either
-    "evomerge.search.front", "evomerge.search.report", "evomerge.search.picks", "evomerge.search.export",
-    "evomerge.search.config", "evomerge.search.space", "evomerge.search.genome",
-])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "evomerge.recipe",
+        "evomerge.recipe.methods",
+        "evomerge.merge.routing",
+        # reading a run (front, picks, export) and resolving a config or a space: no torch either
+        "evomerge.search.front",
+        "evomerge.search.report",
+        "evomerge.search.picks",
+        "evomerge.search.export",
+        "evomerge.search.config",
+        "evomerge.search.space",
+        "evomerge.search.genome",
+    ],
+)
 def test_schema_imports_no_torch(module: str) -> None:
     """Reading, validating and writing recipes (front, export, the search space) never loads torch."""
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
@@ -43,7 +53,9 @@ def test_engine_registry_is_the_declarations_with_functions() -> None:
     for name, spec in SPECS.items():
         engine = methods.get_method(name)
         assert isinstance(engine, declared.MethodSpec)
-        assert {f.name: getattr(engine, f.name) for f in fields(spec)} == {f.name: getattr(spec, f.name) for f in fields(spec)}
+        assert {f.name: getattr(engine, f.name) for f in fields(spec)} == {
+            f.name: getattr(spec, f.name) for f in fields(spec)
+        }
         assert engine.fn.__name__ == name
     assert methods.REQUIRED is declared.REQUIRED  # `default is REQUIRED` holds whichever module it came from
     with pytest.raises(ValueError, match="valid methods"):
@@ -54,7 +66,17 @@ def test_block_kernels_follow_from_the_declarations() -> None:
     """Every declared method has a kernel except the task-arithmetic members whose sparsification
     has no block selector (breadcrumbs, della)."""
     assert sorted(blocks.BLOCK_KERNELS) == sorted(
-        ["linear", "passthrough", "slerp", "nuslerp", "model_stock", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
+        [
+            "linear",
+            "passthrough",
+            "slerp",
+            "nuslerp",
+            "model_stock",
+            "task_arithmetic",
+            "ties",
+            "dare_ties",
+            "dare_linear",
+        ]
     )
 
 
@@ -68,8 +90,12 @@ def test_a_new_family_member_needs_only_its_declaration(monkeypatch) -> None:
     """TIES trimming with a sign election by count (not in mergekit's registry): the declaration
     alone gives its parameters, whole-tensor function and block kernel, and the two agree."""
     spec = task_arithmetic_family(
-        "ties_count", "TIES trimming, signs elected by count.",
-        sparsification=Sparsification.MAGNITUDE, consensus=Consensus.COUNT, normalize=True, rescale=False,
+        "ties_count",
+        "TIES trimming, signs elected by count.",
+        sparsification=Sparsification.MAGNITUDE,
+        consensus=Consensus.COUNT,
+        normalize=True,
+        rescale=False,
     )
     assert dict(spec.model_params) == {"weight": declared.REQUIRED, "density": 1.0} and not spec.randomized
     engine = methods.implement(spec)

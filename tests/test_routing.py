@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_random_llama
 from torch import nn
 
 from evomerge.merge.engine import merge_to_disk
 from evomerge.merge.routing import Hop, RoutingError, recipe_to_routing, routing_to_recipe
-
-from conftest import make_random_llama
 
 
 def reference_logits(hops: list[Hop], input_ids: torch.Tensor) -> torch.Tensor:
     """Stack the hops' layers unchanged and multiply each hop's residual input by its scale (pre-hooks)."""
     from transformers import AutoModelForCausalLM
 
-    models = {m: AutoModelForCausalLM.from_pretrained(m, dtype=torch.float64) for m in dict.fromkeys(h.model for h in hops)}
+    models = {
+        m: AutoModelForCausalLM.from_pretrained(m, dtype=torch.float64) for m in dict.fromkeys(h.model for h in hops)
+    }
     first, last = models[hops[0].model], models[hops[-1].model]
     config = copy.deepcopy(first.config)
     config.num_hidden_layers = len(hops)
@@ -92,10 +93,14 @@ def test_routing_fold_on_random_models(tmp_path) -> None:
 
 
 def test_recipe_round_trip_and_mergekit_form(random_family) -> None:
-    from mergekit.config import MergeConfiguration
     import yaml
+    from mergekit.config import MergeConfiguration
 
-    hops = [Hop(str(random_family["a"]), 0, 1.0), Hop(str(random_family["b"]), 2, 0.5), Hop(str(random_family["a"]), 1, 4.0)]
+    hops = [
+        Hop(str(random_family["a"]), 0, 1.0),
+        Hop(str(random_family["b"]), 2, 0.5),
+        Hop(str(random_family["a"]), 1, 4.0),
+    ]
     recipe = routing_to_recipe(hops)
     back = recipe_to_routing(recipe)
     assert back is not None

@@ -17,8 +17,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from evomerge.runtime import EvaluatorSpec, InProcessExecutor, Job, RayExecutor, start_local_ray  # noqa: E402
 from fake_evaluators import recipe_for  # noqa: E402
+
+from evomerge.runtime import EvaluatorSpec, InProcessExecutor, Job, RayExecutor, start_local_ray  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 FAKES_ENV = {"env_vars": {"PYTHONPATH": str(TESTS_DIR)}}
@@ -210,8 +211,9 @@ def test_inprocess_and_ray_give_the_same_results(pool):
         a, b = local[cid], remote[cid]
         assert (a.status, a.recipe_hash, a.reason) == (b.status, b.recipe_hash, b.reason), cid
         varying = {"pid", "started", "ended"}  # which process, and when: the rest must agree
-        assert {k: v for k, v in a.objectives.items() if k not in varying} == \
-               {k: v for k, v in b.objectives.items() if k not in varying}
+        assert {k: v for k, v in a.objectives.items() if k not in varying} == {
+            k: v for k, v in b.objectives.items() if k not in varying
+        }
     assert local[20].ok and local[21].ok
     assert "no-such-method" in local[22].reason
     assert "ValueError" in local[23].reason and "explode" in local[23].reason

@@ -76,10 +76,17 @@ def test_cma_scalarizations() -> None:
 def run_config(family, tmp_path, **overrides) -> dict:
     config = {
         "name": "quad",
-        "search_space": {"models": [str(family["a"]), str(family["b"])], "base_model": str(family["base"]),
-                         "method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 1}}, "granularity": 2},
-        "objectives": [{"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
-                       {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"}],
+        "search_space": {
+            "models": [str(family["a"]), str(family["b"])],
+            "base_model": str(family["base"]),
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0, "high": 1}},
+            "granularity": 2,
+        },
+        "objectives": [
+            {"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
+            {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"},
+        ],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
         "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
     }
@@ -124,10 +131,17 @@ def test_search_records_everything_and_resumes_exactly(random_family, tmp_path, 
 
 def test_identical_candidates_are_scored_once(random_family, tmp_path) -> None:
     # a space with one coarse gene: many candidates decode to the same recipe
-    summary = search(random_family, tmp_path, tmp_path / "dup", **{
-        "search_space.parameters": {"weight": {"low": 0.5, "high": 0.5}}, "optimizer.name": "random",
-        "search_space.granularity": "model", "optimizer.budget": 12,
-    })
+    summary = search(
+        random_family,
+        tmp_path,
+        tmp_path / "dup",
+        **{
+            "search_space.parameters": {"weight": {"low": 0.5, "high": 0.5}},
+            "optimizer.name": "random",
+            "search_space.granularity": "model",
+            "optimizer.budget": 12,
+        },
+    )
     records = list(RunDir(tmp_path / "dup").records())
     assert summary.evaluated == 12 and summary.cached == 11
     assert len({r.recipe_hash for r in records}) == 1
@@ -140,7 +154,13 @@ def test_run_dir_guards(random_family, tmp_path) -> None:
     with pytest.raises(SearchError, match="nothing to resume"):
         search(random_family, tmp_path, tmp_path / "empty", resume=True)
     with pytest.raises(SearchError, match="the objectives differs|objectives"):
-        search(random_family, tmp_path, tmp_path / "run", resume=True, **{"objectives": [{"task": "t9", "metric": "acc", "direction": "maximize"}]})
+        search(
+            random_family,
+            tmp_path,
+            tmp_path / "run",
+            resume=True,
+            **{"objectives": [{"task": "t9", "metric": "acc", "direction": "maximize"}]},
+        )
 
 
 def test_budget_zero_is_refused_not_replaced_by_the_config_budget(random_family, tmp_path) -> None:
@@ -181,8 +201,14 @@ def test_config_errors_name_the_field(random_family, tmp_path) -> None:
 
 
 def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -190,7 +216,11 @@ def test_killed_search_resumes_to_the_same_front(zoo_dir, tmp_path) -> None:
     env = {**os.environ, "EVOMERGE_ZOO_DIR": str(zoo_dir), "PYTHONPATH": str(TESTS.parent)}
     config = TESTS.parent / "configs" / "zoo-ps-nsga2.yaml"
     common = ["--set", "optimizer.budget=24", "--set", "optimizer.population=6", "--workers", "0", "-q"]
-    small = [*common, "--set", "objectives=[{task: zoo_reverse, metric: acc, limit: 20}, {task: zoo_sort, metric: acc, limit: 20}]"]
+    small = [
+        *common,
+        "--set",
+        "objectives=[{task: zoo_reverse, metric: acc, limit: 20}, {task: zoo_sort, metric: acc, limit: 20}]",
+    ]
 
     whole = cli("search", str(config), "--run-dir", str(tmp_path / "whole"), *small, env=env)
     assert whole.wait(timeout=600) == 0, whole.stdout.read()
@@ -214,10 +244,17 @@ def test_killed_search_resumes_to_the_same_front(zoo_dir, tmp_path) -> None:
     assert [r.id for r in after] == list(range(24)), "a candidate was lost or scored twice"
     assert [r.genome for r in after] == [r.genome for r in before]
     assert [r.objectives for r in after] == [r.objectives for r in before]
-    assert [r.id for r in RunReport.load(killed_dir).front()] == [r.id for r in RunReport.load(tmp_path / "whole").front()]
+    assert [r.id for r in RunReport.load(killed_dir).front()] == [
+        r.id for r in RunReport.load(tmp_path / "whole").front()
+    ]
 
-    shown = subprocess.run([sys.executable, "-m", "evomerge.cli", "front", str(killed_dir), "--json"],
-                           env=env, capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "front", str(killed_dir), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     payload = json.loads(shown.stdout)
     assert [r["id"] for r in payload["front"]] == [r.id for r in RunReport.load(killed_dir).front()]
 
@@ -228,8 +265,17 @@ def test_sigterm_stops_a_search_cleanly(zoo_dir, tmp_path) -> None:
     to resume, and the resumed run finishes the budget without scoring anything twice."""
     env = {**os.environ, "EVOMERGE_ZOO_DIR": str(zoo_dir)}
     config = TESTS.parent / "configs" / "zoo-ps-nsga2.yaml"
-    args = ["--set", "optimizer.budget=18", "--set", "optimizer.population=6", "--workers", "0", "-q",
-            "--set", "objectives=[{task: zoo_reverse, metric: acc, limit: 10}]"]
+    args = [
+        "--set",
+        "optimizer.budget=18",
+        "--set",
+        "optimizer.population=6",
+        "--workers",
+        "0",
+        "-q",
+        "--set",
+        "objectives=[{task: zoo_reverse, metric: acc, limit: 10}]",
+    ]
     run_dir = tmp_path / "run"
     victim = cli("search", str(config), "--run-dir", str(run_dir), *args, env=env)
     evaluations = run_dir / "evaluations.jsonl"

@@ -34,8 +34,11 @@ def tasks(tmp_path_factory) -> Path:
 
 
 def test_direction_comes_from_the_tasks_own_higher_is_better(tasks) -> None:
-    objectives = [Objective(task="lower_better", metric="acc"), Objective(task="default_acc", metric="acc"),
-                  Objective(task="lower_better", metric="acc", direction="maximize", name="forced")]
+    objectives = [
+        Objective(task="lower_better", metric="acc"),
+        Objective(task="default_acc", metric="acc"),
+        Objective(task="lower_better", metric="acc", direction="maximize", name="forced"),
+    ]
     assert objective_directions(objectives, [tasks]) == ["minimize", "maximize", "maximize"]
 
 
@@ -46,8 +49,11 @@ def test_a_metric_the_task_lacks_is_named(tasks) -> None:
 
 def test_the_run_saves_the_resolved_direction_and_the_report_reads_it(tasks, tmp_path) -> None:
     (tmp_path / "m").mkdir()
-    config = {"search_space": {"models": ["m"], "method": "linear", "parameters": {"weight": {"low": 0, "high": 1}}},
-              "objectives": [{"task": "lower_better", "metric": "acc"}], "include_paths": [str(tasks)]}
+    config = {
+        "search_space": {"models": ["m"], "method": "linear", "parameters": {"weight": {"low": 0, "high": 1}}},
+        "objectives": [{"task": "lower_better", "metric": "acc"}],
+        "include_paths": [str(tasks)],
+    }
     run = resolve_run_config(config, base_dir=tmp_path)
     saved = run.to_dict()
     assert run.directions == ["minimize"] and saved["objectives"][0]["direction"] == "minimize"

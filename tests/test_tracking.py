@@ -20,10 +20,10 @@ import pytest
 
 from evomerge.merge.routing import Hop, routing_to_recipe
 from evomerge.recipe import Recipe
+from evomerge.search.genome import make_genome
 from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir
-from evomerge.search.genome import make_genome
 from evomerge.search.space import load_space
 from evomerge.tracking import Tracker
 from evomerge.tracking.store import DB_FILE, RunLink, make_client
@@ -36,27 +36,58 @@ FAILED = 5
 
 def ps_space() -> dict:
     return {
-        "models": ["/m/reverse", "/m/sort"], "base_model": "/m/base", "method": "ties",
+        "models": ["/m/reverse", "/m/sort"],
+        "base_model": "/m/base",
+        "method": "ties",
         "parameters": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 0.2, "high": 1.0}},
-        "granularity": "layer", "split_attn_mlp": True,
+        "granularity": "layer",
+        "split_attn_mlp": True,
     }
 
 
 def run_config(name: str = "tracking-test") -> dict:
     """Shaped like ResolvedRun.to_dict()."""
     return {
-        "name": name, "zoo": None,
+        "name": name,
+        "zoo": None,
         "search_space": load_space(ps_space()).model_dump(mode="json"),
         "objectives": [
-            {"task": "zoo_reverse", "metric": "acc", "split": "search", "limit": 50, "subset_seed": None,
-             "direction": None, "weight": 1.0, "reference": None, "name": "reverse"},
-            {"task": "zoo_sort", "metric": "acc", "split": "search", "limit": 50, "subset_seed": None,
-             "direction": None, "weight": 1.0, "reference": None, "name": "sort"},
+            {
+                "task": "zoo_reverse",
+                "metric": "acc",
+                "split": "search",
+                "limit": 50,
+                "subset_seed": None,
+                "direction": None,
+                "weight": 1.0,
+                "reference": None,
+                "name": "reverse",
+            },
+            {
+                "task": "zoo_sort",
+                "metric": "acc",
+                "split": "search",
+                "limit": 50,
+                "subset_seed": None,
+                "direction": None,
+                "weight": 1.0,
+                "reference": None,
+                "name": "sort",
+            },
         ],
         "include_paths": [],
         "optimizer": {"name": "nsga2", "population": 8, "budget": 20, "sigma": 0.25, "seed": 7},
-        "runtime": {"workers": 2, "ray_address": None, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0,
-                    "timeout": 600.0, "time_limit": None, "backend": "fast", "device": None, "evaluator_factory": None},
+        "runtime": {
+            "workers": 2,
+            "ray_address": None,
+            "gpus_per_worker": 0.0,
+            "cpus_per_worker": 1.0,
+            "timeout": 600.0,
+            "time_limit": None,
+            "backend": "fast",
+            "device": None,
+            "evaluator_factory": None,
+        },
         "tracking": {"uri": None, "experiment": "evomerge"},
     }
 
@@ -71,14 +102,29 @@ def make_records(seed: int = 0) -> list[CandidateRecord]:
             x = rng.random(genome.dim)
             recipe = genome.decode(x)
             failed = cid == FAILED
-            records.append(CandidateRecord.from_json({
-                "id": cid, "generation": generation, "genome": [round(float(v), 8) for v in x],
-                "recipe_hash": recipe.content_hash(), "recipe": recipe.to_dict(),
-                "objectives": {} if failed else {"reverse": round(float(rng.random()), 4), "sort": round(float(rng.random()), 4)},
-                "status": "failed" if failed else "ok", "reason": "worker lost: out of memory" if failed else None,
-                "worker": f"w{cid % 2}", "seconds": 1.5, "materialize_seconds": 0.5, "score_seconds": 1.0,
-                "cached": False, "attempts": 2 if failed else 1, "time": now + cid,
-            }))
+            records.append(
+                CandidateRecord.from_json(
+                    {
+                        "id": cid,
+                        "generation": generation,
+                        "genome": [round(float(v), 8) for v in x],
+                        "recipe_hash": recipe.content_hash(),
+                        "recipe": recipe.to_dict(),
+                        "objectives": {}
+                        if failed
+                        else {"reverse": round(float(rng.random()), 4), "sort": round(float(rng.random()), 4)},
+                        "status": "failed" if failed else "ok",
+                        "reason": "worker lost: out of memory" if failed else None,
+                        "worker": f"w{cid % 2}",
+                        "seconds": 1.5,
+                        "materialize_seconds": 0.5,
+                        "score_seconds": 1.0,
+                        "cached": False,
+                        "attempts": 2 if failed else 1,
+                        "time": now + cid,
+                    }
+                )
+            )
             cid += 1
     return records
 
@@ -103,7 +149,9 @@ def make_run_dir(path: Path, empty_store: Path | None = None) -> tuple[RunDir, d
     return run_dir, config, make_records()
 
 
-def drive(tracker: Tracker, run_dir: RunDir, records: list[CandidateRecord], *, resume: bool = False, close: bool = True) -> None:
+def drive(
+    tracker: Tracker, run_dir: RunDir, records: list[CandidateRecord], *, resume: bool = False, close: bool = True
+) -> None:
     """What the search driver does: append, on_record, and on_generation after each generation."""
     tracker.start(resume=resume)
     for i, record in enumerate(records):
@@ -117,8 +165,9 @@ def drive(tracker: Tracker, run_dir: RunDir, records: list[CandidateRecord], *, 
 
 
 def children(client, link: RunLink) -> dict[int, object]:
-    runs = client.search_runs([link.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'",
-                              max_results=1000)
+    runs = client.search_runs(
+        [link.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'", max_results=1000
+    )
     by_id = {int(r.data.tags["candidate_id"]): r for r in runs}
     assert len(by_id) == len(runs), "one child run per candidate"
     return by_id
@@ -158,9 +207,14 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     import evomerge
 
     assert params["evomerge_version"] == evomerge.__version__
-    assert {"run.yaml", "search_space.yaml", "front.csv", "plots/front.png", "plots/weights.png"} <= artifact_paths(client, parent.info.run_id)
+    assert {"run.yaml", "search_space.yaml", "front.csv", "plots/front.png", "plots/weights.png"} <= artifact_paths(
+        client, parent.info.run_id
+    )
     # run.yaml is the run dir's file, verbatim
-    assert Path(client.download_artifacts(parent.info.run_id, "run.yaml", str(tmp_path))).read_text() == (run_dir.path / "run.yaml").read_text()
+    assert (
+        Path(client.download_artifacts(parent.info.run_id, "run.yaml", str(tmp_path))).read_text()
+        == (run_dir.path / "run.yaml").read_text()
+    )
 
     kids = children(client, link)
     assert sorted(kids) == list(range(20))
@@ -191,14 +245,18 @@ def test_a_search_is_a_parent_run_with_a_child_run_per_candidate(tmp_path, empty
     # the front is tagged, exactly
     front = {r.id for r in RunReport(config, records).front()}
     assert front and {cid for cid, run in kids.items() if run.data.tags["pareto"] == "true"} == front
-    front_csv = Path(client.download_artifacts(parent.info.run_id, "front.csv", str(tmp_path / "f"))).read_text().splitlines()
+    front_csv = (
+        Path(client.download_artifacts(parent.info.run_id, "front.csv", str(tmp_path / "f"))).read_text().splitlines()
+    )
     assert front_csv[0].startswith("id,generation,reverse,sort")
     assert {int(line.split(",")[0]) for line in front_csv[1:]} == front
 
     # step metrics: one per generation, equal to the front of the records up to it
     history = client.get_metric_history(parent.info.run_id, "hypervolume")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
-    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(expected_hypervolumes(config, records))
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        expected_hypervolumes(config, records)
+    )
     best = client.get_metric_history(parent.info.run_id, "best/sort")
     assert [m.step for m in best] == [0, 1, 2]
     assert best[-1].value == max(r.objectives["sort"] for r in records if r.ok)
@@ -328,10 +386,17 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
 
     config = {
         "name": "quad",
-        "search_space": {"models": [str(random_family["a"]), str(random_family["b"])], "base_model": str(random_family["base"]),
-                         "method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 1}}, "granularity": "layer"},
-        "objectives": [{"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
-                       {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"}],
+        "search_space": {
+            "models": [str(random_family["a"]), str(random_family["b"])],
+            "base_model": str(random_family["base"]),
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0, "high": 1}},
+            "granularity": "layer",
+        },
+        "objectives": [
+            {"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
+            {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"},
+        ],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
         "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
     }
@@ -348,8 +413,14 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
         tracker.start(resume=resume)
         executor = make_executor(run)
         try:
-            Search(run, RunDir(path), executor, budget=budget, on_record=tracker.on_record,
-                   on_generation=tracker.on_generation).execute(resume=resume)
+            Search(
+                run,
+                RunDir(path),
+                executor,
+                budget=budget,
+                on_record=tracker.on_record,
+                on_generation=tracker.on_generation,
+            ).execute(resume=resume)
         finally:
             executor.shutdown()
             tracker.close(status)
@@ -379,17 +450,37 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
 
 
 def test_gene_summaries() -> None:
-    scalar = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": "/m/base", "models": [
-        {"model": "/m/a", "parameters": {"weight": 0.5}}, {"model": "/x/a", "parameters": {"weight": [0.0, 1.0, 2.0]}}],
-        "parameters": {"normalize": True}})
+    scalar = Recipe.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "/m/base",
+            "models": [
+                {"model": "/m/a", "parameters": {"weight": 0.5}},
+                {"model": "/x/a", "parameters": {"weight": [0.0, 1.0, 2.0]}},
+            ],
+            "parameters": {"normalize": True},
+        }
+    )
     summary = gene_summary(scalar)
     assert summary["method"] == "task_arithmetic"
     assert summary["weight.0-a"] == "0.5" and summary["weight.1-a"] == "1.0"  # same short name: indexed
     assert summary["normalize"] == "True" and summary["layers"] == "3"
 
-    split = Recipe.from_dict({"merge_method": "ties", "base_model": "/m/base", "models": [
-        {"model": "/m/a", "parameters": {"weight": [{"filter": "self_attn", "value": [1.0, 3.0]}, {"value": 0.0}],
-                                         "density": 0.5}}]})
+    split = Recipe.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": "/m/base",
+            "models": [
+                {
+                    "model": "/m/a",
+                    "parameters": {
+                        "weight": [{"filter": "self_attn", "value": [1.0, 3.0]}, {"value": 0.0}],
+                        "density": 0.5,
+                    },
+                }
+            ],
+        }
+    )
     summary = gene_summary(split.to_dict())
     assert summary["weight.a"] == "1.0"  # mean over attention (1, 3) and MLP (0, 0) tensors
     assert summary["density.a"] == "0.5"
@@ -404,7 +495,13 @@ def test_gene_summaries() -> None:
 
 def test_config_params_fit_mlflow() -> None:
     params = flatten({"a": {"b": 1, "list": [1, 2]}, "objectives": [{"task": "t"}], "long": "x" * 10_000, "none": None})
-    assert params == {"a.b": "1", "a.list": "[1,2]", "objectives.0.task": "t", "long": "x" * 5997 + "...", "none": "None"}
+    assert params == {
+        "a.b": "1",
+        "a.list": "[1,2]",
+        "objectives.0.task": "t",
+        "long": "x" * 5997 + "...",
+        "none": "None",
+    }
     assert mlflow_key("zoo_reverse/acc") == "zoo_reverse/acc"
     assert mlflow_key("/a//b/../c@split") == "a/b/c_split"
 
@@ -415,13 +512,25 @@ def test_plots_for_one_two_and_many_objectives(tmp_path) -> None:
     rng = np.random.default_rng(0)
     for k in (1, 2, 4):
         values = rng.random((12, k))
-        path = plot_front(tmp_path / f"front{k}.png", values, [0, 3], [f"o{j}" for j in range(k)],
-                          ["maximize"] * (k - 1) + ["minimize"], generations=list(range(12)))
+        path = plot_front(
+            tmp_path / f"front{k}.png",
+            values,
+            [0, 3],
+            [f"o{j}" for j in range(k)],
+            ["maximize"] * (k - 1) + ["minimize"],
+            generations=list(range(12)),
+        )
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = make_records()[:3]
     assert plot_weights(tmp_path / "w.png", records).read_bytes()[:4] == b"\x89PNG"
     route = routing_to_recipe([Hop("/m/a", 0, 1.0)], check=False)
-    assert plot_weights(tmp_path / "none.png", [CandidateRecord(id=0, generation=0, status=CandidateStatus.OK, recipe=route.to_dict())]) is None
+    assert (
+        plot_weights(
+            tmp_path / "none.png",
+            [CandidateRecord(id=0, generation=0, status=CandidateStatus.OK, recipe=route.to_dict())],
+        )
+        is None
+    )
 
 
 # --- evomerge ui -------------------------------------------------------------------------------------
@@ -442,16 +551,24 @@ def test_ui_serves_the_runs_of_a_run_dir(tmp_path, empty_store) -> None:
     stdout, stderr = tmp_path / "ui.out", tmp_path / "ui.err"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        ui = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "ui", "--run-dir", str(run_dir.path), "--port", str(port)],
-                              stdout=out, stderr=err, env=env, start_new_session=True)
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "evomerge.cli", "ui", "--run-dir", str(run_dir.path), "--port", str(port)],
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
     server_pid = None
     try:
         body = json.dumps({"experiment_ids": [link.experiment_id], "max_results": 100}).encode()
         deadline, runs = time.monotonic() + 180, None
         while time.monotonic() < deadline and ui.poll() is None:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
-                                                 headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(request, timeout=5) as response:
                     runs = json.loads(response.read())["runs"]
                     break

@@ -71,7 +71,7 @@ def _check_zoo_json(zoo: Path, seed: int) -> dict:
     assert len(synergy["skills"]) == 2 and set(synergy["skills"]) <= set(raw["models"])
     assert (zoo / raw["include_path"] / f"{synergy['task']}.yaml").is_file()
     assert synergy["task"] not in raw["tasks"].values()
-    (soup_skill, members), = raw["soups"].items()
+    ((soup_skill, members),) = raw["soups"].items()
     assert soup_skill in raw["models"] and len(members) >= 3 and len(set(members)) == len(members)
     assert raw["models"][soup_skill] in members
     for rel in [raw["base"], raw["include_path"], *raw["models"].values(), *members]:
@@ -167,7 +167,9 @@ def test_report_bands(zoo_built: Path) -> None:
     # no single source does the synergy task well
     synergy = meta["synergy"]["name"]
     assert report["synergy"]["best_source_score"] <= 0.40
-    assert report["synergy"]["best_source_score"] == max(table[r][synergy] for r in ["base", *(f"specialist {s}" for s in skills)])
+    assert report["synergy"]["best_source_score"] == max(
+        table[r][synergy] for r in ["base", *(f"specialist {s}" for s in skills)]
+    )
     # the uniform soup is as good as its best ingredient, to one item of 200 (seed 0: 0.995 vs 1.000, a
     # miss of the ">=" by one item; the other two ingredients score 0.980)
     assert report["soup"]["uniform_soup"] >= max(report["soup"]["ingredients"].values()) - 0.005
@@ -205,7 +207,7 @@ def test_tasks_load_through_lm_eval_task_manager(zoo_built: Path) -> None:
     names = list(meta["tasks"].values())
     assert set(names) <= set(tm.all_tasks)
     tasks = get_task_dict(names, tm)
-    for skill, name in meta["tasks"].items():
+    for _skill, name in meta["tasks"].items():
         task = tasks[name]
         assert task.config.output_type == "loglikelihood"
         docs = list(task.test_docs())
@@ -273,7 +275,11 @@ def test_tiny_build_zoo_json_and_report(tmp_path: Path) -> None:
     assert report["best_hand_set_merge"]["row"] in {label for label, *_ in HAND_SET_MERGES}
     assert set(report["task_vectors"]["relative_size"]) == set(raw["models"])
     assert len(report["task_vectors"]["cosine"]) == 3
-    assert set(report["soup"]["ingredients"]) == {"specialist sort", "soup ingredient sort-soup1", "soup ingredient sort-soup2"}
+    assert set(report["soup"]["ingredients"]) == {
+        "specialist sort",
+        "soup ingredient sort-soup1",
+        "soup ingredient sort-soup2",
+    }
 
 
 def test_tiny_build_layout_and_lm_eval_paths(tmp_path: Path) -> None:
@@ -281,7 +287,7 @@ def test_tiny_build_layout_and_lm_eval_paths(tmp_path: Path) -> None:
 
     out = tmp_path / "zoo"
     meta = load_zoo(build_zoo(out, 0, progress=False, config=TINY))
-    for skill, task in meta["tasks"].items():
+    for _skill, task in meta["tasks"].items():
         cfg = yaml.safe_load((meta["include_path"] / f"{task}.yaml").read_text())
         files = cfg["dataset_kwargs"]["data_files"]
         assert set(files) == {"search", "test"} and cfg["test_split"] == "test"
@@ -398,8 +404,12 @@ def test_gain_retention() -> None:
     assert gain_retention(0.2, 0.4, 1.0) == pytest.approx(-1 / 3)
     assert gain_retention(1.0, 0.4, 1.0) == 1.0
     assert math.isnan(gain_retention(0.5, 0.6, 0.6))  # a fine-tune that gained nothing: undefined
-    table = {"base": {"a": 0.2, "b": 0.5}, "spec a": {"a": 1.0, "b": 0.5}, "spec b": {"a": 0.2, "b": 1.0},
-             "merge": {"a": 0.6, "b": 1.0}}
+    table = {
+        "base": {"a": 0.2, "b": 0.5},
+        "spec a": {"a": 1.0, "b": 0.5},
+        "spec b": {"a": 0.2, "b": 1.0},
+        "merge": {"a": 0.6, "b": 1.0},
+    }
     ret = retention_table(table, {"a": "spec a", "b": "spec b"})
     assert ret["merge"] == {"a": pytest.approx(0.5), "b": 1.0, "mean": pytest.approx(0.75), "min": pytest.approx(0.5)}
 
@@ -413,13 +423,34 @@ def test_zoo_compare_cli_scores_recipes_beside_the_zoo(tmp_path: Path) -> None:
     zoo = build_zoo(tmp_path / "zoo", 0, progress=False, config=TINY).parent
     meta = load_zoo(zoo / "zoo.json")
     recipe = tmp_path / "mine.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(meta["base"]), "dtype": "float32",
-        "models": [{"model": str(meta["models"][s]), "parameters": {"weight": 0.7}} for s in ("reverse", "sort")],
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(meta["base"]),
+                "dtype": "float32",
+                "models": [
+                    {"model": str(meta["models"][s]), "parameters": {"weight": 0.7}} for s in ("reverse", "sort")
+                ],
+            }
+        )
+    )
     out_json = tmp_path / "cmp.json"
-    result = CliRunner().invoke(app, ["zoo", "compare", str(recipe), "--zoo", str(zoo), "--skills", "reverse,sort",
-                                      "--synergy", "--json", str(out_json)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "zoo",
+            "compare",
+            str(recipe),
+            "--zoo",
+            str(zoo),
+            "--skills",
+            "reverse,sort",
+            "--synergy",
+            "--json",
+            str(out_json),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "mine" in result.output
     data = json.loads(out_json.read_text())

@@ -107,7 +107,7 @@ class FastScorer:
             else:
                 ctx, cont = lm._encode_pair(context, continuation)
             windows = [(ctx, cont)]
-        return [_Sequence((c + t)[-(self.max_length + 1):][:-1], list(t)) for c, t in windows]
+        return [_Sequence((c + t)[-(self.max_length + 1) :][:-1], list(t)) for c, t in windows]
 
     def score(self, model: torch.nn.Module) -> Scores:
         flat = [seq for task in self._windows for doc in task for inst in doc for seq in inst]
@@ -119,7 +119,7 @@ class FastScorer:
             for doc, group in zip(task_windows, item.instances_by_doc):
                 doc_responses: list[Any] = []
                 for inst, instance in zip(doc, group):
-                    values = results[cursor: cursor + len(inst)]
+                    values = results[cursor : cursor + len(inst)]
                     cursor += len(inst)
                     if instance.request_type == "loglikelihood_rolling":
                         doc_responses.append(sum(v[0] for v in values))
@@ -138,7 +138,7 @@ class FastScorer:
         while start < len(order):
             width = len(sequences[order[start]].tokens)
             rows = max(1, self.batch_tokens // max(width, 1))
-            batch = order[start: start + rows]
+            batch = order[start : start + rows]
             start += rows
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             for row, index in enumerate(batch):
@@ -165,7 +165,7 @@ class FastScorer:
             offset = 0
             for index in batch:
                 k = len(sequences[index].target)
-                out[index] = (float(token_ll[offset: offset + k].sum()), bool(greedy[offset: offset + k].all()))
+                out[index] = (float(token_ll[offset : offset + k].sum()), bool(greedy[offset : offset + k].all()))
                 offset += k
         return out
 

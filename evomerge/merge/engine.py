@@ -147,9 +147,7 @@ def _progress(jobs: list[TensorJob], enabled: bool, label: str) -> Iterator[Tens
             bar.advance(task)
 
 
-def plan_recipe(
-    recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bool = False
-) -> MergePlan:
+def plan_recipe(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bool = False) -> MergePlan:
     """Open the recipe's checkpoints and plan it (all validation happens here)."""
     return build_plan(recipe, open_checkpoints(recipe, base_dir=base_dir, allow_pickle=allow_pickle))
 

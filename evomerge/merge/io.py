@@ -242,9 +242,7 @@ class ShardedWriter:
             if count == 1
             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
-        self._order: Iterator[tuple[int, OutputTensor]] = (
-            (i, t) for i, shard in enumerate(self.shards) for t in shard
-        )
+        self._order: Iterator[tuple[int, OutputTensor]] = ((i, t) for i, shard in enumerate(self.shards) for t in shard)
         self._current: int = -1
         self._file: BinaryIO | None = None
 
@@ -309,9 +307,7 @@ class ShardedWriter:
         """Write the next planned tensor, whole."""
         self.write_pieces(name, [tensor], shape=tuple(tensor.shape))
 
-    def write_pieces(
-        self, name: str, pieces: Iterable[torch.Tensor], *, shape: tuple[int, ...] | None = None
-    ) -> None:
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor], *, shape: tuple[int, ...] | None = None) -> None:
         """Write the next planned tensor from consecutive pieces (blocks of rows, in order), so a
         large tensor never has to exist whole in memory."""
         expected = self._next(name, shape)
@@ -344,11 +340,22 @@ def parse_size(text: str | int) -> int:
     """'5GB', '500M', '1.5G', 1000 -> bytes."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "K": 10**3,
+        "KB": 10**3,
+        "M": 10**6,
+        "MB": 10**6,
+        "G": 10**9,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     s = text.strip().upper()
     number = s.rstrip("KMGIB")
-    unit = s[len(number):]
+    unit = s[len(number) :]
     try:
         value = float(number)
     except ValueError:
@@ -356,5 +363,3 @@ def parse_size(text: str | int) -> int:
     if unit not in units or value <= 0:
         raise ValueError(f"size {text!r}: expected a positive number with a unit among B, KB, MB, GB, KiB, MiB, GiB")
     return int(value * units[unit])
-
-

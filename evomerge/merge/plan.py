@@ -101,7 +101,10 @@ def rename_layer(name: str, layer: int) -> str:
 
 
 def open_checkpoints(
-    recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bool = False,
+    recipe: Recipe,
+    *,
+    base_dir: Path | None = None,
+    allow_pickle: bool = False,
     cache: Mapping[str, Checkpoint] | None = None,
 ) -> dict[str, Checkpoint]:
     """Open every model the recipe references (relative paths resolve against ``base_dir`` or CWD)."""
@@ -146,7 +149,9 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
                 names = {src.model: rename_layer(in_name, src.layer_range[0] + offset) for src in out_slice.sources}
                 jobs.append(_job(recipe, method, checkpoints, out_slice, out_name, names, t, where=f"slices[{index}]"))
     for name in post:
-        jobs.append(_job(recipe, method, checkpoints, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0))
+        jobs.append(
+            _job(recipe, method, checkpoints, slices[-1], name, {s.model: name for s in slices[-1].sources}, 0.0)
+        )
 
     out_dtype = _output_dtype(recipe, checkpoints, jobs)
     config = _output_config(reference.config, len(layer_sources), out_dtype)
@@ -190,7 +195,9 @@ def _normalized_slices(recipe: Recipe, checkpoints: dict[str, Checkpoint], metho
         ]
         listed = {s.model for s in sources}
         if recipe.base_model and recipe.base_model not in listed:  # mergekit appends it for every method
-            sources.append(SliceSource(model=recipe.base_model, layer_range=(0, checkpoints[recipe.base_model].num_layers)))
+            sources.append(
+                SliceSource(model=recipe.base_model, layer_range=(0, checkpoints[recipe.base_model].num_layers))
+            )
         lengths = {s.layer_range[1] for s in sources}
         if len(lengths) > 1:
             counts = ", ".join(f"{s.model}: {s.layer_range[1]}" for s in sources)
@@ -201,7 +208,9 @@ def _normalized_slices(recipe: Recipe, checkpoints: dict[str, Checkpoint], metho
         models = [s.model for s in out_slice.sources]
         apart = _treats_base_apart(method, base)
         if apart and base not in models:
-            raise PlanError(f"slices[{i}]: merge_method {method.name!r} needs the base model {base!r} among the sources")
+            raise PlanError(
+                f"slices[{i}]: merge_method {method.name!r} needs the base model {base!r} among the sources"
+            )
         count = len([m for m in models if not (apart and m == base)])
         if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
             bound = f"{method.min_inputs}..{method.max_inputs if method.max_inputs is not None else 'any'}"
@@ -245,7 +254,9 @@ def _job(
         if shape is None:
             shape = info.shape
         elif info.shape != shape:
-            raise PlanError(f"shapes disagree for {out_name}: {model}'s {name} is {list(info.shape)}, expected {list(shape)}")
+            raise PlanError(
+                f"shapes disagree for {out_name}: {model}'s {name} is {list(info.shape)}, expected {list(shape)}"
+            )
         if not info.dtype.is_floating_point:
             raise PlanError(f"{model}: tensor {name} is {info.dtype}, merge methods need floating-point tensors")
     shared_scopes: list[Parameters | None] = [out_slice.parameters, recipe.parameters]
@@ -306,6 +317,7 @@ def _tokenizer_model(recipe: Recipe, first_model: str) -> str:
     if source in (None, "base"):
         return recipe.base_model or first_model
     if source == "union":
-        raise PlanError("tokenizer_source: 'union' is not supported (models must share one vocabulary); use 'base' or a model path")
+        raise PlanError(
+            "tokenizer_source: 'union' is not supported (models must share one vocabulary); use 'base' or a model path"
+        )
     return source
-

@@ -113,13 +113,10 @@ class Recipe(_Strict):
                 if name not in valid:
                     allowed = ", ".join(sorted(valid)) or "none"
                     raise ValueError(
-                        f"{where}.{name}: not a parameter of merge_method {self.merge_method!r} "
-                        f"(valid: {allowed})"
+                        f"{where}.{name}: not a parameter of merge_method {self.merge_method!r} (valid: {allowed})"
                     )
                 _check_setting(f"{where}.{name}", name, setting)
-        if spec.uses_base and not self.base_model and not (
-            self.slices and all(s.base_model for s in self.slices)
-        ):
+        if spec.uses_base and not self.base_model and not (self.slices and all(s.base_model for s in self.slices)):
             raise ValueError(f"base_model: merge_method {self.merge_method!r} needs a base_model")
         return self
 
@@ -304,9 +301,7 @@ def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: floa
     return None
 
 
-def resolve(
-    name: str, scopes: list[Parameters | None], tensor_name: str, t: float, default: Any
-) -> Any:
+def resolve(name: str, scopes: list[Parameters | None], tensor_name: str, t: float, default: Any) -> Any:
     """First value found for ``name`` in ``scopes`` (highest precedence first), else ``default``."""
     for scope in scopes:
         if scope and name in scope:

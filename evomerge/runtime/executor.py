@@ -113,7 +113,10 @@ class Outcome:
 
 @runtime_checkable
 class Executor(Protocol):
-    capacity: int
+    @property
+    def capacity(self) -> int:
+        """How many jobs may be in flight at once (live workers)."""
+        ...
 
     def submit(self, job: Job) -> None: ...
 
@@ -145,15 +148,18 @@ def run_job(evaluator: Any, job: Job) -> CandidateResult:
     try:
         recipe = Recipe.from_dict(job.recipe, source=f"candidate {job.candidate_id}")
     except RecipeError as exc:
-        return CandidateResult(recipe_hash(job.recipe), "failed", reason=str(exc),
-                               seconds=time.perf_counter() - start)
+        return CandidateResult(recipe_hash(job.recipe), "failed", reason=str(exc), seconds=time.perf_counter() - start)
     try:
         return evaluator.evaluate(recipe)
     except Exception as exc:  # evaluators should not raise; if one does, it is this candidate's failure
         last = traceback.extract_tb(exc.__traceback__)[-1:]
         where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
-        return CandidateResult(recipe.content_hash(), "failed", reason=f"{type(exc).__name__}: {exc}{where}",
-                               seconds=time.perf_counter() - start)
+        return CandidateResult(
+            recipe.content_hash(),
+            "failed",
+            reason=f"{type(exc).__name__}: {exc}{where}",
+            seconds=time.perf_counter() - start,
+        )
 
 
 # --- in-process ----------------------------------------------------------------------------------
@@ -226,8 +232,12 @@ class _Worker:
     def ready(self) -> dict[str, Any]:
         import ray
 
-        return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "device": getattr(self.evaluator, "device", None)}
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "node": ray.util.get_node_ip_address(),
+            "device": getattr(self.evaluator, "device", None),
+        }
 
     def evaluate(self, job: Job) -> CandidateResult:
         return run_job(self.evaluator, job)
@@ -286,8 +296,9 @@ def machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def start_local_ray(num_cpus: int | None = None, *, num_gpus: int | None = None,
-                    runtime_env: dict | None = None, quiet: bool = True) -> None:
+def start_local_ray(
+    num_cpus: int | None = None, *, num_gpus: int | None = None, runtime_env: dict | None = None, quiet: bool = True
+) -> None:
     """Start a private Ray in this process, bound to loopback only, sized to the machine by default."""
     import ray
 
@@ -313,8 +324,9 @@ def start_local_ray(num_cpus: int | None = None, *, num_gpus: int | None = None,
         token_notice.setLevel(saved_level)
     node_ip = ray.util.get_node_ip_address()
     if not _is_loopback(node_ip):
-        log.warning("the local Ray took node IP %s instead of %s: its ports are reachable from the network",
-                    node_ip, LOOPBACK)
+        log.warning(
+            "the local Ray took node IP %s instead of %s: its ports are reachable from the network", node_ip, LOOPBACK
+        )
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> bool:
@@ -329,8 +341,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None, quie
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        ray.init(address=address, log_to_driver=not quiet,
-                 logging_level=logging.WARNING if quiet else logging.INFO)
+        ray.init(address=address, log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
         return False
     start_local_ray(num_cpus, quiet=quiet)
     return True
@@ -376,10 +387,20 @@ class RayExecutor:
     POLL_S = 0.05
     MAX_START_FAILURES = 3
 
-    def __init__(self, spec: EvaluatorSpec, workers: int | None = None, *, address: str | None = None,
-                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, timeout: float | None = None,
-                 retries: int = 1, runtime_env: dict | None = None, startup_timeout: float | None = 600.0,
-                 quiet: bool = True):
+    def __init__(
+        self,
+        spec: EvaluatorSpec,
+        workers: int | None = None,
+        *,
+        address: str | None = None,
+        gpus_per_worker: float = 0.0,
+        cpus_per_worker: float = 1.0,
+        timeout: float | None = None,
+        retries: int = 1,
+        runtime_env: dict | None = None,
+        startup_timeout: float | None = 600.0,
+        quiet: bool = True,
+    ):
         import ray
 
         if cpus_per_worker <= 0:
@@ -408,11 +429,14 @@ class RayExecutor:
                 if fit < 1:
                     raise ValueError(
                         f"the Ray cluster has {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} "
-                        f"GPUs: not enough for one worker ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU)")
+                        f"GPUs: not enough for one worker ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU)"
+                    )
                 workers = fit
             elif workers > fit:
-                msg = (f"{workers} workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU) exceed the "
-                       f"Ray cluster's {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs")
+                msg = (
+                    f"{workers} workers × ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU) exceed the "
+                    f"Ray cluster's {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs"
+                )
                 if self._owns_ray:
                     raise ValueError(msg)
                 log.warning("%s; the extra workers wait for the cluster to grow", msg)
@@ -448,7 +472,7 @@ class RayExecutor:
 
     # --- public ----------------------------------------------------------------------------------
     @property
-    def capacity(self) -> int:  # type: ignore[override]
+    def capacity(self) -> int:
         with self._lock:
             return sum(1 for s in self._slots if s.state != "dead")
 
@@ -600,8 +624,10 @@ class RayExecutor:
                     slot.pid = info.get("pid")
             if remaining and deadline is not None and time.monotonic() >= deadline:
                 names = ", ".join(refs[r].name for r in remaining)
-                raise TimeoutError(f"workers not ready after {startup_timeout:g} s ({names}); "
-                                   "the cluster may lack the requested CPUs/GPUs")
+                raise TimeoutError(
+                    f"workers not ready after {startup_timeout:g} s ({names}); "
+                    "the cluster may lack the requested CPUs/GPUs"
+                )
 
     # --- dispatcher --------------------------------------------------------------------------------
     def _raise_if_broken(self) -> None:
@@ -675,14 +701,19 @@ class RayExecutor:
             slot.pid = info.get("pid") if isinstance(info, dict) else None
             return
         slot.start_failures += 1
-        log.warning("replacement worker %s failed to start (%d in a row): %s", slot.name,
-                    slot.start_failures, _death_cause(error))
+        log.warning(
+            "replacement worker %s failed to start (%d in a row): %s",
+            slot.name,
+            slot.start_failures,
+            _death_cause(error),
+        )
         self._kill(slot)
         if slot.start_failures < self.MAX_START_FAILURES:
             self._start_actor(slot)
             return
-        self._retire(slot, f"worker slot {slot.index} failed to start {slot.start_failures} times: "
-                           f"{_death_cause(error)}")
+        self._retire(
+            slot, f"worker slot {slot.index} failed to start {slot.start_failures} times: {_death_cause(error)}"
+        )
 
     def _retire(self, slot: _Slot, why: str) -> None:
         """Give up on a slot (capacity shrinks); with no slot left, every queued job fails."""
@@ -715,8 +746,9 @@ class RayExecutor:
             # deterministic, so the worker lives on and the job is not retried.
             slot.state = "idle"
             cause = error.cause if getattr(error, "cause", None) is not None else error
-            self._fail(job, history + [f"worker error on {slot.name}: {type(cause).__name__}: {cause}"],
-                       slot.name, seconds)
+            self._fail(
+                job, history + [f"worker error on {slot.name}: {type(cause).__name__}: {cause}"], slot.name, seconds
+            )
             return
         name = slot.name
         why = f"worker died: {name} (pid {slot.pid}): {_death_cause(error)}"
@@ -734,8 +766,11 @@ class RayExecutor:
                     continue
                 if slot.state == "starting":
                     self._refs.pop(slot.ready_ref, None)
-                    self._worker_started(slot, None, TimeoutError(
-                        f"{slot.name} did not build its evaluator within {self.startup_timeout:g} s"))
+                    self._worker_started(
+                        slot,
+                        None,
+                        TimeoutError(f"{slot.name} did not build its evaluator within {self.startup_timeout:g} s"),
+                    )
                     continue
                 if slot.state != "busy":
                     continue

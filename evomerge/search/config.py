@@ -24,6 +24,7 @@ from evomerge.recipe import Recipe
 from evomerge.search.space import SearchSpace, SpaceError, load_space
 from evomerge.search.stages import StageError, materialize_stage, stage_checkpoint, stage_recipe
 
+
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field."""
 
@@ -146,7 +147,11 @@ class ResolvedRun:
                 return self.names[ref]
             path = _path(ref, self.base_dir)
             if not path.exists():
-                known = f" (zoo names: {', '.join(self.names)})" if self.names else " (no zoo given: set zoo, --set zoo=DIR or EVOMERGE_ZOO_DIR)"
+                known = (
+                    f" (zoo names: {', '.join(self.names)})"
+                    if self.names
+                    else " (no zoo given: set zoo, --set zoo=DIR or EVOMERGE_ZOO_DIR)"
+                )
                 raise ConfigError(f"{source}: model {ref!r} is neither a zoo name nor an existing directory{known}")
             return str(path)
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from evomerge.search.config import ResolvedRun
 from evomerge.search.front import to_minimize, weighted_score
+from evomerge.search.genome import DFSGenome, PSGenome, make_genome
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
-from evomerge.search.genome import DFSGenome, PSGenome, make_genome
 
 RecordHook = Callable[[CandidateRecord], None]
 
@@ -66,7 +66,9 @@ class Search:
         self.executor = executor
         self.budget = run.config.optimizer.budget if budget is None else budget
         if self.budget < 1:
-            raise SearchError(f"budget: {self.budget} candidates; give at least 1 (the total to score, resumed ones included)")
+            raise SearchError(
+                f"budget: {self.budget} candidates; give at least 1 (the total to score, resumed ones included)"
+            )
         self.time_limit = time_limit
         self.on_record = on_record
         self.on_generation = on_generation
@@ -86,8 +88,14 @@ class Search:
     def _new_state(self) -> SearchState:
         opt = self.run.config.optimizer
         optimizer = make_optimizer(
-            opt.name, self.genome.dim, len(self.labels), population=opt.population, seed=opt.seed,
-            weights=self.run.weights, sigma=opt.sigma, scalarize=opt.scalarize,
+            opt.name,
+            self.genome.dim,
+            len(self.labels),
+            population=opt.population,
+            seed=opt.seed,
+            weights=self.run.weights,
+            sigma=opt.sigma,
+            scalarize=opt.scalarize,
         )
         return SearchState(optimizer=optimizer)
 
@@ -104,14 +112,21 @@ class Search:
                 objective["direction"] = objective.get("direction") or legacy_direction(objective.get("metric"))
             for key in ("search_space", "objectives"):
                 if saved.get(key) != now.get(key):
-                    raise SearchError(f"--resume: the {key} differs from the run in {self.run_dir.path}; use a new --run-dir")
-            if saved.get("optimizer", {}).get("name") != now["optimizer"]["name"] or saved["optimizer"]["seed"] != now["optimizer"]["seed"]:
+                    raise SearchError(
+                        f"--resume: the {key} differs from the run in {self.run_dir.path}; use a new --run-dir"
+                    )
+            if (
+                saved.get("optimizer", {}).get("name") != now["optimizer"]["name"]
+                or saved["optimizer"]["seed"] != now["optimizer"]["seed"]
+            ):
                 raise SearchError(f"--resume: the optimizer or seed differs from the run in {self.run_dir.path}")
             self.run_dir.repair()
             state = self.run_dir.load_state() or self._new_state()
         else:
             if self.run_dir.exists():
-                raise SearchError(f"{self.run_dir.path}: already holds a run; pass --resume to continue it, or choose another --run-dir")
+                raise SearchError(
+                    f"{self.run_dir.path}: already holds a run; pass --resume to continue it, or choose another --run-dir"
+                )
             state = self._new_state()
         self.run_dir.write_config(self.run.to_dict())
         self.run_dir.save_state(state)
@@ -206,8 +221,9 @@ class Search:
         if self.on_generation is not None:
             self.on_generation(generation)
 
-    def _make_record(self, cid: int, state: SearchState, x: np.ndarray, digest: str,
-                     recipe: dict[str, Any], outcome: Any) -> CandidateRecord:
+    def _make_record(
+        self, cid: int, state: SearchState, x: np.ndarray, digest: str, recipe: dict[str, Any], outcome: Any
+    ) -> CandidateRecord:
         result = outcome.result
         return CandidateRecord(
             id=cid,
@@ -229,12 +245,24 @@ class Search:
 
     def _cached(self, original: CandidateRecord, cid: int, state: SearchState, x: np.ndarray) -> CandidateRecord:
         return original.replace(
-            id=cid, generation=state.generation, genome=_genes(x), cached=True, seconds=0.0,
-            materialize_seconds=0.0, score_seconds=0.0, worker="cache", time=time.time(),
+            id=cid,
+            generation=state.generation,
+            genome=_genes(x),
+            cached=True,
+            seconds=0.0,
+            materialize_seconds=0.0,
+            score_seconds=0.0,
+            worker="cache",
+            time=time.time(),
         )
 
-    def _record(self, records: dict[int, CandidateRecord], by_hash: dict[str, CandidateRecord],
-                record: CandidateRecord, bar: _Progress) -> None:
+    def _record(
+        self,
+        records: dict[int, CandidateRecord],
+        by_hash: dict[str, CandidateRecord],
+        record: CandidateRecord,
+        bar: _Progress,
+    ) -> None:
         self.run_dir.append(record)
         records[record.id] = record
         if record.ok:
@@ -286,11 +314,23 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
-            TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[best]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
         )
         self.bar.start()
         self.task = self.bar.add_task("search", total=total, completed=min(done, total), best=text)

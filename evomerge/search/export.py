@@ -34,8 +34,16 @@ def export_front(report: RunReport, out_dir: str | Path) -> list[Path]:
         for record in front:
             name = f"candidate-{record.id:05d}.yaml"
             (tmp / name).write_text(export_yaml(record))
-            index.append({"id": record.id, "file": name, "objectives": dict(record.objectives),
-                          "recipe_hash": record.recipe_hash, "knee": record.id == knee_id})
-        (tmp / "index.json").write_text(json.dumps({"objectives": report.labels, "directions": report.directions,
-                                                    "front": index}, indent=2))
+            index.append(
+                {
+                    "id": record.id,
+                    "file": name,
+                    "objectives": dict(record.objectives),
+                    "recipe_hash": record.recipe_hash,
+                    "knee": record.id == knee_id,
+                }
+            )
+        (tmp / "index.json").write_text(
+            json.dumps({"objectives": report.labels, "directions": report.directions, "front": index}, indent=2)
+        )
     return [Path(out_dir) / item["file"] for item in index]

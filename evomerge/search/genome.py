@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evomerge.recipe.methods import get_method
 from evomerge.merge.routing import Hop, check_foldable, recipe_to_routing, routing_to_recipe
 from evomerge.recipe import Recipe, evaluate_setting
+from evomerge.recipe.methods import get_method
 from evomerge.search.space import Bounds, DataFlowSpace, ParameterSpace, SearchSpace, SpaceError
 
 
@@ -81,7 +81,7 @@ class PSGenome:
             self.groups = [layers]
         else:
             size = 1 if space.granularity == "layer" else int(space.granularity)
-            self.groups = [layers[i: i + size] for i in range(0, len(layers), size)]
+            self.groups = [layers[i : i + size] for i in range(0, len(layers), size)]
         self.parts = ("attn", "rest") if space.split_attn_mlp else ("all",)
         self._names: list[str] = []
         if len(space.methods) > 1:
@@ -222,7 +222,9 @@ class DFSGenome:
         if num_layers is None:
             for model in space.models:
                 check_foldable(json.loads((Path(model) / "config.json").read_text()), model)
-        self.slots = [(model, layer) for _ in range(space.repeats) for model in space.models for layer in range(self.num_layers)]
+        self.slots = [
+            (model, layer) for _ in range(space.repeats) for model in space.models for layer in range(self.num_layers)
+        ]
         self.max_path = space.max_path_length or 2 * self.num_layers
         self.min_path = min(space.min_path_length, len(self.slots))
         n = len(self.slots)
@@ -252,7 +254,9 @@ class DFSGenome:
             keep = set(sorted(chosen, key=lambda i: (-use[i], i))[: self.max_path])
             chosen = [i for i in chosen if i in keep]
         low, high = self.space.scale.low, self.space.scale.high
-        return [Hop(self.slots[i][0], self.slots[i][1], round(float(low * (high / low) ** scale[i]), 6)) for i in chosen]
+        return [
+            Hop(self.slots[i][0], self.slots[i][1], round(float(low * (high / low) ** scale[i]), 6)) for i in chosen
+        ]
 
     def encode(self, recipe: Recipe) -> np.ndarray | None:
         """The genes of a passthrough routing over this space's slots (None if it is not one)."""

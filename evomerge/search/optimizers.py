@@ -24,7 +24,9 @@ import numpy as np
 class Optimizer(ABC):
     name: str
 
-    def __init__(self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None):
+    def __init__(
+        self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None
+    ):
         if dim < 1:
             raise ValueError("the search space has no genes")
         if population < 2:
@@ -61,9 +63,18 @@ SCALARIZATIONS = ("weighted_sum", "worst")
 class CMAES(Optimizer):
     name = "cma"
 
-    def __init__(self, dim: int, n_objectives: int, *, population: int, seed: int,
-                 weights: Sequence[float] | None = None, sigma: float = 0.25, x0: Sequence[float] | None = None,
-                 scalarize: str = "weighted_sum"):
+    def __init__(
+        self,
+        dim: int,
+        n_objectives: int,
+        *,
+        population: int,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        sigma: float = 0.25,
+        x0: Sequence[float] | None = None,
+        scalarize: str = "weighted_sum",
+    ):
         super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
         import cma
 
@@ -101,7 +112,9 @@ class CMAES(Optimizer):
 class NSGA2(Optimizer):
     name = "nsga2"
 
-    def __init__(self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None):
+    def __init__(
+        self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None
+    ):
         super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
         from pymoo.algorithms.moo.nsga2 import NSGA2 as PymooNSGA2
         from pymoo.core.problem import Problem
@@ -130,7 +143,9 @@ class NSGA2(Optimizer):
 class RandomSearch(Optimizer):
     name = "random"
 
-    def __init__(self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None):
+    def __init__(
+        self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None
+    ):
         super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
         self.rng = np.random.default_rng(seed)
 

@@ -7,7 +7,6 @@ or a candidate id. Export, stages and the CLI all pick through here.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from evomerge.recipe import Recipe

@@ -14,7 +14,6 @@ from evomerge.search.front import hypervolume, pareto_indices, reference_point, 
 from evomerge.search.record import CandidateRecord
 from evomerge.search.rundir import RunDir
 
-
 #: Run dirs written before directions were resolved from the tasks (round 1) saved ``direction: null``;
 #: they were searched with this rule, so they are read back with it.
 _LEGACY_MINIMIZED = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})

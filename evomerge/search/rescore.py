@@ -17,7 +17,9 @@ def rescore_path(run_dir: Path, split: str) -> Path:
     return Path(run_dir) / f"rescore-{split}.json"
 
 
-def rescore_front(run_dir: str | Path, split: str = "test", *, device: str | None = None) -> dict[int, dict[str, float]]:
+def rescore_front(
+    run_dir: str | Path, split: str = "test", *, device: str | None = None
+) -> dict[int, dict[str, float]]:
     """Score every front member on ``split`` (all items), keyed by candidate id and objective label.
 
     Results are saved to ``RUN_DIR/rescore-<split>.json``; members already there are not scored again.
@@ -25,7 +27,9 @@ def rescore_front(run_dir: str | Path, split: str = "test", *, device: str | Non
     run_dir = Path(run_dir)
     report = RunReport.load(run_dir)
     path = rescore_path(run_dir, split)
-    done: dict[int, dict[str, float]] = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    done: dict[int, dict[str, float]] = (
+        {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    )
     todo = [r for r in report.front() if r.id not in done]
     if todo:
         objectives = []

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+
 from evomerge.atomic import write_bytes
 from evomerge.search.record import CandidateRecord
 

@@ -24,8 +24,8 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.recipe.methods import REQUIRED, get_method
 from evomerge.recipe import BOOL_PARAMS
+from evomerge.recipe.methods import REQUIRED, get_method
 
 
 class SpaceError(ValueError):
@@ -87,7 +87,9 @@ class ParameterSpace(_Strict):
         known = {k for m in methods for k in (*get_method(m).params, *get_method(m).model_params)}
         for key, value in self.parameters.items():
             if key not in known:
-                raise ValueError(f"parameters.{key}: not a parameter of {', '.join(methods)} (valid: {', '.join(sorted(known))})")
+                raise ValueError(
+                    f"parameters.{key}: not a parameter of {', '.join(methods)} (valid: {', '.join(sorted(known))})"
+                )
             if key in BOOL_PARAMS and isinstance(value, Bounds):
                 raise ValueError(f"parameters.{key}: a true/false parameter cannot have bounds")
             if key == "normalize":

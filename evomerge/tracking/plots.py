@@ -87,8 +87,17 @@ def _scatter(V: np.ndarray, on_front: np.ndarray, color: np.ndarray, ids: list[i
     fig = _figure(6.4, 4.8)
     ax = fig.add_subplot()
     rest = ~on_front
-    points = ax.scatter(V[rest, 0], V[rest, 1], s=16, c=color[rest], cmap="viridis", alpha=0.6,
-                        vmin=color.min(initial=0), vmax=max(color.max(initial=0), 1e-9), label="candidates")
+    points = ax.scatter(
+        V[rest, 0],
+        V[rest, 1],
+        s=16,
+        c=color[rest],
+        cmap="viridis",
+        alpha=0.6,
+        vmin=color.min(initial=0),
+        vmax=max(color.max(initial=0), 1e-9),
+        label="candidates",
+    )
     F = V[on_front]
     order = np.argsort(F[:, 0])
     ax.plot(F[order, 0], F[order, 1], "-o", color="tab:red", markersize=6, linewidth=1.2, label="Pareto front")
@@ -123,7 +132,9 @@ def _parallel(V: np.ndarray, on_front: np.ndarray, labels, directions):
         top, bottom = (high[j], low[j]) if not flip[j] else (low[j], high[j])
         ax.annotate(f"{top:.3g}", (j, 1.0), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.annotate(f"{bottom:.3g}", (j, 0.0), textcoords="offset points", xytext=(3, -10), fontsize=7)
-    ax.set_xticks(x, [f"{l}\n({'max' if d == 'maximize' else 'min'})" for l, d in zip(labels, directions)], fontsize=8)
+    ax.set_xticks(
+        x, [f"{label}\n({'max' if d == 'maximize' else 'min'})" for label, d in zip(labels, directions)], fontsize=8
+    )
     ax.set_yticks([])
     ax.set_ylim(-0.08, 1.08)
     ax.set_xlim(-0.15, k - 1 + 0.35)  # room for the value labels right of each axis
@@ -165,8 +176,13 @@ def plot_weights(path: Path, records: Sequence[CandidateRecord], key: str = "wei
     fig = _figure(min(2.5 + 0.45 * cols, 16), min(1.2 + 0.32 * rows, 14))
     ax = fig.add_subplot()
     finite = matrix[np.isfinite(matrix)]
-    image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis",
-                      vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix),
+        aspect="auto",
+        cmap="viridis",
+        vmin=finite.min() if finite.size else 0,
+        vmax=finite.max() if finite.size else 1,
+    )
     ax.set_yticks(range(rows), names, fontsize=7)
     width_in = fig.get_size_inches()[0]
     fig.subplots_adjust(left=min(0.5, (0.25 + 0.06 * max(len(n) for n in names)) / width_in), right=0.95)
@@ -178,8 +194,15 @@ def plot_weights(path: Path, records: Sequence[CandidateRecord], key: str = "wei
         for i in range(rows):
             for j in range(cols):
                 if math.isfinite(matrix[i, j]):
-                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="k" if matrix[i, j] > middle else "w")
+                    ax.text(
+                        j,
+                        i,
+                        f"{matrix[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="k" if matrix[i, j] > middle else "w",
+                    )
     fig.colorbar(image, ax=ax, label=key)
     ax.set_title(f"per-layer {key} of the best {len({n.split()[0] for n in names})} recipes", fontsize=9)
     return _save(fig, path)

@@ -23,15 +23,22 @@ def log_rescores(run_dir: str | Path, split: str, values: Mapping[int, Mapping[s
         from mlflow.entities import Metric
 
         client = make_client(link.tracking_uri)
-        runs = client.search_runs([link.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'",
-                                  max_results=5000)
-        by_id = {int(r.data.tags["candidate_id"]): r.info.run_id for r in runs if r.data.tags.get("candidate_id", "").isdigit()}
+        runs = client.search_runs(
+            [link.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'", max_results=5000
+        )
+        by_id = {
+            int(r.data.tags["candidate_id"]): r.info.run_id
+            for r in runs
+            if r.data.tags.get("candidate_id", "").isdigit()
+        }
         logged = 0
         for cid, metrics in values.items():
             run_id = by_id.get(int(cid))
             if run_id is None:
                 continue
-            client.log_batch(run_id, metrics=[Metric(f"{split}/{mlflow_key(k)}", float(v), 0, 0) for k, v in metrics.items()])
+            client.log_batch(
+                run_id, metrics=[Metric(f"{split}/{mlflow_key(k)}", float(v), 0, 0) for k, v in metrics.items()]
+            )
             client.set_tag(run_id, f"rescored_{split}", "true")
             logged += 1
         return logged

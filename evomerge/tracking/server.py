@@ -78,14 +78,29 @@ class MlflowServer:
             raise ServerError(f"port {self.port} on {self.host} is in use; pass another --port")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         command = [
-            sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
-            "--host", self.host, "--port", str(self.port), "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
         handle, name = tempfile.mkstemp(prefix="evomerge-ui-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(handle, "wb") as log:
             self.process = subprocess.Popen(
-                command, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                command,
+                env=env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self.process
@@ -95,7 +110,9 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                raise ServerError(f"mlflow server exited (code {self.process.returncode if self.process else None}):\n{self.log_tail()}")
+                raise ServerError(
+                    f"mlflow server exited (code {self.process.returncode if self.process else None}):\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:

@@ -123,8 +123,12 @@ def git_commit() -> str | None:
 
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(evomerge.__file__).resolve().parent,
-            capture_output=True, text=True, timeout=10, check=False,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(evomerge.__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None

@@ -92,7 +92,8 @@ class Tracker:
         self.directions: list[str] = template.directions
         self.metric_keys = {
             label: (key if key not in _RESERVED_METRICS else f"objective/{key}")
-            for label in self.labels for key in [mlflow_key(label)]
+            for label in self.labels
+            for key in [mlflow_key(label)]
         }
         self.population = int((self.run_config.get("optimizer") or {}).get("population") or 0)
 
@@ -100,7 +101,11 @@ class Tracker:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.stats: dict[str, float] = {
-            "logged": 0, "failures": 0, "hook_seconds": 0.0, "worker_seconds": 0.0, "worker_cpu_seconds": 0.0,
+            "logged": 0,
+            "failures": 0,
+            "hook_seconds": 0.0,
+            "worker_seconds": 0.0,
+            "worker_cpu_seconds": 0.0,
         }
 
         # state shared between the search thread and the worker (guarded by _lock)
@@ -146,11 +151,18 @@ class Tracker:
         self._closed = False
 
     @classmethod
-    def from_config(cls, run_config: Mapping[str, Any], run_dir: str | Path, *, uri: str | None = None, **kwargs: Any) -> "Tracker":
+    def from_config(
+        cls, run_config: Mapping[str, Any], run_dir: str | Path, *, uri: str | None = None, **kwargs: Any
+    ) -> "Tracker":
         """A tracker set up from the run config's ``tracking`` section (``uri`` wins over it)."""
         tracking = run_config.get("tracking") or {}
-        return cls(run_config, run_dir, uri=uri or tracking.get("uri"),
-                   experiment=tracking.get("experiment") or "evomerge", **kwargs)
+        return cls(
+            run_config,
+            run_dir,
+            uri=uri or tracking.get("uri"),
+            experiment=tracking.get("experiment") or "evomerge",
+            **kwargs,
+        )
 
     # --- the search's hooks -------------------------------------------------------------------------
     def start(self, *, resume: bool) -> None:
@@ -180,7 +192,9 @@ class Tracker:
             with self._lock:
                 self._remember(record, queue=True)
                 self._since_summary += 1
-                steady = self._generation_hooks == 0 and self._since_summary >= max(self.flush_every, self.population + 1)
+                steady = self._generation_hooks == 0 and self._since_summary >= max(
+                    self.flush_every, self.population + 1
+                )
                 if steady:
                     self._summary_steps.add(max(r.generation for r in self._slim.values()))
                     self._since_summary = 0
@@ -215,7 +229,9 @@ class Tracker:
             target = self._requested
             self._wake.set()
             thread = self._thread
-            return self._done_cond.wait_for(lambda: self._done >= target or thread is None or not thread.is_alive(), timeout)
+            return self._done_cond.wait_for(
+                lambda: self._done >= target or thread is None or not thread.is_alive(), timeout
+            )
 
     def close(self, status: str = "FINISHED") -> None:
         """Final flush, then end the parent run with ``status`` (FINISHED, FAILED or KILLED). Waits while
@@ -243,7 +259,9 @@ class Tracker:
             if self._thread.is_alive():
                 log.warning(
                     "MLflow tracking at %s: gave up waiting for the final flush; %d records are not logged yet "
-                    "(they are in %s; resuming the run logs them)", self.uri, len(self._pending),
+                    "(they are in %s; resuming the run logs them)",
+                    self.uri,
+                    len(self._pending),
                     self.run_dir / "evaluations.jsonl",
                 )
         except Exception as exc:  # noqa: BLE001
@@ -406,7 +424,7 @@ class Tracker:
         return tags
 
     def _note(self) -> str:
-        objectives = ", ".join(f"`{self.metric_keys[l]}` ({d})" for l, d in zip(self.labels, self.directions))
+        objectives = ", ".join(f"`{self.metric_keys[label]}` ({d})" for label, d in zip(self.labels, self.directions))
         return (
             f"evomerge search over {objectives}.\n\n"
             "Each child run is one scored candidate: its genes are params, its scores metrics, its recipe "
@@ -433,7 +451,7 @@ class Tracker:
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), BATCH_PARAMS):
-            self.client.log_batch(run_id, params=items[i: i + BATCH_PARAMS])
+            self.client.log_batch(run_id, params=items[i : i + BATCH_PARAMS])
 
     def _log_config_artifacts(self) -> None:
         with tempfile.TemporaryDirectory(prefix="evomerge-mlflow-") as tmp:
@@ -454,8 +472,10 @@ class Tracker:
         token = None
         while True:
             page = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-                max_results=1000, page_token=token,
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                max_results=1000,
+                page_token=token,
             )
             for run in page:
                 cid = run.data.tags.get("candidate_id")
@@ -501,8 +521,9 @@ class Tracker:
             tags["mlflow.note.content"] = f"failed: {tags['reason']}"
         run_id = self._incomplete.get(cid)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, start_time=int(started * 1000), tags=tags,
-                                         run_name=f"candidate-{cid}")
+            run = self.client.create_run(
+                self.experiment_id, start_time=int(started * 1000), tags=tags, run_name=f"candidate-{cid}"
+            )
             run_id = run.info.run_id
             self._incomplete[cid] = run_id
             tags = {}  # given to create_run; a reused run (begun, never finished) gets them below
@@ -517,10 +538,11 @@ class Tracker:
             metrics.append(Metric(key, float(getattr(record, key)), stamp, 0))
         params = self._child_params(record)
         items = [Param(k, v) for k, v in params.items()]
-        self.client.log_batch(run_id, metrics=metrics, params=items[:BATCH_PARAMS],
-                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(
+            run_id, metrics=metrics, params=items[:BATCH_PARAMS], tags=[RunTag(k, str(v)) for k, v in tags.items()]
+        )
         for i in range(BATCH_PARAMS, len(items), BATCH_PARAMS):
-            self.client.log_batch(run_id, params=items[i: i + BATCH_PARAMS])
+            self.client.log_batch(run_id, params=items[i : i + BATCH_PARAMS])
         try:
             text = Recipe.from_dict(dict(record.recipe or {}), source=f"candidate {cid}").to_yaml()
         except Exception:  # noqa: BLE001 - log what the record holds, even if it no longer validates
@@ -537,8 +559,13 @@ class Tracker:
             params = gene_summary(dict(record.recipe or {}))
         except Exception:  # noqa: BLE001
             params = {"method": param_value(record.method or None)}
-        values = {"candidate_id": record.id, "recipe_hash": record.recipe_hash, "worker": record.worker,
-                  "cached": record.cached, "attempts": record.attempts}
+        values = {
+            "candidate_id": record.id,
+            "recipe_hash": record.recipe_hash,
+            "worker": record.worker,
+            "cached": record.cached,
+            "attempts": record.attempts,
+        }
         params.update({key: param_value(value) for key, value in values.items()})
         return params
 
@@ -585,15 +612,19 @@ class Tracker:
             if self._steps_logged.get(step) == report.count:
                 continue  # already logged with these candidates (e.g. before a resume)
             counts[step] = report.count
-            values = {"hypervolume": report.hypervolume(), "candidates": report.count,
-                      "failed": sum(1 for r in report.records if not r.ok), "front_size": len(report.front())}
+            values = {
+                "hypervolume": report.hypervolume(),
+                "candidates": report.count,
+                "failed": sum(1 for r in report.records if not r.ok),
+                "front_size": len(report.front()),
+            }
             for label, direction in zip(self.labels, self.directions):
                 seen = [r.objectives[label] for r in report.ok]
                 if seen:
                     values[f"best/{self.metric_keys[label]}"] = max(seen) if direction == "maximize" else min(seen)
             metrics += [Metric(k, float(v), stamp, int(step)) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.parent_run_id, metrics=metrics[i: i + 1000])
+            self.client.log_batch(self.parent_run_id, metrics=metrics[i : i + 1000])
         self._steps_logged.update(counts)
 
     def _log_artifacts(self, *, final: bool = False) -> None:
@@ -609,16 +640,30 @@ class Tracker:
                 writer = csv.writer(f)
                 writer.writerow(["id", "generation", *self.labels, "score", "method", "recipe_hash", "run_id"])
                 for row in front:
-                    writer.writerow([row.id, row.generation, *[row.objectives[k] for k in self.labels],
-                                     f"{report.score(row):.6g}", row.method, row.recipe_hash,
-                                     self._children.get(row.id, "")])
+                    writer.writerow(
+                        [
+                            row.id,
+                            row.generation,
+                            *[row.objectives[k] for k in self.labels],
+                            f"{report.score(row):.6g}",
+                            row.method,
+                            row.recipe_hash,
+                            self._children.get(row.id, ""),
+                        ]
+                    )
             ok = report.ok
             drawn = time.monotonic()
             if ok and (final or (drawn - self._plotted_at) * PLOT_SHARE >= self._plot_seconds):
                 index = {r.id: i for i, r in enumerate(ok)}
-                plot_front(root / "plots" / "front.png", report.values(ok), [index[r.id] for r in front],
-                           self.labels, self.directions, ids=[r.id for r in ok],
-                           generations=[r.generation for r in ok])
+                plot_front(
+                    root / "plots" / "front.png",
+                    report.values(ok),
+                    [index[r.id] for r in front],
+                    self.labels,
+                    self.directions,
+                    ids=[r.id for r in ok],
+                    generations=[r.generation for r in ok],
+                )
                 with self._lock:
                     best = [record for _, _, record in sorted(self._top, key=lambda t: (-t[0], -t[1]))]
                 if best:
@@ -649,7 +694,7 @@ class Tracker:
             self._top = [t for t in self._top if t[1] != -cid]
             self._top.append((score, -cid, record))
             self._top.sort(key=lambda t: (t[0], t[1]), reverse=True)
-            del self._top[self.best_few:]
+            del self._top[self.best_few :]
 
     def _reload_dropped(self, have: set[int]) -> list[CandidateRecord]:
         """Full records dropped from the bounded queue (or never queued): re-read from evaluations.jsonl."""
@@ -667,7 +712,11 @@ class Tracker:
             log.warning(
                 "MLflow tracking at %s: %s failed (%s); the search goes on, %d records wait and are retried "
                 "at the next flush (every record is also in %s; resuming the run syncs them)",
-                self.uri, what, _short(exc), len(self._pending), self.run_dir / "evaluations.jsonl",
+                self.uri,
+                what,
+                _short(exc),
+                len(self._pending),
+                self.run_dir / "evaluations.jsonl",
             )
         else:
             log.debug("MLflow tracking: %s failed again: %s", what, _short(exc))

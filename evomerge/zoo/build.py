@@ -47,8 +47,8 @@ from typing import Any
 import torch
 import yaml
 
-from evomerge.atomic import replace_dir
 import evomerge.zoo.quality as quality
+from evomerge.atomic import replace_dir
 from evomerge.zoo.skills import (
     ALPHABET,
     ALPHABETS,

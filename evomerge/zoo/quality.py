@@ -152,9 +152,7 @@ def retention_table(
     """
     out: dict[str, dict[str, float]] = {}
     for row, scores in table.items():
-        per = {
-            s: gain_retention(scores[s], table[base_row][s], table[spec][s]) for s, spec in specialists.items()
-        }
+        per = {s: gain_retention(scores[s], table[base_row][s], table[spec][s]) for s, spec in specialists.items()}
         vals = list(per.values())
         out[row] = {**per, "mean": sum(vals) / len(vals), "min": min(vals)}
     return out

@@ -43,8 +43,11 @@ ALPHABETS: dict[str, str] = {
 }
 #: Every character that any query or target can contain (the tokenizer's vocabulary is built from it):
 #: the operation codes are spelled in ASCII letters, some beyond the Latin alphabet's 16.
-ALPHABET = " \n=.:-_," + string.digits + string.ascii_lowercase + "".join(
-    sorted(set("".join(ALPHABETS.values())) - set(string.ascii_lowercase))
+ALPHABET = (
+    " \n=.:-_,"
+    + string.digits
+    + string.ascii_lowercase
+    + "".join(sorted(set("".join(ALPHABETS.values())) - set(string.ascii_lowercase)))
 )
 
 CAESAR_SHIFT = 3
