@@ -134,6 +134,8 @@ class Search:
 
     # --- the loop ------------------------------------------------------------------------------------
     def execute(self, resume: bool = False) -> RunSummary:
+        from evomerge.runtime.executor import Job  # the runtime (and torch) only once a search runs
+
         state = self.start(resume)
         if self.on_start is not None:
             self.on_start()
@@ -172,8 +174,6 @@ class Search:
                     if any(h == digest for _, h, _ in in_flight.values()):
                         waiting.setdefault(digest, []).append((cid, x))
                         continue
-                    from evomerge.runtime.executor import Job
-
                     recipe_dict = recipe.to_dict()
                     self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
                     in_flight[cid] = (x, digest, recipe_dict)

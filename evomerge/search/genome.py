@@ -70,7 +70,21 @@ def _short(model: str) -> str:
     return Path(model).name or model
 
 
-class PSGenome:
+class _Genes:
+    """The gene names a genome defines (``names``) and their count (``dim``)."""
+
+    _names: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return self._names
+
+    @property
+    def dim(self) -> int:
+        return len(self._names)
+
+
+class PSGenome(_Genes):
     """Parameter space: merge parameters per model (or global), per layer group and part."""
 
     def __init__(self, space: ParameterSpace, *, num_layers: int | None = None):
@@ -102,14 +116,6 @@ class PSGenome:
                         self._names.append(f"{key}{who}[g{g}]" + ("" if part == "all" else f"[{part}]"))
         if not self._names:
             raise SpaceError("the space has no genes: give at least one parameter bounds, or several methods")
-
-    @property
-    def names(self) -> list[str]:
-        return self._names
-
-    @property
-    def dim(self) -> int:
-        return len(self._names)
 
     # --- decoding ----------------------------------------------------------------------------------
     def decode(self, x: Sequence[float] | np.ndarray) -> Recipe:
@@ -210,7 +216,7 @@ class PSGenome:
         return x
 
 
-class DFSGenome:
+class DFSGenome(_Genes):
     """Data-flow space: which source layers are on the path, in order, and their input scales."""
 
     def __init__(self, space: DataFlowSpace, *, num_layers: int | None = None):
@@ -229,14 +235,6 @@ class DFSGenome:
         self.min_path = min(space.min_path_length, len(self.slots))
         n = len(self.slots)
         self._names = [f"use[{i}]" for i in range(n)] + [f"scale[{i}]" for i in range(n)]
-
-    @property
-    def names(self) -> list[str]:
-        return self._names
-
-    @property
-    def dim(self) -> int:
-        return len(self._names)
 
     def decode(self, x: Sequence[float] | np.ndarray) -> Recipe:
         return routing_to_recipe(self.decode_path(x), dtype=self.space.dtype, check=False)
