@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.runtime.executor import make_executor
+from evomerge.runtime import make_executor
 from evomerge.search.config import ConfigError, parse_duration, resolve_run_config
 from evomerge.search.driver import Search, SearchError
 from evomerge.search.optimizers import make_optimizer

@@ -322,7 +322,7 @@ def test_an_unreachable_server_never_stops_the_search(tmp_path, empty_store, mon
 
 
 def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -> None:
-    from evomerge.runtime.executor import make_executor
+    from evomerge.runtime import make_executor
     from evomerge.search.config import resolve_run_config
     from evomerge.search.driver import Search
 

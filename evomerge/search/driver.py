@@ -157,7 +157,7 @@ class Search:
                     if any(h == digest for _, h, _ in in_flight.values()):
                         waiting.setdefault(digest, []).append((cid, x))
                         continue
-                    from evomerge.runtime.executor import Job
+                    from evomerge.runtime import Job
 
                     recipe_dict = recipe.to_dict()
                     self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))

@@ -1,217 +1,34 @@
-"""Executors: run candidate jobs on workers that each own one resident ``CandidateEvaluator``.
+"""A pool of Ray actors, each owning one resident evaluator, fed jobs as they free up (no generation barrier).
 
-The search driver talks to one small interface (:class:`Executor`): ``submit`` jobs, take
-``next_outcome`` as each finishes, ask ``pending`` / ``capacity`` / ``idle_fraction``, ``shutdown``.
-
-* :class:`InProcessExecutor` (``--workers 0``) evaluates in ``submit`` itself, in the driver process.
-* :class:`RayExecutor` keeps ``workers`` Ray actors, each building its evaluator once from an
-  :class:`EvaluatorSpec`. A dispatcher thread hands the next queued job to whichever actor frees up
-  (no generation barrier), enforces the per-job timeout, and replaces actors that die or time out;
-  such a job is retried once on another worker before it comes back as failed.
-
-Only small things cross process boundaries: the spec, the job (a recipe dict) and the
-``CandidateResult``. Weights never go through the object store.
+:class:`RayExecutor` keeps ``workers`` actors, each building its evaluator once from an
+:class:`~evomerge.runtime.jobs.EvaluatorSpec`. A dispatcher thread hands the next queued job to
+whichever actor frees up, enforces the per-job timeout, and replaces actors that die or time out;
+such a job is retried once on another worker before it comes back as failed. A slot whose
+replacement keeps failing to start is retired (capacity shrinks by one).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import importlib
-import ipaddress
-import json
 import logging
 import os
 import queue
 import re
 import threading
 import time
-import traceback
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from evomerge.eval.evaluator import CandidateResult
+from evomerge.runtime.jobs import EvaluatorSpec, Job, Outcome, recipe_hash, run_job
+from evomerge.runtime.local_ray import connect_ray
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
+__all__ = ["RayExecutor"]
 
 
-# --- what travels to a worker --------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvaluatorSpec:
-    """Everything a worker needs to build its evaluator; small and picklable."""
-
-    objectives: list[dict]
-    """``Objective.model_dump()`` dicts."""
-    include_paths: list[str] = field(default_factory=list)
-    backend: str = "fast"
-    device: str | None = None
-    """``None``: CUDA when the worker sees a GPU, else CPU."""
-    seed: int = 0
-    threads: int | None = None
-    """``torch.set_num_threads`` in the worker; ``None``: the CPUs reserved per worker (Ray) or
-    left as it is (in-process)."""
-    base_dir: str | None = None
-    """Directory that relative model paths in recipes are resolved against (workers on other
-    machines have another working directory; prefer absolute paths)."""
-    factory: str | None = None
-    """``"module:function"``; when set, ``build`` returns ``function(spec)`` instead of a
-    ``CandidateEvaluator`` (anything with ``evaluate(recipe) -> CandidateResult``; tests use this)."""
-
-    def build(self) -> Any:
-        """The evaluator this spec describes (a ``CandidateEvaluator`` unless ``factory`` is set)."""
-        if self.factory:
-            return _import_callable(self.factory)(self)
-        from evomerge.eval.evaluator import CandidateEvaluator
-        from evomerge.eval.tasks import Objective
-
-        return CandidateEvaluator(
-            [Objective.model_validate(o) for o in self.objectives],
-            include_paths=list(self.include_paths),
-            backend=self.backend,  # type: ignore[arg-type]
-            device=self.device,
-            seed=self.seed,
-            base_dir=Path(self.base_dir) if self.base_dir else None,
-        )
-
-
-def _import_callable(path: str) -> Any:
-    module, sep, name = path.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"factory {path!r}: expected 'module:function'")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"factory {path!r} is not callable")
-    return obj
-
-
-@dataclass(frozen=True)
-class Job:
-    """One candidate to score."""
-
-    candidate_id: int
-    recipe: dict
-    """``Recipe.to_dict()``; the worker rebuilds the ``Recipe``."""
-    attempt: int = 0
-
-
-@dataclass
-class Outcome:
-    """A finished job: its (last) attempt, the result and the worker that produced it."""
-
-    job: Job
-    result: CandidateResult
-    worker: str
-
-
-@runtime_checkable
-class Executor(Protocol):
-    capacity: int
-
-    def submit(self, job: Job) -> None: ...
-
-    def next_outcome(self, timeout: float | None = None) -> Outcome | None: ...
-
-    def pending(self) -> int: ...
-
-    def idle_fraction(self) -> float: ...
-
-    def shutdown(self) -> None: ...
-
-
-def recipe_hash(recipe: Mapping[str, Any]) -> str:
-    """The recipe's content hash (as ``Recipe.content_hash``), also for recipes that do not validate."""
-    from evomerge.recipe import Recipe, RecipeError
-
-    try:
-        return Recipe.from_dict(recipe).content_hash()
-    except RecipeError:
-        canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def run_job(evaluator: Any, job: Job) -> CandidateResult:
-    """Evaluate one job; never raises (an invalid recipe or a raising evaluator is a failed result)."""
-    from evomerge.recipe import Recipe, RecipeError
-
-    start = time.perf_counter()
-    try:
-        recipe = Recipe.from_dict(job.recipe, source=f"candidate {job.candidate_id}")
-    except RecipeError as exc:
-        return CandidateResult(recipe_hash(job.recipe), "failed", reason=str(exc),
-                               seconds=time.perf_counter() - start)
-    try:
-        return evaluator.evaluate(recipe)
-    except Exception as exc:  # evaluators should not raise; if one does, it is this candidate's failure
-        last = traceback.extract_tb(exc.__traceback__)[-1:]
-        where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
-        return CandidateResult(recipe.content_hash(), "failed", reason=f"{type(exc).__name__}: {exc}{where}",
-                               seconds=time.perf_counter() - start)
-
-
-# --- in-process ----------------------------------------------------------------------------------
-class InProcessExecutor:
-    """Runs each job synchronously inside ``submit`` in this process (debugging, ``--workers 0``)."""
-
-    worker_name = "inprocess"
-
-    def __init__(self, spec: EvaluatorSpec, evaluator: Any = None):
-        if spec.threads:
-            import torch
-
-            torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.evaluator = evaluator if evaluator is not None else spec.build()
-        self.capacity = 1
-        self._outcomes: collections.deque[Outcome] = collections.deque()
-        self._t0: float | None = None
-        self._busy = 0.0
-        self._closed = False
-
-    def submit(self, job: Job) -> None:
-        if self._closed:
-            raise RuntimeError("executor is shut down")
-        start = time.monotonic()
-        if self._t0 is None:
-            self._t0 = start
-        result = run_job(self.evaluator, job)
-        self._busy += time.monotonic() - start
-        self._outcomes.append(Outcome(job, result, self.worker_name))
-
-    def next_outcome(self, timeout: float | None = None) -> Outcome | None:
-        return self._outcomes.popleft() if self._outcomes else None
-
-    def pending(self) -> int:
-        return len(self._outcomes)
-
-    def idle_fraction(self) -> float:
-        if self._t0 is None:
-            return 1.0
-        total = time.monotonic() - self._t0
-        return min(1.0, max(0.0, 1.0 - self._busy / total)) if total > 0 else 0.0
-
-    def shutdown(self) -> None:
-        if not self._closed:
-            self._closed = True
-            close = getattr(self.evaluator, "close", None)
-            if callable(close):
-                close()
-
-    def __enter__(self) -> "InProcessExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-
-# --- Ray -----------------------------------------------------------------------------------------
 class _Worker:
     """The actor body: owns one evaluator for its whole life (made a Ray actor in ``_actor_class``)."""
 
@@ -243,97 +60,6 @@ def _actor_class() -> Any:
 
         _ACTOR_CLASS = ray.remote(max_restarts=0, max_task_retries=0)(_Worker)
     return _ACTOR_CLASS
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return host == "localhost"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-@contextmanager
-def _loopback_node_ip() -> Iterator[None]:
-    """Make a Ray started in this block take 127.0.0.1 as its node IP, so that it binds loopback only.
-
-    ``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray replaces a loopback node IP by
-    the machine's routable address (``services.resolve_ip_for_localhost``) unless
-    ``ray_constants.ENABLE_RAY_CLUSTER`` is false (the ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` switch,
-    read once at import). With a loopback node IP, GCS, raylet, object manager, core workers and the
-    agents all bind 127.0.0.1. The switch is flipped only while this process starts its own Ray, so
-    joining a real cluster later still reports a routable address.
-    """
-    from ray._private import ray_constants
-
-    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # Ray changed; start_local_ray checks the result
-        yield
-        return
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def machine_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def start_local_ray(num_cpus: int | None = None, *, num_gpus: int | None = None,
-                    runtime_env: dict | None = None, quiet: bool = True) -> None:
-    """Start a private Ray in this process, bound to loopback only, sized to the machine by default."""
-    import ray
-
-    # Ray turns token authentication on for a local cluster and warns about it on every start; the
-    # embedded Ray listens on loopback only and keeps the token, so the notice is noise there.
-    token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    saved_level = token_notice.level
-    if quiet:
-        token_notice.setLevel(logging.ERROR)
-    try:
-        with _loopback_node_ip():
-            ray.init(
-                address="local",  # never pick up RAY_ADDRESS or a running cluster here
-                num_cpus=num_cpus if num_cpus is not None else machine_cpus(),
-                num_gpus=num_gpus,
-                include_dashboard=False,
-                log_to_driver=not quiet,
-                logging_level=logging.WARNING if quiet else logging.INFO,
-                runtime_env=runtime_env,
-                _node_ip_address=LOOPBACK,
-            )
-    finally:
-        token_notice.setLevel(saved_level)
-    node_ip = ray.util.get_node_ip_address()
-    if not _is_loopback(node_ip):
-        log.warning("the local Ray took node IP %s instead of %s: its ports are reachable from the network",
-                    node_ip, LOOPBACK)
-
-
-def connect_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> bool:
-    """Make sure this process is connected to Ray; True when it started the Ray (and must stop it).
-
-    Already connected: reuse. ``address`` or ``RAY_ADDRESS``: join that cluster. Otherwise start a
-    local, loopback-only Ray with ``num_cpus`` (default: this machine's CPUs).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        ray.init(address=address, log_to_driver=not quiet,
-                 logging_level=logging.WARNING if quiet else logging.INFO)
-        return False
-    start_local_ray(num_cpus, quiet=quiet)
-    return True
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -770,26 +496,3 @@ class RayExecutor:
             reason = f"{last} (after {len(history)} attempts; earlier: {'; '.join(history[:-1])})"
         result = CandidateResult(recipe_hash(job.recipe), "failed", reason=reason, seconds=seconds)
         self._outcomes.put(Outcome(job, result, worker))
-
-
-def make_executor(run: Any, *, address: str | None = None) -> Executor:
-    """The executor a run config asks for: in-process (workers: 0) or a pool of Ray actors."""
-    runtime = run.config.runtime
-    spec = EvaluatorSpec(
-        objectives=[o.model_dump() for o in run.objectives],
-        include_paths=list(run.include_paths),
-        backend=runtime.backend,
-        device=runtime.device,
-        base_dir=str(run.base_dir),
-        factory=runtime.evaluator_factory,
-    )
-    if runtime.workers == 0:
-        return InProcessExecutor(spec)
-    return RayExecutor(
-        spec,
-        runtime.workers,
-        address=address,
-        gpus_per_worker=runtime.gpus_per_worker,
-        cpus_per_worker=runtime.cpus_per_worker,
-        timeout=runtime.timeout,
-    )
