@@ -81,7 +81,7 @@ def run_config(family, tmp_path, **overrides) -> dict:
         "objectives": [{"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
                        {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"}],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
-        "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
+        "runtime": {"workers": 0},
     }
     for key, value in overrides.items():
         node = config
@@ -94,7 +94,7 @@ def run_config(family, tmp_path, **overrides) -> dict:
 
 def search(family, tmp_path, run_dir: Path, resume: bool = False, budget: int | None = None, **overrides):
     run = resolve_run_config(run_config(family, tmp_path, **overrides), base_dir=tmp_path)
-    executor = make_executor(run)
+    executor = make_executor(run, evaluator_factory="fake_evaluators:quadratic")
     try:
         return Search(run, RunDir(run_dir), executor, budget=budget).execute(resume=resume)
     finally:

@@ -56,7 +56,7 @@ def run_config(name: str = "tracking-test") -> dict:
         "include_paths": [],
         "optimizer": {"name": "nsga2", "population": 8, "budget": 20, "sigma": 0.25, "seed": 7},
         "runtime": {"workers": 2, "ray_address": None, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0,
-                    "timeout": 600.0, "time_limit": None, "backend": "fast", "device": None, "evaluator_factory": None},
+                    "timeout": 600.0, "time_limit": None, "backend": "fast", "device": None},
         "tracking": {"uri": None, "experiment": "evomerge"},
     }
 
@@ -333,7 +333,7 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
         "objectives": [{"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
                        {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"}],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
-        "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
+        "runtime": {"workers": 0},
     }
     run = resolve_run_config(config, base_dir=tmp_path)
     path = tmp_path / "run"
@@ -346,7 +346,7 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
     def piece(budget: int | None, resume: bool, status: str) -> None:
         tracker = Tracker.from_config(run.to_dict(), path)
         tracker.start(resume=resume)
-        executor = make_executor(run)
+        executor = make_executor(run, evaluator_factory="fake_evaluators:quadratic")
         try:
             Search(run, RunDir(path), executor, budget=budget, on_record=tracker.on_record,
                    on_generation=tracker.on_generation).execute(resume=resume)

@@ -11,11 +11,13 @@ from evomerge.runtime.ray_pool import RayExecutor
 __all__ = ["make_executor"]
 
 
-def make_executor(run: Any, *, address: str | None = None) -> Executor:
+def make_executor(run: Any, *, address: str | None = None, evaluator_factory: str | None = None) -> Executor:
     """The executor a run config asks for: in-process (workers: 0) or a pool of Ray actors.
 
     ``run`` is a ``ResolvedRun`` (``evomerge.search.config``); ``address`` joins that Ray cluster
-    instead of starting a local one.
+    instead of starting a local one. ``evaluator_factory`` (``"module:function"``, see
+    ``EvaluatorSpec.factory``) replaces the ``CandidateEvaluator`` by what that function builds: a
+    hook for tests and experiments, kept out of the run config so that configs only say what to search.
     """
     runtime = run.config.runtime
     spec = EvaluatorSpec(
@@ -24,7 +26,7 @@ def make_executor(run: Any, *, address: str | None = None) -> Executor:
         backend=runtime.backend,
         device=runtime.device,
         base_dir=str(run.base_dir),
-        factory=runtime.evaluator_factory,
+        factory=evaluator_factory,
     )
     if runtime.workers == 0:
         return InProcessExecutor(spec)

@@ -57,8 +57,6 @@ class RuntimeConfig(_Strict):
     """Wall-clock bound for the whole run, e.g. 8h, 90m, 3600s."""
     backend: Literal["fast", "lm-eval"] = "fast"
     device: str | None = None
-    evaluator_factory: str | None = None
-    """Advanced: ``module:function`` building a custom evaluator from the worker spec (tests use it)."""
 
 
 class TrackingConfig(_Strict):
