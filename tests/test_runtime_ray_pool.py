@@ -13,7 +13,7 @@ import pytest
 
 from evomerge.runtime import InProcessExecutor, Job, RayExecutor
 from fake_evaluators import recipe_for
-from runtime_support import FAKES_ENV, TIMEOUT, drain, fake_spec, wait_all_idle
+from runtime_support import FAKES_ENV, STARTUP_LIMIT, TIMEOUT, drain, fake_spec, wait_all_idle
 
 
 def test_jobs_run_in_parallel_on_two_workers(pool):
@@ -112,4 +112,16 @@ def test_inprocess_and_ray_give_the_same_results(pool):
 
 def test_a_worker_that_cannot_build_its_evaluator_fails_fast(local_ray):
     with pytest.raises(RuntimeError, match="no evaluator for you"):
-        RayExecutor(fake_spec("broken"), workers=1, runtime_env=FAKES_ENV, startup_timeout=60)
+        RayExecutor(fake_spec("broken"), workers=1, runtime_env=FAKES_ENV, startup_timeout=STARTUP_LIMIT)
+
+
+def test_the_pool_has_no_thread_of_its_own(pool):
+    import threading
+
+    wait_all_idle(pool)
+    before = set(threading.enumerate())
+    pool.submit(Job(30, recipe_for("sleep:0")))
+    (outcome,) = drain(pool)
+    assert outcome.result.ok
+    assert set(threading.enumerate()) <= before  # it advanced inside submit/next_outcome, in this thread
+    assert not any(t.name == "evomerge-ray-dispatch" for t in threading.enumerate())

@@ -1,10 +1,14 @@
 """A pool of Ray actors, each owning one resident evaluator, fed jobs as they free up (no generation barrier).
 
 :class:`RayExecutor` keeps ``workers`` actors, each building its evaluator once from an
-:class:`~evomerge.runtime.jobs.EvaluatorSpec`. A dispatcher thread hands the next queued job to
-whichever actor frees up, enforces the per-job timeout, and replaces actors that die or time out;
-such a job is retried once on another worker before it comes back as failed. A slot whose
-replacement keeps failing to start is retired (capacity shrinks by one).
+:class:`~evomerge.runtime.jobs.EvaluatorSpec`. It has no thread of its own: like Ray Tune's actor
+manager, it moves only when called. ``submit`` hands the job to an idle worker (or queues it);
+``next_outcome`` waits in ``ray.wait`` (bounded by its timeout and by the nearest job or start
+deadline), then takes in what finished, enforces the per-job timeout, replaces workers that died or
+timed out, and hands queued jobs (retries) to whichever worker is free. A job whose worker died or
+timed out is retried once on another worker before it comes back as failed; a slot whose
+replacement keeps failing to start is retired (capacity shrinks by one). The search driver waits in
+``next_outcome`` whenever jobs are out, so this feeds workers as promptly as a dispatcher thread.
 """
 
 from __future__ import annotations
@@ -13,9 +17,7 @@ import collections
 import dataclasses
 import logging
 import os
-import queue
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +83,8 @@ def _death_cause(exc: BaseException) -> str:
 
 @dataclass
 class _Slot:
+    """One worker place in the pool: the actor now in it and the job (attempt) it is running."""
+
     index: int
     name: str = ""
     actor: Any = None
@@ -97,15 +101,20 @@ class _Slot:
 
 
 class RayExecutor:
-    """A pool of Ray actors, each owning one evaluator; jobs go to whichever worker frees up first."""
+    """A pool of Ray actors, each owning one evaluator; jobs go to whichever worker frees up first.
 
-    POLL_S = 0.05
+    Not thread-safe, and needs none: every method runs in the caller's thread, and the pool advances
+    (collects, expires, replaces, dispatches) only inside ``submit``, ``next_outcome`` and ``workers``.
+    """
+
     MAX_START_FAILURES = 3
 
     def __init__(self, spec: EvaluatorSpec, workers: int | None = None, *, address: str | None = None,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, timeout: float | None = None,
                  retries: int = 1, runtime_env: dict | None = None, startup_timeout: float | None = 600.0,
                  quiet: bool = True):
+        """Connect to (or start) Ray, start ``workers`` actors (default: as many as fit) and wait until
+        each has built its evaluator, so that a broken spec fails here rather than on every job."""
         import ray
 
         if cpus_per_worker <= 0:
@@ -146,119 +155,106 @@ class RayExecutor:
             self._stop_ray()
             raise
 
-        self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[tuple[Job, int, list[str]]] = collections.deque()
-        self._outcomes: queue.Queue[Outcome] = queue.Queue()
+        """Jobs waiting for a free worker: (job, retries so far, why earlier attempts failed)."""
+        self._outcomes: collections.deque[Outcome] = collections.deque()
         self._refs: dict[Any, _Slot] = {}
+        """Every Ray object ref being waited on (an actor's ``ready`` or a job), to its slot."""
         self._slots = [_Slot(i) for i in range(workers)]
         self._names = 0
         self._unfinished = 0
-        self._error: BaseException | None = None
-        self._stopping = False
         self._closed = False
         self._t0: float | None = None
         self._busy = 0.0
         self._dead_seconds = 0.0
 
-        with self._lock:
-            for slot in self._slots:
-                self._start_actor(slot)
+        for slot in self._slots:
+            self._start_actor(slot)
         try:
             self._await_initial_workers(startup_timeout)
         except BaseException:
             self.shutdown()
             raise
-        self._thread = threading.Thread(target=self._run, name="evomerge-ray-dispatch", daemon=True)
-        self._thread.start()
 
     # --- public ----------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:  # type: ignore[override]
-        with self._lock:
-            return sum(1 for s in self._slots if s.state != "dead")
+        """Worker slots not retired: jobs that can run at once."""
+        return sum(1 for s in self._slots if s.state != "dead")
 
     def workers(self) -> list[dict[str, Any]]:
-        """Name, state and pid of each worker slot (for logs and tests)."""
-        with self._lock:
-            return [{"slot": s.index, "name": s.name, "state": s.state, "pid": s.pid} for s in self._slots]
+        """Name, state and pid of each worker slot (for logs and tests); takes in what Ray has
+        finished first (without waiting), so that a replacement that is up shows as idle."""
+        if not self._closed:
+            self._advance(0.0)
+        return [{"slot": s.index, "name": s.name, "state": s.state, "pid": s.pid} for s in self._slots]
 
     def submit(self, job: Job) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("executor is shut down")
-            self._raise_if_broken()
-            if self._t0 is None:
-                self._t0 = time.monotonic()
-            self._unfinished += 1
-            if not any(s.state != "dead" for s in self._slots):
-                self._fail(job, ["no workers left (every worker slot failed to start)"], "none", 0.0)
-                return
-            self._queue.append((job, 0, []))
-            self._dispatch()
-            self._wake.notify_all()
+        """Queue ``job`` and hand it to an idle worker if there is one; returns at once."""
+        if self._closed:
+            raise RuntimeError("executor is shut down")
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        self._unfinished += 1
+        if not any(s.state != "dead" for s in self._slots):
+            self._fail(job, ["no workers left (every worker slot failed to start)"], "none", 0.0)
+            return
+        self._queue.append((job, 0, []))
+        self._dispatch()
 
     def next_outcome(self, timeout: float | None = None) -> Outcome | None:
-        """The next finished job (in completion order); ``None`` after ``timeout`` s or when nothing is pending."""
+        """The next finished job (in completion order); ``None`` after ``timeout`` s or when nothing is pending.
+
+        While it waits, the pool does its work: results come in, deadlines are enforced, dead
+        workers are replaced and retries dispatched.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                outcome = self._outcomes.get_nowait()
-            except queue.Empty:
-                self._raise_if_broken()
-                with self._lock:
-                    if self._unfinished == 0:
-                        return None
-                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if wait <= 0:
-                    return None
-                try:
-                    outcome = self._outcomes.get(timeout=wait)
-                except queue.Empty:
-                    continue
-            with self._lock:
+            if self._outcomes:
                 self._unfinished -= 1
-            return outcome
+                return self._outcomes.popleft()
+            if self._unfinished == 0 or self._closed or not self._refs:
+                return None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._advance(left)  # ray.wait is interruptible: Ctrl-C gets through at once
+            if left == 0.0 and not self._outcomes:
+                return None
 
     def pending(self) -> int:
         """Jobs submitted whose outcome has not been taken by ``next_outcome`` yet."""
-        with self._lock:
-            return self._unfinished
+        return self._unfinished
 
     def idle_fraction(self) -> float:
-        """Share of worker-seconds since the first submit in which a worker had no job."""
-        with self._lock:
-            if self._t0 is None:
-                return 1.0
-            now = time.monotonic()
-            elapsed = now - self._t0
-            live = sum(1 for s in self._slots if s.state != "dead")
-            total = live * elapsed + self._dead_seconds
-            busy = self._busy + sum(now - s.started for s in self._slots if s.state == "busy")
-            return min(1.0, max(0.0, 1.0 - busy / total)) if total > 0 else 0.0
+        """Share of worker-seconds since the first submit in which a worker had no job.
+
+        A job counts as running until its result is taken in, so one that finishes while the
+        driver is busy between calls counts as running until the driver calls again.
+        """
+        if self._t0 is None:
+            return 1.0
+        now = time.monotonic()
+        elapsed = now - self._t0
+        live = sum(1 for s in self._slots if s.state != "dead")
+        total = live * elapsed + self._dead_seconds
+        busy = self._busy + sum(now - s.started for s in self._slots if s.state == "busy")
+        return min(1.0, max(0.0, 1.0 - busy / total)) if total > 0 else 0.0
 
     def shutdown(self) -> None:
+        """Kill every actor (results not taken are dropped) and stop the Ray this pool started."""
         import ray
 
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._stopping = True
-            self._wake.notify_all()
-        thread = getattr(self, "_thread", None)
-        if thread is not None:
-            thread.join(timeout=10)
-        with self._lock:
-            for slot in self._slots:
-                if slot.actor is not None:
-                    try:
-                        ray.kill(slot.actor, no_restart=True)
-                    except Exception:  # already gone, or Ray is going down
-                        pass
-                slot.actor = None
-                slot.state = "dead"
-            self._refs.clear()
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self._slots:
+            if slot.actor is not None:
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:  # already gone, or Ray is going down
+                    pass
+            slot.actor = None
+            slot.state = "dead"
+        self._refs.clear()
         self._stop_ray()
 
     def __enter__(self) -> "RayExecutor":
@@ -306,8 +302,7 @@ class RayExecutor:
         import ray
 
         deadline = None if startup_timeout is None else time.monotonic() + startup_timeout
-        with self._lock:
-            refs = {s.ready_ref: s for s in self._slots}
+        refs = {s.ready_ref: s for s in self._slots}
         remaining = list(refs)
         while remaining:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -318,24 +313,40 @@ class RayExecutor:
                     info = ray.get(ref)
                 except Exception as exc:
                     raise RuntimeError(f"worker {slot.name} failed to start: {_death_cause(exc)}") from exc
-                with self._lock:
-                    self._refs.pop(ref, None)
-                    slot.ready_ref = None
-                    slot.state = "idle"
-                    slot.deadline = None
-                    slot.pid = info.get("pid")
+                self._refs.pop(ref, None)
+                slot.ready_ref = None
+                slot.state = "idle"
+                slot.deadline = None
+                slot.pid = info.get("pid")
             if remaining and deadline is not None and time.monotonic() >= deadline:
                 names = ", ".join(refs[r].name for r in remaining)
                 raise TimeoutError(f"workers not ready after {startup_timeout:g} s ({names}); "
                                    "the cluster may lack the requested CPUs/GPUs")
 
-    # --- dispatcher --------------------------------------------------------------------------------
-    def _raise_if_broken(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"the Ray dispatcher failed: {self._error!r}") from self._error
+    # --- the pool's one step -----------------------------------------------------------------------
+    def _advance(self, wait: float | None) -> None:
+        """Dispatch, wait up to ``wait`` s (``None``: until something finishes; less if a deadline
+        comes first) for anything Ray finishes, take in all that finished, enforce deadlines, and
+        dispatch again to the workers freed."""
+        import ray
+
+        self._dispatch()
+        refs = list(self._refs)
+        if refs:
+            deadlines = [s.deadline for s in self._slots if s.deadline is not None]
+            if deadlines:
+                until = max(0.0, min(deadlines) - time.monotonic())
+                wait = until if wait is None else min(wait, until)
+            done, _ = ray.wait(refs, num_returns=1, timeout=wait)
+            if done:
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in done:
+                self._collect(ref)
+        self._expire()
+        self._dispatch()
 
     def _dispatch(self) -> None:
-        """Give queued jobs to idle workers (lock held)."""
+        """Give queued jobs to idle workers."""
         for slot in self._slots:
             if not self._queue:
                 return
@@ -349,48 +360,21 @@ class RayExecutor:
             slot.state = "busy"
             self._refs[slot.job_ref] = slot
 
-    def _run(self) -> None:
-        import ray
-
-        try:
-            while True:
-                with self._lock:
-                    if self._stopping:
-                        return
-                    self._dispatch()
-                    refs = list(self._refs)
-                    now = time.monotonic()
-                    deadlines = [s.deadline for s in self._slots if s.deadline is not None]
-                    wait = self.POLL_S if not deadlines else max(0.0, min(self.POLL_S, min(deadlines) - now))
-                    if not refs:
-                        self._wake.wait(timeout=wait)
-                        continue
-                done, _ = ray.wait(refs, num_returns=1, timeout=wait)
-                if done:
-                    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                for ref in done:
-                    self._collect(ref)
-                self._expire()
-        except BaseException as exc:  # surfaced to the driver by next_outcome/submit
-            log.exception("Ray dispatcher failed")
-            self._error = exc
-
     def _collect(self, ref: Any) -> None:
         import ray
 
+        slot = self._refs.pop(ref, None)
+        if slot is None:  # an attempt killed in this round: its result is dropped
+            return
         try:
             value = ray.get(ref)
             error: BaseException | None = None
         except Exception as exc:
             value, error = None, exc
-        with self._lock:
-            slot = self._refs.pop(ref, None)
-            if slot is None or self._stopping:  # killed attempt or shutting down: its result is dropped
-                return
-            if slot.ready_ref is not None and ref == slot.ready_ref:
-                self._worker_started(slot, value, error)
-            elif slot.job_ref is not None and ref == slot.job_ref:
-                self._job_finished(slot, value, error)
+        if slot.ready_ref is not None and ref == slot.ready_ref:
+            self._worker_started(slot, value, error)
+        elif slot.job_ref is not None and ref == slot.job_ref:
+            self._job_finished(slot, value, error)
 
     def _worker_started(self, slot: _Slot, info: Any, error: BaseException | None) -> None:
         slot.ready_ref = None
@@ -434,7 +418,7 @@ class RayExecutor:
         slot.deadline = None
         if error is None:
             slot.state = "idle"
-            self._outcomes.put(Outcome(job, result, slot.name))
+            self._outcomes.append(Outcome(job, result, slot.name))
             return
         if isinstance(error, ray.exceptions.RayTaskError) and not isinstance(error, ray.exceptions.RayActorError):
             # The method raised (run_job catches evaluator errors, so e.g. an unpicklable result):
@@ -451,31 +435,29 @@ class RayExecutor:
         self._retry_or_fail(job, tries, history + [why], name, seconds)
 
     def _expire(self) -> None:
-        with self._lock:
-            if self._stopping:
-                return
-            now = time.monotonic()
-            for slot in self._slots:
-                if slot.deadline is None or now < slot.deadline:
-                    continue
-                if slot.state == "starting":
-                    self._refs.pop(slot.ready_ref, None)
-                    self._worker_started(slot, None, TimeoutError(
-                        f"{slot.name} did not build its evaluator within {self.startup_timeout:g} s"))
-                    continue
-                if slot.state != "busy":
-                    continue
-                job, tries, history = slot.job, slot.tries, slot.history
-                assert job is not None
-                seconds = now - slot.started
-                self._busy += seconds
-                name = slot.name
-                why = f"timeout: no result from {name} within {self.timeout:g} s"
-                log.warning("candidate %s attempt %d: %s; killing the worker", job.candidate_id, job.attempt, why)
-                slot.job = None
-                slot.deadline = None
-                self._replace(slot)
-                self._retry_or_fail(job, tries, history + [why], name, seconds)
+        """Time out jobs past their deadline and actors that did not start in time."""
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.deadline is None or now < slot.deadline:
+                continue
+            if slot.state == "starting":
+                self._refs.pop(slot.ready_ref, None)
+                self._worker_started(slot, None, TimeoutError(
+                    f"{slot.name} did not build its evaluator within {self.startup_timeout:g} s"))
+                continue
+            if slot.state != "busy":
+                continue
+            job, tries, history = slot.job, slot.tries, slot.history
+            assert job is not None
+            seconds = now - slot.started
+            self._busy += seconds
+            name = slot.name
+            why = f"timeout: no result from {name} within {self.timeout:g} s"
+            log.warning("candidate %s attempt %d: %s; killing the worker", job.candidate_id, job.attempt, why)
+            slot.job = None
+            slot.deadline = None
+            self._replace(slot)
+            self._retry_or_fail(job, tries, history + [why], name, seconds)
 
     def _replace(self, slot: _Slot) -> None:
         """Kill the slot's actor (its pending results are dropped) and start a fresh one."""
@@ -495,4 +477,4 @@ class RayExecutor:
         if len(history) > 1:
             reason = f"{last} (after {len(history)} attempts; earlier: {'; '.join(history[:-1])})"
         result = CandidateResult(recipe_hash(job.recipe), "failed", reason=reason, seconds=seconds)
-        self._outcomes.put(Outcome(job, result, worker))
+        self._outcomes.append(Outcome(job, result, worker))
