@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.runtime.executor import make_executor  # noqa: E402
+from evomerge.runtime import make_executor  # noqa: E402
 from evomerge.search.config import load_run_config  # noqa: E402
 from evomerge.search.driver import Search  # noqa: E402
 from evomerge.search.report import RunReport  # noqa: E402

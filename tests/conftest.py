@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama checkpoints (seconds) and the toy zoo (built once, cached)."""
+"""Shared fixtures: tiny random Llama checkpoints (seconds), the toy zoo (built once, cached), and one
+loopback-only Ray with one pool of fake workers for all the runtime tests."""
 
 from __future__ import annotations
 
@@ -69,3 +70,29 @@ def zoo_dir() -> Path:
     from evomerge.zoo.build import build_zoo, default_zoo_dir
 
     return build_zoo(default_zoo_dir(0), 0, progress=False).parent
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One private Ray (3 logical CPUs: the pool's 2 workers + 1 spare for the start-failure test)."""
+    ray = pytest.importorskip("ray")
+    from evomerge.runtime import start_local_ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        start_local_ray(3)
+    yield ray
+    if owned:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pool(local_ray):
+    """Two Ray workers with the scripted fake evaluator (sleep / die / hang), shared by the runtime tests."""
+    from runtime_support import FAKES_ENV, TIMEOUT, fake_spec
+
+    from evomerge.runtime import RayExecutor
+
+    executor = RayExecutor(fake_spec(), workers=2, timeout=TIMEOUT, runtime_env=FAKES_ENV)
+    yield executor
+    executor.shutdown()

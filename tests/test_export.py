@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from search_support import search
 from test_mergekit_parity import assert_same_model, run_mergekit
-from test_search import search
 from typer.testing import CliRunner
 
 from evomerge.cli import app
@@ -93,7 +93,7 @@ def test_ps_dfs_chain_exports_as_stages_and_merges(random_family, ps_run, tmp_pa
         "repeats": 1,
         "max_path_length": 4,
     }
-    from test_search import run_config
+    from search_support import run_config
 
     from evomerge.search.config import resolve_run_config
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_search import search
+from search_support import search
 
 from evomerge.recipe import Recipe
 from evomerge.search.record import CandidateRecord, CandidateStatus

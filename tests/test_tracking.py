@@ -86,7 +86,6 @@ def run_config(name: str = "tracking-test") -> dict:
             "time_limit": None,
             "backend": "fast",
             "device": None,
-            "evaluator_factory": None,
         },
         "tracking": {"uri": None, "experiment": "evomerge"},
     }
@@ -380,7 +379,7 @@ def test_an_unreachable_server_never_stops_the_search(tmp_path, empty_store, mon
 
 
 def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -> None:
-    from evomerge.runtime.executor import make_executor
+    from evomerge.runtime import make_executor
     from evomerge.search.config import resolve_run_config
     from evomerge.search.driver import Search
 
@@ -398,7 +397,7 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
             {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"},
         ],
         "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
-        "runtime": {"workers": 0, "evaluator_factory": "fake_evaluators:quadratic"},
+        "runtime": {"workers": 0},
     }
     run = resolve_run_config(config, base_dir=tmp_path)
     path = tmp_path / "run"
@@ -411,7 +410,7 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
     def piece(budget: int | None, resume: bool, status: str) -> None:
         tracker = Tracker.from_config(run.to_dict(), path)
         tracker.start(resume=resume)
-        executor = make_executor(run)
+        executor = make_executor(run, evaluator_factory="fake_evaluators:quadratic")
         try:
             Search(
                 run,

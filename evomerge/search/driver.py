@@ -134,7 +134,7 @@ class Search:
 
     # --- the loop ------------------------------------------------------------------------------------
     def execute(self, resume: bool = False) -> RunSummary:
-        from evomerge.runtime.executor import Job  # the runtime (and torch) only once a search runs
+        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
 
         state = self.start(resume)
         if self.on_start is not None:

@@ -1,127 +1,19 @@
-"""Executors: parallel dispatch, timeouts and worker deaths (retried once, replaced), loopback-only Ray.
+"""evomerge.runtime.ray_pool: parallel dispatch, timeouts and worker deaths (retried once, replaced).
 
-One local Ray (3 logical CPUs) serves the whole file; one pool of 2 workers serves most tests. The
+One local Ray (3 logical CPUs) and one pool of 2 workers (``conftest.py``) serve these tests. The
 evaluators are fakes from ``fake_evaluators.py`` (sleep / die / hang, scripted by the recipe), so
 nothing here needs a model.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import pickle
 import time
-from pathlib import Path
 
 import pytest
+from fake_evaluators import recipe_for
+from runtime_support import FAKES_ENV, STARTUP_LIMIT, TIMEOUT, drain, fake_spec, wait_all_idle
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from fake_evaluators import recipe_for  # noqa: E402
-
-from evomerge.runtime import EvaluatorSpec, InProcessExecutor, Job, RayExecutor, start_local_ray  # noqa: E402
-
-TESTS_DIR = Path(__file__).resolve().parent
-FAKES_ENV = {"env_vars": {"PYTHONPATH": str(TESTS_DIR)}}
-"""How Ray workers import ``fake_evaluators`` (tests/ is not a package and not installed)."""
-TIMEOUT = 2.0
-
-
-def fake_spec(name: str = "scripted") -> EvaluatorSpec:
-    return EvaluatorSpec(objectives=[], factory=f"fake_evaluators:{name}")
-
-
-@pytest.fixture(scope="session")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    owned = not ray.is_initialized()
-    if owned:
-        start_local_ray(3)  # 2 pool workers + 1 spare for the start-failure test
-    yield ray
-    if owned:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def pool(local_ray):
-    executor = RayExecutor(fake_spec(), workers=2, timeout=TIMEOUT, runtime_env=FAKES_ENV)
-    yield executor
-    executor.shutdown()
-
-
-def wait_all_idle(executor: RayExecutor, limit: float = 60.0) -> None:
-    """Replacement workers start in the background; wait for them before timing anything."""
-    deadline = time.monotonic() + limit
-    while any(w["state"] != "idle" for w in executor.workers()):
-        assert time.monotonic() < deadline, executor.workers()
-        time.sleep(0.05)
-
-
-def drain(executor, limit: float = 60.0) -> list:
-    outcomes = []
-    deadline = time.monotonic() + limit
-    while executor.pending():
-        outcome = executor.next_outcome(timeout=max(0.0, deadline - time.monotonic()))
-        assert outcome is not None, "no outcome in time"
-        outcomes.append(outcome)
-    return outcomes
-
-
-def _is_loopback(host: str) -> bool:
-    ip = ipaddress.ip_address(host.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-# --- no Ray needed ---------------------------------------------------------------------------------
-def test_spec_is_picklable_and_builds_a_candidate_evaluator_by_default():
-    spec = EvaluatorSpec(objectives=[{"task": "t", "limit": 5}], include_paths=["/x"], seed=3, threads=2)
-    assert pickle.loads(pickle.dumps(spec)) == spec
-    with pytest.raises(ValueError, match="at least one objective"):  # reached CandidateEvaluator
-        EvaluatorSpec(objectives=[]).build()
-    with pytest.raises(ValueError, match="module:function"):
-        EvaluatorSpec(objectives=[], factory="fake_evaluators").build()
-    assert type(fake_spec().build()).__name__ == "ScriptedEvaluator"
-
-
-def test_inprocess_executor_runs_in_submit_and_reports_idle_time():
-    executor = InProcessExecutor(fake_spec())
-    assert executor.capacity == 1 and executor.pending() == 0 and executor.next_outcome() is None
-    executor.submit(Job(1, recipe_for("sleep:0.2")))
-    assert executor.pending() == 1  # already done, waiting to be taken
-    time.sleep(0.2)
-    outcome = executor.next_outcome()
-    assert outcome.worker == "inprocess" and outcome.result.ok and outcome.job.candidate_id == 1
-    assert outcome.result.objectives["pid"] == os.getpid()
-    assert executor.pending() == 0 and executor.next_outcome(timeout=0.1) is None
-    assert 0.3 < executor.idle_fraction() < 0.7
-    executor.shutdown()
-
-
-# --- Ray ---------------------------------------------------------------------------------------------
-def test_local_ray_listens_on_loopback_only(local_ray, pool):
-    import psutil
-
-    assert local_ray.util.get_node_ip_address() == "127.0.0.1"
-    me = psutil.Process()
-    listening, exposed = [], []
-    for proc in [me, *me.children(recursive=True)]:  # GCS, raylet, agents, the pool's actors, the driver
-        try:
-            name, conns = proc.name(), proc.net_connections(kind="inet")
-        except psutil.NoSuchProcess:
-            continue
-        for conn in conns:
-            bound = conn.status == psutil.CONN_LISTEN or (conn.status == psutil.CONN_NONE and not conn.raddr)
-            if not bound:
-                continue
-            listening.append((name, conn.laddr.ip, conn.laddr.port))
-            if not _is_loopback(conn.laddr.ip):
-                exposed.append((name, proc.pid, conn.laddr.ip, conn.laddr.port))
-    names = {n for n, _, _ in listening}
-    assert {"gcs_server", "raylet"} <= names, listening
-    assert any(n.startswith("ray::_Worker") for n in names), listening  # the pool's actors were checked too
-    assert not exposed, f"listening on a non-loopback address: {exposed}"
+from evomerge.runtime import InProcessExecutor, Job, RayExecutor
 
 
 def test_jobs_run_in_parallel_on_two_workers(pool):
@@ -221,4 +113,16 @@ def test_inprocess_and_ray_give_the_same_results(pool):
 
 def test_a_worker_that_cannot_build_its_evaluator_fails_fast(local_ray):
     with pytest.raises(RuntimeError, match="no evaluator for you"):
-        RayExecutor(fake_spec("broken"), workers=1, runtime_env=FAKES_ENV, startup_timeout=60)
+        RayExecutor(fake_spec("broken"), workers=1, runtime_env=FAKES_ENV, startup_timeout=STARTUP_LIMIT)
+
+
+def test_the_pool_has_no_thread_of_its_own(pool):
+    import threading
+
+    wait_all_idle(pool)
+    before = set(threading.enumerate())
+    pool.submit(Job(30, recipe_for("sleep:0")))
+    (outcome,) = drain(pool)
+    assert outcome.result.ok
+    assert set(threading.enumerate()) <= before  # it advanced inside submit/next_outcome, in this thread
+    assert not any(t.name == "evomerge-ray-dispatch" for t in threading.enumerate())

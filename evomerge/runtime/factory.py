@@ -1,0 +1,40 @@
+"""``make_executor``: the executor a resolved run config asks for, so the CLI and scripts build it one way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.runtime.inprocess import InProcessExecutor
+from evomerge.runtime.jobs import EvaluatorSpec, Executor
+from evomerge.runtime.ray_pool import RayExecutor
+
+__all__ = ["make_executor"]
+
+
+def make_executor(run: Any, *, address: str | None = None, evaluator_factory: str | None = None) -> Executor:
+    """The executor a run config asks for: in-process (workers: 0) or a pool of Ray actors.
+
+    ``run`` is a ``ResolvedRun`` (``evomerge.search.config``); ``address`` joins that Ray cluster
+    instead of starting a local one. ``evaluator_factory`` (``"module:function"``, see
+    ``EvaluatorSpec.factory``) replaces the ``CandidateEvaluator`` by what that function builds: a
+    hook for tests and experiments, kept out of the run config so that configs only say what to search.
+    """
+    runtime = run.config.runtime
+    spec = EvaluatorSpec(
+        objectives=[o.model_dump() for o in run.objectives],
+        include_paths=list(run.include_paths),
+        backend=runtime.backend,
+        device=runtime.device,
+        base_dir=str(run.base_dir),
+        factory=evaluator_factory,
+    )
+    if runtime.workers == 0:
+        return InProcessExecutor(spec)
+    return RayExecutor(
+        spec,
+        runtime.workers,
+        address=address,
+        gpus_per_worker=runtime.gpus_per_worker,
+        cpus_per_worker=runtime.cpus_per_worker,
+        timeout=runtime.timeout,
+    )

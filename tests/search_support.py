@@ -1,0 +1,46 @@
+"""A small quadratic search on the random family, scored by a fake evaluator: shared by the driver,
+record and export tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.runtime import make_executor
+from evomerge.search.config import resolve_run_config
+from evomerge.search.driver import Search
+from evomerge.search.rundir import RunDir
+
+
+def run_config(family, tmp_path, **overrides) -> dict:
+    config = {
+        "name": "quad",
+        "search_space": {
+            "models": [str(family["a"]), str(family["b"])],
+            "base_model": str(family["base"]),
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0, "high": 1}},
+            "granularity": 2,
+        },
+        "objectives": [
+            {"task": "t1", "metric": "acc", "name": "first", "direction": "maximize"},
+            {"task": "t2", "metric": "acc", "name": "second", "direction": "maximize"},
+        ],
+        "optimizer": {"name": "nsga2", "population": 6, "budget": 24, "seed": 3},
+        "runtime": {"workers": 0},
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def search(family, tmp_path, run_dir: Path, resume: bool = False, budget: int | None = None, **overrides):
+    run = resolve_run_config(run_config(family, tmp_path, **overrides), base_dir=tmp_path)
+    executor = make_executor(run, evaluator_factory="fake_evaluators:quadratic")
+    try:
+        return Search(run, RunDir(run_dir), executor, budget=budget).execute(resume=resume)
+    finally:
+        executor.shutdown()

@@ -1,0 +1,83 @@
+"""search/driver: every candidate recorded, exact resume, the dedup cache and the run-dir guards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from search_support import search
+
+from evomerge.search.driver import SearchError
+from evomerge.search.record import CandidateRecord, CandidateStatus
+from evomerge.search.rundir import RunDir
+
+
+@pytest.mark.parametrize("optimizer", ["nsga2", "cma", "random"])
+def test_search_records_everything_and_resumes_exactly(random_family, tmp_path, optimizer) -> None:
+    whole = search(random_family, tmp_path, tmp_path / "whole", **{"optimizer.name": optimizer})
+    assert whole.evaluated == 24 and whole.stopped == "budget"
+    records = list(RunDir(tmp_path / "whole").records())
+    assert [r.id for r in records] == list(range(24))
+    line = json.loads((tmp_path / "whole" / "evaluations.jsonl").read_text().splitlines()[0])
+    assert {"id", "generation", "genome", "recipe_hash", "objectives", "status", "worker", "seconds"} <= line.keys()
+    assert CandidateRecord.from_json(line) == records[0] and records[0].status is CandidateStatus.OK
+
+    # the same run in three pieces (budget 7, then 15, then the rest) ends in the same place
+    part = tmp_path / "parts"
+    search(random_family, tmp_path, part, budget=7, **{"optimizer.name": optimizer})
+    search(random_family, tmp_path, part, resume=True, budget=15, **{"optimizer.name": optimizer})
+    resumed = search(random_family, tmp_path, part, resume=True, **{"optimizer.name": optimizer})
+    assert resumed.evaluated == 24
+    pieces = list(RunDir(part).records())
+    assert [r.genome for r in pieces] == [r.genome for r in records]
+    assert [r.id for r in resumed.front] == [r.id for r in whole.front]
+
+
+def test_identical_candidates_are_scored_once(random_family, tmp_path) -> None:
+    # a space with one coarse gene: many candidates decode to the same recipe
+    summary = search(
+        random_family,
+        tmp_path,
+        tmp_path / "dup",
+        **{
+            "search_space.parameters": {"weight": {"low": 0.5, "high": 0.5}},
+            "optimizer.name": "random",
+            "search_space.granularity": "model",
+            "optimizer.budget": 12,
+        },
+    )
+    records = list(RunDir(tmp_path / "dup").records())
+    assert summary.evaluated == 12 and summary.cached == 11
+    assert len({r.recipe_hash for r in records}) == 1
+
+
+def test_run_dir_guards(random_family, tmp_path) -> None:
+    search(random_family, tmp_path, tmp_path / "run", budget=6)
+    with pytest.raises(SearchError, match="already holds a run"):
+        search(random_family, tmp_path, tmp_path / "run")
+    with pytest.raises(SearchError, match="nothing to resume"):
+        search(random_family, tmp_path, tmp_path / "empty", resume=True)
+    with pytest.raises(SearchError, match="the objectives differs|objectives"):
+        search(
+            random_family,
+            tmp_path,
+            tmp_path / "run",
+            resume=True,
+            **{"objectives": [{"task": "t9", "metric": "acc", "direction": "maximize"}]},
+        )
+
+
+def test_budget_zero_is_refused_not_replaced_by_the_config_budget(random_family, tmp_path) -> None:
+    with pytest.raises(SearchError, match="budget: 0 candidates"):
+        search(random_family, tmp_path, tmp_path / "zero", budget=0)
+    assert not (tmp_path / "zero").exists()
+
+
+def test_torn_last_line_is_repaired_on_resume(random_family, tmp_path) -> None:
+    run_dir = tmp_path / "torn"
+    search(random_family, tmp_path, run_dir, budget=6)
+    with open(run_dir / "evaluations.jsonl", "a") as f:
+        f.write('{"id": 99, "half a rec')
+    summary = search(random_family, tmp_path, run_dir, resume=True, budget=12)
+    assert summary.evaluated == 12
+    assert [r.id for r in RunDir(run_dir).records()] == list(range(12))
