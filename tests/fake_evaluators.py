@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from evomerge.eval.evaluator import CandidateResult
+from evomerge.eval.result import CandidateResult
 
 
 def recipe_for(action: str) -> dict:

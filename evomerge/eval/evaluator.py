@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from evomerge.eval.result import CandidateResult
 from evomerge.eval.scorer import FastScorer, LmEvalScorer, Scores, make_hflm
 from evomerge.eval.tasks import Objective, PreparedTask, prepare_tasks
 from evomerge.merge.engine import materialize_into
@@ -37,30 +37,6 @@ def resolve_device(device: str | None) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N")
     return device
-
-
-@dataclass
-class CandidateResult:
-    """What scoring one candidate produced."""
-
-    recipe_hash: str
-    status: Literal["ok", "failed"]
-    objectives: dict[str, float] = field(default_factory=dict)
-    """Objective label -> value (only when ok)."""
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    """``task@split`` -> every metric the task reports."""
-    seconds: float = 0.0
-    materialize_seconds: float = 0.0
-    score_seconds: float = 0.0
-    cached: bool = False
-    reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class CandidateEvaluator:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from evomerge.eval.evaluator import CandidateResult
+from evomerge.eval.result import CandidateResult
 
 __all__ = ["EvaluatorSpec", "Executor", "Job", "Outcome", "recipe_hash", "run_job"]
 

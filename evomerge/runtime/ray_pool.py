@@ -18,11 +18,12 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.eval.evaluator import CandidateResult
+from evomerge.eval.result import CandidateResult
 from evomerge.runtime.jobs import EvaluatorSpec, Job, Outcome, recipe_hash, run_job
 from evomerge.runtime.local_ray import connect_ray
 
@@ -35,12 +36,10 @@ class _Worker:
     """The actor body: owns one evaluator for its whole life (made a Ray actor in ``_actor_class``)."""
 
     def __init__(self, spec: EvaluatorSpec, threads: int | None, name: str):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         self.name = name
         self.evaluator = spec.build()
+        if threads and "torch" in sys.modules:  # an evaluator that scores models has loaded torch by now
+            sys.modules["torch"].set_num_threads(threads)
 
     def ready(self) -> dict[str, Any]:
         import ray

@@ -1,0 +1,34 @@
+"""``CandidateResult``: what scoring one candidate produced. Torch-free, so that the runtime's job
+types and a worker that does not score models (a test's fake evaluator) load no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CandidateResult"]
+
+
+@dataclass
+class CandidateResult:
+    """What scoring one candidate produced."""
+
+    recipe_hash: str
+    status: Literal["ok", "failed"]
+    objectives: dict[str, float] = field(default_factory=dict)
+    """Objective label -> value (only when ok)."""
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``task@split`` -> every metric the task reports."""
+    seconds: float = 0.0
+    materialize_seconds: float = 0.0
+    score_seconds: float = 0.0
+    cached: bool = False
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
