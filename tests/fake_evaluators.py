@@ -114,3 +114,32 @@ class QuadraticEvaluator:
 
 def quadratic(spec) -> QuadraticEvaluator:
     return QuadraticEvaluator(spec)
+
+
+class SlowQuadraticEvaluator(QuadraticEvaluator):
+    """The quadratic landscape at a cost: each candidate sleeps a log-normal time (median
+    ``EVOMERGE_FAKE_MEDIAN_S``, default 1 s; log-space sigma ``EVOMERGE_FAKE_SIGMA``, default 1), drawn
+    from the recipe's hash so that a candidate costs the same wherever and whenever it runs. Stands in
+    for real candidates, whose cost varies with generation lengths, cache hits and retries."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.median = float(os.environ.get("EVOMERGE_FAKE_MEDIAN_S", "1.0"))
+        self.sigma = float(os.environ.get("EVOMERGE_FAKE_SIGMA", "1.0"))
+
+    def evaluate(self, recipe) -> CandidateResult:
+        import numpy as np
+
+        digest = recipe.content_hash()
+        rng = np.random.default_rng(int(digest[:12], 16))
+        cost = float(self.median * np.exp(self.sigma * rng.standard_normal()))
+        started = time.perf_counter()
+        time.sleep(cost)
+        result = super().evaluate(recipe)
+        result.seconds = time.perf_counter() - started
+        result.score_seconds = result.seconds
+        return result
+
+
+def slow_quadratic(spec) -> SlowQuadraticEvaluator:
+    return SlowQuadraticEvaluator(spec)

@@ -37,10 +37,12 @@ def run_config(family, tmp_path, **overrides) -> dict:
     return config
 
 
-def search(family, tmp_path, run_dir: Path, resume: bool = False, budget: int | None = None, **overrides):
+def search(
+    family, tmp_path, run_dir: Path, resume: bool = False, budget: int | None = None, on_record=None, **overrides
+):
     run = resolve_run_config(run_config(family, tmp_path, **overrides), base_dir=tmp_path)
     executor = make_executor(run, evaluator_factory="fake_evaluators:quadratic")
     try:
-        return Search(run, RunDir(run_dir), executor, budget=budget).execute(resume=resume)
+        return Search(run, RunDir(run_dir), executor, budget=budget, on_record=on_record).execute(resume=resume)
     finally:
         executor.shutdown()

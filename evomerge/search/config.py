@@ -44,6 +44,11 @@ class OptimizerConfig(_Strict):
     """CMA-ES: how objectives become one value: their weighted sum, or the worst weighted one
     (a merge is as good as its weakest skill)."""
     seed: int = 0
+    mode: Literal["barrier", "async"] = "barrier"
+    """barrier: a generation is asked, scored in parallel and told as a whole (same seed and scores, same
+    candidates, for any number of workers); async: a candidate is asked whenever a worker frees up and
+    told as its result arrives (no idle tail per generation; the candidates then depend on the order
+    results arrive in, which the run dir records, so a resumed run still continues exactly)."""
 
 
 class RuntimeConfig(_Strict):

@@ -1,11 +1,15 @@
 """The search loop: ask -> decode -> dispatch -> record -> tell, checkpointed at every step.
 
-Workers are kept busy within a generation: candidates are handed out as soon as a worker frees up.
-For CMA-ES and NSGA-II the optimizer needs a whole generation's values before it can propose the next
-one, so a generation is a barrier; we evaluate each generation in parallel rather than asking the next
-population early, because asking early would make the sequence of candidates depend on timing and
-break "same seed, same scores, same candidates" (and exact resume). The idle time this costs is the
-tail of each generation (population ≥ 2× workers keeps it small) and is measured by the benchmark.
+Two modes (``optimizer.mode``):
+
+- ``barrier`` (the default): a generation is asked whole, its candidates are handed out as workers
+  free up, and it is told whole. Same seed and same scores give the same candidates for any number of
+  workers; the cost is each generation's tail, when workers wait for the slowest candidate.
+- ``async``: one candidate is asked whenever a worker frees up and told as soon as its result
+  arrives (steady-state NSGA-II, CMA-ES updating every ``population`` results). No worker waits on a
+  barrier; the candidates depend on the order results arrive in, so a run is reproducible from its
+  seed only with one worker (or in-process), but always resumable exactly: records are told in the
+  order they are written to evaluations.jsonl, and a resumed run replays that order.
 
 Stops at the candidate budget, the time limit (in-flight candidates finish, nothing new starts), or
 Ctrl-C; in every case the run directory holds everything needed to ``--resume``.
@@ -115,11 +119,15 @@ class Search:
                     raise SearchError(
                         f"--resume: the {key} differs from the run in {self.run_dir.path}; use a new --run-dir"
                     )
+            before = saved.get("optimizer") or {}
             if (
-                saved.get("optimizer", {}).get("name") != now["optimizer"]["name"]
-                or saved["optimizer"]["seed"] != now["optimizer"]["seed"]
+                before.get("name") != now["optimizer"]["name"]
+                or before.get("seed") != now["optimizer"]["seed"]
+                or before.get("mode", "barrier") != now["optimizer"]["mode"]
             ):
-                raise SearchError(f"--resume: the optimizer or seed differs from the run in {self.run_dir.path}")
+                raise SearchError(
+                    f"--resume: the optimizer, its seed or its mode differs from the run in {self.run_dir.path}"
+                )
             self.run_dir.repair()
             state = self.run_dir.load_state() or self._new_state()
         else:
@@ -134,8 +142,6 @@ class Search:
 
     # --- the loop ------------------------------------------------------------------------------------
     def execute(self, resume: bool = False) -> RunSummary:
-        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
-
         state = self.start(resume)
         if self.on_start is not None:
             self.on_start()
@@ -144,65 +150,160 @@ class Search:
         records = {r.id: r for r in self.run_dir.records()}
         by_hash = {r.recipe_hash: r for r in records.values() if r.ok}
         self._best = self.report(records).best()
-        in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
-        waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
         stopped = "budget"
         bar = _Progress(self.progress, self.budget, len(records), self._best_text())
+        loop = self._steady_loop if self.run.config.optimizer.mode == "async" else self._generation_loop
         try:
-            while True:
-                if state.pending_X is None:
-                    if len(records) >= self.budget:
-                        break
-                    X = state.optimizer.ask()
-                    state.pending_X = X
-                    state.pending_ids = list(range(state.next_id, state.next_id + len(X)))
-                    state.next_id += len(X)
-                    self.run_dir.save_state(state)
-                # dispatch what the pending generation still needs, up to the executor's capacity
-                for cid, x in zip(state.pending_ids, state.pending_X):
-                    if cid in records or cid in in_flight or any(cid == w for ws in waiting.values() for w, _ in ws):
-                        continue
-                    if len(records) + len(in_flight) + sum(map(len, waiting.values())) >= self.budget:
-                        break
-                    if time.monotonic() >= deadline or len(in_flight) >= self.executor.capacity:
-                        break
-                    recipe = self.genome.decode(x)
-                    digest = recipe.content_hash()
-                    if digest in by_hash:
-                        self._record(records, by_hash, self._cached(by_hash[digest], cid, state, x), bar)
-                        continue
-                    if any(h == digest for _, h, _ in in_flight.values()):
-                        waiting.setdefault(digest, []).append((cid, x))
-                        continue
-                    recipe_dict = recipe.to_dict()
-                    self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
-                    in_flight[cid] = (x, digest, recipe_dict)
-                if not in_flight:
-                    if all(cid in records for cid in state.pending_ids):
-                        self._tell(state, records)
-                        continue
-                    stopped = "time limit" if time.monotonic() >= deadline else "budget"
-                    break
-                outcome = self.executor.next_outcome(timeout=1.0)
-                if outcome is None:
-                    continue
-                cid = outcome.job.candidate_id
-                x, digest, recipe_dict = in_flight.pop(cid)
-                record = self._make_record(cid, state, x, digest, recipe_dict, outcome)
-                self._record(records, by_hash, record, bar)
-                for other, other_x in waiting.pop(digest, []):
-                    if record.ok:
-                        self._record(records, by_hash, self._cached(record, other, state, other_x), bar)
-                    else:  # the original failed: score the duplicate itself
-                        self.executor.submit(Job(candidate_id=other, recipe=recipe_dict))
-                        in_flight[other] = (other_x, digest, recipe_dict)
+            stopped = loop(state, records, by_hash, bar, deadline)
         except KeyboardInterrupt:
             stopped = "interrupted"
         finally:
             bar.close()
         return self._summary(records, stopped, time.monotonic() - started)
 
+    def _generation_loop(
+        self,
+        state: SearchState,
+        records: dict[int, CandidateRecord],
+        by_hash: dict[str, CandidateRecord],
+        bar: _Progress,
+        deadline: float,
+    ) -> str:
+        """Barrier mode: ask a population, score it in parallel, tell it whole."""
+        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
+
+        in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
+        waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
+        while True:
+            if state.pending_X is None:
+                if len(records) >= self.budget:
+                    return "budget"
+                X = state.optimizer.ask()
+                state.pending_X = X
+                state.pending_ids = list(range(state.next_id, state.next_id + len(X)))
+                state.next_id += len(X)
+                self.run_dir.save_state(state)
+            # dispatch what the pending generation still needs, up to the executor's capacity
+            for cid, x in zip(state.pending_ids, state.pending_X):
+                if cid in records or cid in in_flight or any(cid == w for ws in waiting.values() for w, _ in ws):
+                    continue
+                if len(records) + len(in_flight) + sum(map(len, waiting.values())) >= self.budget:
+                    break
+                if time.monotonic() >= deadline or len(in_flight) >= self.executor.capacity:
+                    break
+                recipe = self.genome.decode(x)
+                digest = recipe.content_hash()
+                if digest in by_hash:
+                    self._record(records, by_hash, self._cached(by_hash[digest], cid, state, x), bar)
+                    continue
+                if any(h == digest for _, h, _ in in_flight.values()):
+                    waiting.setdefault(digest, []).append((cid, x))
+                    continue
+                recipe_dict = recipe.to_dict()
+                self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
+                in_flight[cid] = (x, digest, recipe_dict)
+            if not in_flight:
+                if all(cid in records for cid in state.pending_ids):
+                    self._tell(state, records)
+                    continue
+                return "time limit" if time.monotonic() >= deadline else "budget"
+            outcome = self.executor.next_outcome(timeout=1.0)
+            if outcome is None:
+                continue
+            cid = outcome.job.candidate_id
+            x, digest, recipe_dict = in_flight.pop(cid)
+            record = self._make_record(cid, state, x, digest, recipe_dict, outcome)
+            self._record(records, by_hash, record, bar)
+            for other, other_x in waiting.pop(digest, []):
+                if record.ok:
+                    self._record(records, by_hash, self._cached(record, other, state, other_x), bar)
+                else:  # the original failed: score the duplicate itself
+                    self.executor.submit(Job(candidate_id=other, recipe=recipe_dict))
+                    in_flight[other] = (other_x, digest, recipe_dict)
+
+    def _steady_loop(
+        self,
+        state: SearchState,
+        records: dict[int, CandidateRecord],
+        by_hash: dict[str, CandidateRecord],
+        bar: _Progress,
+        deadline: float,
+    ) -> str:
+        """Async mode: ask one candidate per free worker, tell each result as it arrives.
+
+        Every record is told right after it is appended, so evaluations.jsonl is the tell order. A run
+        stopped between the two is repaired here: recorded-but-untold candidates are told first, in
+        file order; asked-but-unrecorded ones are dispatched again with the same genes."""
+        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
+
+        told = set(state.told)
+        for record in list(records.values()):  # file order
+            if record.id not in told:
+                self._tell_one(state, record, save=False)
+        self.run_dir.save_state(state)
+        again = [(cid, x) for cid, x in sorted(state.asked.items()) if cid not in records]
+        in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
+        waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
+
+        def keep(record: CandidateRecord) -> None:
+            self._record(records, by_hash, record, bar)
+            self._tell_one(state, record)
+
+        while True:
+            while len(in_flight) < self.executor.capacity and time.monotonic() < deadline:
+                open_ = len(records) + len(in_flight) + sum(map(len, waiting.values()))
+                if open_ >= self.budget:
+                    break
+                if again:
+                    cid, x = again.pop(0)
+                else:
+                    x = np.asarray(state.optimizer.ask_one(), dtype=float)
+                    cid = state.next_id
+                    state.next_id += 1
+                    state.asked[cid] = x
+                    self.run_dir.save_state(state)
+                recipe = self.genome.decode(x)
+                digest = recipe.content_hash()
+                if digest in by_hash:
+                    keep(self._cached(by_hash[digest], cid, state, x))
+                elif any(h == digest for _, h, _ in in_flight.values()):
+                    waiting.setdefault(digest, []).append((cid, x))
+                else:
+                    recipe_dict = recipe.to_dict()
+                    self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
+                    in_flight[cid] = (x, digest, recipe_dict)
+            if not in_flight:
+                return "time limit" if time.monotonic() >= deadline else "budget"
+            outcome = self.executor.next_outcome(timeout=1.0)
+            if outcome is None:
+                continue
+            cid = outcome.job.candidate_id
+            x, digest, recipe_dict = in_flight.pop(cid)
+            record = self._make_record(cid, state, x, digest, recipe_dict, outcome)
+            keep(record)
+            for other, other_x in waiting.pop(digest, []):
+                if record.ok:
+                    keep(self._cached(record, other, state, other_x))
+                else:  # the original failed: score the duplicate itself
+                    self.executor.submit(Job(candidate_id=other, recipe=recipe_dict))
+                    in_flight[other] = (other_x, digest, recipe_dict)
+
     # --- helpers ------------------------------------------------------------------------------------
+    def _tell_one(self, state: SearchState, record: CandidateRecord, *, save: bool = True) -> None:
+        """Async mode: tell one recorded candidate (with the genes it was asked with, at full precision)."""
+        x = state.asked.pop(record.id, None)
+        if x is None:  # asked before a stop that lost the state (never with a state saved at ask time)
+            x = np.asarray(record.genome, dtype=float)
+        row = [record.objectives.get(label, math.nan) if record.ok else math.nan for label in self.labels]
+        state.optimizer.tell_one(x, to_minimize([row], self.run.directions)[0])
+        state.told.append(record.id)
+        population = self.run.config.optimizer.population
+        generation, state.generation = state.generation, len(state.told) // population
+        if save:
+            self.run_dir.save_state(state)
+        if state.generation > generation and self.on_generation is not None:
+            self.on_generation(generation)
+
     def _tell(self, state: SearchState, records: dict[int, CandidateRecord]) -> None:
         rows = []
         for cid in state.pending_ids:

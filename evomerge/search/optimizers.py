@@ -11,6 +11,15 @@ state is checkpointed: same seed and same scores give the same sequence of candi
   skill instead of one specialist rebuilt inside the merge).
 - ``nsga2``: NSGA-II (package ``pymoo``) through its ask/tell API, all objectives kept.
 - ``random``: uniform random search, the baseline every other method must beat.
+
+Each also has a steady-state interface for ``optimizer.mode: async`` (no generation barrier):
+``ask_one`` proposes one candidate whenever a worker frees up and ``tell_one`` takes one result as it
+arrives. CMA-ES samples a population at a time and updates once ``population`` results have come
+back, whichever population they were drawn from (points from an older distribution are told like
+injected ones); NSGA-II is the (mu+1) steady-state variant: each offspring is bred from the current
+population by NSGA-II's own tournament, crossover and mutation, and each result joins the population
+through its rank-and-crowding survival. The state still pickles after every call, and the same
+sequence of tells gives the same state.
 """
 
 from __future__ import annotations
@@ -44,6 +53,15 @@ class Optimizer(ABC):
     @abstractmethod
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         """Values (to minimize) for a batch from ``ask``; rows of failed candidates are NaN."""
+
+    # --- steady state (optimizer.mode: async) ---------------------------------------------------------
+    @abstractmethod
+    def ask_one(self) -> np.ndarray:
+        """One candidate, shape (dim,), for a worker that just freed up."""
+
+    @abstractmethod
+    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
+        """The values (to minimize; NaN when it failed) of one candidate from ``ask_one``."""
 
     @staticmethod
     def _penalize(F: np.ndarray) -> np.ndarray:
@@ -108,6 +126,25 @@ class CMAES(Optimizer):
         scalar = self.scalar(F)
         self.es.tell([np.asarray(x) for x in X], scalar.tolist())
 
+    def ask_one(self) -> np.ndarray:
+        queue = self.__dict__.setdefault("_queue", [])
+        if not queue:
+            queue.extend(self.ask())  # a fresh population from the current distribution
+            self._asked_since_tell = True
+        return np.asarray(queue.pop(0))
+
+    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
+        told = self.__dict__.setdefault("_told", [])
+        told.append((np.asarray(x, dtype=float), np.asarray(f, dtype=float)))
+        if len(told) < self.population:
+            return
+        batch, self._told = told[: self.population], told[self.population :]
+        if not getattr(self, "_asked_since_tell", False):
+            self.es.ask()  # cma takes one tell per ask; happens only when nothing was asked since the last update
+        self.tell(np.stack([x for x, _ in batch]), np.stack([f for _, f in batch]))
+        self._asked_since_tell = False
+        self._queue = []  # drawn from the old distribution: the next asks sample the updated one
+
 
 class NSGA2(Optimizer):
     name = "nsga2"
@@ -139,6 +176,48 @@ class NSGA2(Optimizer):
         self.algorithm.tell(infills=self._asked)
         self._asked = None
 
+    def ask_one(self) -> np.ndarray:
+        from pymoo.core.population import Population
+
+        algorithm = self.algorithm
+        if getattr(self, "_steady", None) is None:  # the first population: NSGA-II's own initial sampling
+            initial = algorithm.initialization.do(
+                self.problem, self.population, algorithm=algorithm, random_state=algorithm.random_state
+            )
+            self._steady = Population.empty()
+            self._initial = list(np.asarray(initial.get("X"), dtype=np.float64))
+        if self._initial:
+            x = self._initial.pop(0)
+        elif len(self._steady) < 2:  # every initial candidate asked, too few told to breed from
+            x = algorithm.random_state.random(self.dim)
+        else:
+            offspring = algorithm.mating.do(
+                self.problem, self._steady, 1, algorithm=algorithm, random_state=algorithm.random_state
+            )
+            x = np.asarray(offspring.get("X"), dtype=np.float64)[0]
+        return np.clip(x, 0.0, 1.0)
+
+    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
+        from pymoo.core.population import Population
+
+        if getattr(self, "_steady", None) is None:
+            raise RuntimeError("tell_one() without an ask_one()")
+        f = np.asarray(f, dtype=float).copy()
+        worst = self.__dict__.setdefault("_worst", np.full(self.n_objectives, -np.inf))
+        finite = np.isfinite(f)
+        worst[finite] = np.maximum(worst[finite], f[finite])
+        seen = np.isfinite(worst)
+        # a failed candidate: worse than every value seen so far (1e6 before any)
+        f[~finite] = np.where(seen, worst + 1.0 + np.abs(worst), 1e6)[~finite]
+        joined = Population.merge(self._steady, Population.new(X=np.atleast_2d(x), F=np.atleast_2d(f)))
+        self._steady = self.algorithm.survival.do(
+            self.problem,
+            joined,
+            n_survive=min(self.population, len(joined)),
+            algorithm=self.algorithm,
+            random_state=self.algorithm.random_state,
+        )
+
 
 class RandomSearch(Optimizer):
     name = "random"
@@ -153,6 +232,12 @@ class RandomSearch(Optimizer):
         return self.rng.random((self.population, self.dim))
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
+        pass
+
+    def ask_one(self) -> np.ndarray:
+        return self.rng.random(self.dim)
+
+    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
         pass
 
 

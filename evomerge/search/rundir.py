@@ -38,6 +38,14 @@ class SearchState:
     pending_ids: list[int] = field(default_factory=list)
     pending_X: np.ndarray | None = None
     """The asked-but-not-told generation (saved right after ask, so a resumed run tells the same X)."""
+    asked: dict[int, np.ndarray] = field(default_factory=dict)
+    """Async mode: candidates asked one at a time and not yet told (saved before each is dispatched)."""
+    told: list[int] = field(default_factory=list)
+    """Async mode: candidate ids in the order the optimizer was told them (the order of evaluations.jsonl,
+    by construction); a resumed run tells the recorded ones missing here, in file order, before anything else."""
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.__dict__.update({"asked": {}, "told": [], **data})  # states saved before async mode existed
 
 
 class RunDir:
