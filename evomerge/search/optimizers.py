@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -112,6 +113,17 @@ class CMAES(Optimizer):
             "tolx": 1e-12,
         }
         self.es = cma.CMAEvolutionStrategy(start, sigma, options)
+        self._init_steady_state()
+
+    def _init_steady_state(self) -> None:
+        self._queue: list[np.ndarray] = []  # asked from es, not yet handed out by ask_one
+        self._told: list[tuple[np.ndarray, np.ndarray]] = []  # results since the last update
+        self._asked_since_tell = False
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "_queue" not in state:  # pickled before async mode existed
+            self._init_steady_state()
 
     def ask(self) -> np.ndarray:
         return np.clip(np.asarray(self.es.ask(), dtype=float), 0.0, 1.0)
@@ -127,19 +139,17 @@ class CMAES(Optimizer):
         self.es.tell([np.asarray(x) for x in X], scalar.tolist())
 
     def ask_one(self) -> np.ndarray:
-        queue = self.__dict__.setdefault("_queue", [])
-        if not queue:
-            queue.extend(self.ask())  # a fresh population from the current distribution
+        if not self._queue:
+            self._queue.extend(self.ask())  # a fresh population from the current distribution
             self._asked_since_tell = True
-        return np.asarray(queue.pop(0))
+        return np.asarray(self._queue.pop(0))
 
     def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
-        told = self.__dict__.setdefault("_told", [])
-        told.append((np.asarray(x, dtype=float), np.asarray(f, dtype=float)))
-        if len(told) < self.population:
+        self._told.append((np.asarray(x, dtype=float), np.asarray(f, dtype=float)))
+        if len(self._told) < self.population:
             return
-        batch, self._told = told[: self.population], told[self.population :]
-        if not getattr(self, "_asked_since_tell", False):
+        batch, self._told = self._told[: self.population], self._told[self.population :]
+        if not self._asked_since_tell:
             self.es.ask()  # cma takes one tell per ask; happens only when nothing was asked since the last update
         self.tell(np.stack([x for x, _ in batch]), np.stack([f for _, f in batch]))
         self._asked_since_tell = False
@@ -160,6 +170,17 @@ class NSGA2(Optimizer):
         self.algorithm = PymooNSGA2(pop_size=population)
         self.algorithm.setup(self.problem, termination=("n_gen", 10**9), seed=seed, verbose=False)
         self._asked = None
+        self._init_steady_state()
+
+    def _init_steady_state(self) -> None:
+        self._steady: Any = None  # the steady-state population (pymoo Population), made by the first ask_one
+        self._initial: list[np.ndarray] = []  # the initial sample, handed out first
+        self._worst = np.full(self.n_objectives, -np.inf)  # per objective, the worst value told
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "_steady" not in state:  # pickled before async mode existed
+            self._init_steady_state()
 
     def ask(self) -> np.ndarray:
         asked = self.algorithm.ask()
@@ -180,7 +201,7 @@ class NSGA2(Optimizer):
         from pymoo.core.population import Population
 
         algorithm = self.algorithm
-        if getattr(self, "_steady", None) is None:  # the first population: NSGA-II's own initial sampling
+        if self._steady is None:  # the first population: NSGA-II's own initial sampling
             initial = algorithm.initialization.do(
                 self.problem, self.population, algorithm=algorithm, random_state=algorithm.random_state
             )
@@ -200,10 +221,10 @@ class NSGA2(Optimizer):
     def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
         from pymoo.core.population import Population
 
-        if getattr(self, "_steady", None) is None:
+        if self._steady is None:
             raise RuntimeError("tell_one() without an ask_one()")
         f = np.asarray(f, dtype=float).copy()
-        worst = self.__dict__.setdefault("_worst", np.full(self.n_objectives, -np.inf))
+        worst = self._worst
         finite = np.isfinite(f)
         worst[finite] = np.maximum(worst[finite], f[finite])
         seen = np.isfinite(worst)
