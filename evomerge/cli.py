@@ -386,6 +386,7 @@ def ui(
 ) -> None:
     """Serve the MLflow UI for a run's store on 127.0.0.1 (one worker) and print the experiment's URL; Ctrl-C stops it."""
 
+    from evomerge.tracking.leaderboard import leaderboard_url
     from evomerge.tracking.server import MlflowServer, ServerError, store_for
     from evomerge.tracking.store import RunLink
 
@@ -424,7 +425,8 @@ def ui(
             server.wait_ready(timeout)
             experiment_id = link.experiment_id if link else server.experiment_id(experiment or "evomerge")
             err.print(f"MLflow UI on {server.url} - Ctrl-C to stop", highlight=False, soft_wrap=True)
-            out.print(server.experiment_url(experiment_id), highlight=False, soft_wrap=True)
+            parent = link.parent_run_id if link else None
+            out.print(leaderboard_url(server.url, experiment_id, parent), highlight=False, soft_wrap=True)
             while server.alive():
                 time.sleep(0.5)
             _fail(f"mlflow server exited (code {process.returncode}):\n{server.log_tail()}")

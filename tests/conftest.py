@@ -96,3 +96,13 @@ def pool(local_ray):
     executor = RayExecutor(fake_spec(), workers=2, timeout=TIMEOUT, runtime_env=FAKES_ENV)
     yield executor
     executor.shutdown()
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow sqlite database, made once (creating one runs MLflow's migrations, ~3 s)."""
+    from evomerge.tracking.store import DB_FILE, make_client
+
+    path = tmp_path_factory.mktemp("store") / DB_FILE
+    make_client(f"sqlite:///{path}").search_experiments()
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -17,150 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tracking_support import FAILED, GENERATIONS, drive, make_records, make_run_dir
 
 from evomerge.merge.routing import Hop, routing_to_recipe
 from evomerge.recipe import Recipe
-from evomerge.search.genome import make_genome
 from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir
-from evomerge.search.space import load_space
 from evomerge.tracking import Tracker
 from evomerge.tracking.store import DB_FILE, RunLink, make_client
 from evomerge.tracking.summary import flatten, gene_summary, mlflow_key
-
-LAYERS = 4
-GENERATIONS = (8, 8, 4)
-FAILED = 5
-
-
-def ps_space() -> dict:
-    return {
-        "models": ["/m/reverse", "/m/sort"],
-        "base_model": "/m/base",
-        "method": "ties",
-        "parameters": {"weight": {"low": 0.0, "high": 2.0}, "density": {"low": 0.2, "high": 1.0}},
-        "granularity": "layer",
-        "split_attn_mlp": True,
-    }
-
-
-def run_config(name: str = "tracking-test") -> dict:
-    """Shaped like ResolvedRun.to_dict()."""
-    return {
-        "name": name,
-        "zoo": None,
-        "search_space": load_space(ps_space()).model_dump(mode="json"),
-        "objectives": [
-            {
-                "task": "zoo_reverse",
-                "metric": "acc",
-                "split": "search",
-                "limit": 50,
-                "subset_seed": None,
-                "direction": None,
-                "weight": 1.0,
-                "reference": None,
-                "name": "reverse",
-            },
-            {
-                "task": "zoo_sort",
-                "metric": "acc",
-                "split": "search",
-                "limit": 50,
-                "subset_seed": None,
-                "direction": None,
-                "weight": 1.0,
-                "reference": None,
-                "name": "sort",
-            },
-        ],
-        "include_paths": [],
-        "optimizer": {"name": "nsga2", "population": 8, "budget": 20, "sigma": 0.25, "seed": 7},
-        "runtime": {
-            "workers": 2,
-            "ray_address": None,
-            "gpus_per_worker": 0.0,
-            "cpus_per_worker": 1.0,
-            "timeout": 600.0,
-            "time_limit": None,
-            "backend": "fast",
-            "device": None,
-        },
-        "tracking": {"uri": None, "experiment": "evomerge"},
-    }
-
-
-def make_records(seed: int = 0) -> list[CandidateRecord]:
-    """20 candidates over 3 generations (8, 8, 4), 2 objectives, candidate 5 failed."""
-    genome = make_genome(load_space(ps_space()), num_layers=LAYERS)
-    rng = np.random.default_rng(seed)
-    records, cid, now = [], 0, time.time() - 100
-    for generation, size in enumerate(GENERATIONS):
-        for _ in range(size):
-            x = rng.random(genome.dim)
-            recipe = genome.decode(x)
-            failed = cid == FAILED
-            records.append(
-                CandidateRecord.from_json(
-                    {
-                        "id": cid,
-                        "generation": generation,
-                        "genome": [round(float(v), 8) for v in x],
-                        "recipe_hash": recipe.content_hash(),
-                        "recipe": recipe.to_dict(),
-                        "objectives": {}
-                        if failed
-                        else {"reverse": round(float(rng.random()), 4), "sort": round(float(rng.random()), 4)},
-                        "status": "failed" if failed else "ok",
-                        "reason": "worker lost: out of memory" if failed else None,
-                        "worker": f"w{cid % 2}",
-                        "seconds": 1.5,
-                        "materialize_seconds": 0.5,
-                        "score_seconds": 1.0,
-                        "cached": False,
-                        "attempts": 2 if failed else 1,
-                        "time": now + cid,
-                    }
-                )
-            )
-            cid += 1
-    return records
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """A migrated, empty MLflow sqlite database, made once (creating one runs MLflow's migrations, ~3 s)."""
-    path = tmp_path_factory.mktemp("store") / DB_FILE
-    make_client(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-def make_run_dir(path: Path, empty_store: Path | None = None) -> tuple[RunDir, dict, list[CandidateRecord]]:
-    run_dir = RunDir(path)
-    config = run_config()
-    run_dir.write_config(config)
-    if empty_store is not None:
-        source, target = sqlite3.connect(empty_store), sqlite3.connect(path / DB_FILE)
-        source.backup(target)
-        source.close()
-        target.close()
-    return run_dir, config, make_records()
-
-
-def drive(
-    tracker: Tracker, run_dir: RunDir, records: list[CandidateRecord], *, resume: bool = False, close: bool = True
-) -> None:
-    """What the search driver does: append, on_record, and on_generation after each generation."""
-    tracker.start(resume=resume)
-    for i, record in enumerate(records):
-        run_dir.append(record)
-        tracker.on_record(record)
-        last = i + 1 == len(records) or records[i + 1].generation != record.generation
-        if last:
-            tracker.on_generation(record.generation)
-    if close:
-        tracker.close()
 
 
 def children(client, link: RunLink) -> dict[int, object]:
@@ -579,7 +446,10 @@ def test_ui_serves_the_runs_of_a_run_dir(tmp_path, empty_store) -> None:
         deadline = time.monotonic() + 30
         while f"/#/experiments/{link.experiment_id}" not in stdout.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert stdout.read_text().strip() == f"http://127.0.0.1:{port}/#/experiments/{link.experiment_id}"
+        assert stdout.read_text().strip() == (
+            f"http://127.0.0.1:{port}/#/experiments/{link.experiment_id}/runs"
+            f"?viewStateShareKey=evomerge-{link.parent_run_id}"
+        )
         server_pid = int(stderr.read_text().split("(pid ")[1].split(",")[0])
         # the plots are served too
         url = f"http://127.0.0.1:{port}/get-artifact?path=plots/front.png&run_uuid={link.parent_run_id}"
@@ -598,3 +468,27 @@ def test_ui_serves_the_runs_of_a_run_dir(tmp_path, empty_store) -> None:
                 os.killpg(server_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_the_experiment_opens_on_runs_and_the_search_saves_its_leaderboard(tmp_path, empty_store) -> None:
+    from evomerge.tracking.leaderboard import EXPERIMENT_KIND_TAG, SHARED_VIEW_PREFIX, view_key
+
+    run_dir, config, records = make_run_dir(tmp_path / "run", empty_store)
+    drive(Tracker(config, run_dir.path), run_dir, records)
+    link = RunLink.read(run_dir.path)
+    client = make_client(link.tracking_uri)
+    tags = client.get_experiment(link.experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    view = json.loads(tags[SHARED_VIEW_PREFIX + view_key(link.parent_run_id)])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'"
+    assert view["orderByKey"] == "metrics.`score`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:3] == ["metrics.`reverse`", "metrics.`sort`", "metrics.`score`"]
+    # the filter lists exactly the candidates, and score is the weighted score the `best` pick uses
+    kids = client.search_runs([link.experiment_id], filter_string=view["searchFilter"], max_results=100)
+    assert sorted(int(r.data.tags["candidate_id"]) for r in kids) == [r.id for r in records]
+    report = RunReport(config, records)
+    top = max(kids, key=lambda r: r.data.metrics.get("score", -math.inf))
+    assert int(top.data.tags["candidate_id"]) == report.best().id
+    # a run page shows the final plots: images logged on the parent
+    assert client.get_run(link.parent_run_id).data.tags.get("mlflow.loggedImages") == "True"
+    assert {"images"} <= {a.path for a in client.list_artifacts(link.parent_run_id)}

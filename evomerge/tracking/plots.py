@@ -166,7 +166,9 @@ def weight_rows(records: Sequence[CandidateRecord], key: str = "weight") -> tupl
     return names, matrix
 
 
-def plot_weights(path: Path, records: Sequence[CandidateRecord], key: str = "weight") -> Path | None:
+def plot_weights(
+    path: Path, records: Sequence[CandidateRecord], key: str = "weight", title: str | None = None
+) -> Path | None:
     """Heatmap of the per-layer ``key`` (rows: recipe × model, columns: layers); None when no recipe
     has that parameter (e.g. routings)."""
     names, matrix = weight_rows(records, key)
@@ -204,5 +206,5 @@ def plot_weights(path: Path, records: Sequence[CandidateRecord], key: str = "wei
                         color="k" if matrix[i, j] > middle else "w",
                     )
     fig.colorbar(image, ax=ax, label=key)
-    ax.set_title(f"per-layer {key} of the best {len({n.split()[0] for n in names})} recipes", fontsize=9)
+    ax.set_title(title or f"per-layer {key} of the best {len({n.split()[0] for n in names})} recipes", fontsize=9)
     return _save(fig, path)

@@ -9,8 +9,9 @@ calls, in batches:
 - after every generation (or every ``flush_every`` records when no generation hook ever fires, for
   steady-state optimizers): the parent's step metrics (hypervolume, best value per objective;
   step = generation), ``front.csv``, ``plots/front.png``, ``plots/weights.png``, and the ``pareto``
-  tag of the child runs that joined or left the front. Sorted by an objective, MLflow's run table
-  is the leaderboard; ``tags.pareto = 'true'`` filters it to the front. Plots are redrawn at most
+  tag of the child runs that joined or left the front. The experiment is marked as a model-training
+  one and gets a saved view of this search's candidates (``leaderboard.py``): the leaderboard is one
+  URL, and ``tags.pareto = 'true'`` narrows it to the front. Plots are redrawn at most
   as often as keeps drawing under 5% of the time (every generation, unless generations are
   seconds apart). At close, the last generation's step is logged too, also when it was cut short
   (budget, time limit, Ctrl-C); a step is never logged twice with the same candidates.
@@ -40,6 +41,7 @@ import yaml
 from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RUN_CONFIG, RunDir
+from evomerge.tracking.leaderboard import SCORE_METRIC, leaderboard_view, mark_model_training, publish_view
 from evomerge.tracking.store import (
     RunLink,
     get_or_create_experiment,
@@ -58,7 +60,9 @@ BATCH_PARAMS = 100
 PLOT_SHARE = 0.05
 """The plots are redrawn at every summary unless that would spend more than this share of the time
 drawing (fast generations); then as often as that allows, and always at close."""
-_RESERVED_METRICS = {"generation", "seconds", "materialize_seconds", "score_seconds"}
+FRONT_HEATMAP_ROWS = 12
+"""The final heatmap shows at most this many front recipes (best first), to stay readable."""
+_RESERVED_METRICS = {"generation", "seconds", "materialize_seconds", "score_seconds", "score"}
 
 
 class Tracker:
@@ -121,7 +125,7 @@ class Tracker:
         """The best few full records (by the weighted score), for the weights heatmap."""
         self._summary_steps: set[int] = set()
         self._artifacts_at = -1
-        self._plotted_count = -1
+        self._final_count = -1  # candidates in the last final plots (front heatmap, images)
         """How many records the plots showed when last drawn (the plots may lag front.csv; never at close)."""
         """How many records the parent's artifacts showed when last logged."""
         self._plot_seconds = 0.0
@@ -357,7 +361,7 @@ class Tracker:
         self._log_steps(steps)  # skips steps already logged with the same candidates
         with self._lock:
             self._summary_steps -= requested
-            changed = len(self._slim) != self._artifacts_at or (final and len(self._slim) != self._plotted_count)
+            changed = len(self._slim) != self._artifacts_at or (final and len(self._slim) != self._final_count)
         if changed:
             self._log_artifacts(final=final)
         self._backfill = False
@@ -389,12 +393,21 @@ class Tracker:
                 run = self.client.create_run(self.experiment_id, run_name=self._run_name(), tags=self._parent_tags())
                 self.parent_run_id = run.info.run_id
             RunLink(self.uri, self.experiment_id, self.parent_run_id).write(self.run_dir)
+            self._publish_leaderboard()
         else:
             existing = dict(self.client.get_run(self.parent_run_id).data.params)
         params = {k: v for k, v in self._parent_params().items() if k not in existing}
         self._log_params(self.parent_run_id, params)
         self._log_config_artifacts()
         self._parent_ready = True
+
+    def _publish_leaderboard(self) -> None:
+        """The experiment opens on runs, and this search's leaderboard is one URL (see leaderboard.py)."""
+        assert self.experiment_id is not None and self.parent_run_id is not None
+        mark_model_training(self.client, self.experiment_id)
+        keys = [self.metric_keys[label] for label in self.labels]
+        view = leaderboard_view(self.parent_run_id, keys, self.directions, params=["method"])
+        publish_view(self.client, self.experiment_id, self.parent_run_id, view)
 
     def _previous_parent(self) -> Any:
         link = RunLink.read(self.run_dir)
@@ -428,9 +441,11 @@ class Tracker:
         return (
             f"evomerge search over {objectives}.\n\n"
             "Each child run is one scored candidate: its genes are params, its scores metrics, its recipe "
-            "`recipe.yaml`. Sort the run table by an objective for the leaderboard; filter with "
-            "`tags.pareto = 'true'` for the Pareto front. This run's step metrics follow the search per "
-            "generation; `front.csv` and `plots/` show the front and the best recipes' per-layer weights."
+            "`recipe.yaml`. The leaderboard (`evomerge ui --run-dir RUN_DIR` prints its URL) lists them "
+            "sorted by `score` (the weighted score), one column per objective; `tags.pareto = 'true'` in "
+            "the search box narrows it to the Pareto front. This run's step metrics follow the search per "
+            "generation; `front.csv` is the front, and the front plot and the final front's per-layer weights are "
+            "images in the Model metrics tab (and `plots/` in Artifacts, redrawn during the search)."
         )
 
     def _parent_params(self) -> dict[str, str]:
@@ -533,6 +548,8 @@ class Tracker:
             for label, value in record.objectives.items()
             if label in self.metric_keys and _number(value)
         ]
+        if len(self.labels) > 1 and record.has_all(self.labels):
+            metrics.append(Metric(SCORE_METRIC, float(self._scorer.score(record)), stamp, 0))
         metrics.append(Metric("generation", float(record.generation), stamp, 0))
         for key in ("seconds", "materialize_seconds", "score_seconds"):
             metrics.append(Metric(key, float(getattr(record, key)), stamp, 0))
@@ -664,15 +681,35 @@ class Tracker:
                     ids=[r.id for r in ok],
                     generations=[r.generation for r in ok],
                 )
-                with self._lock:
-                    best = [record for _, _, record in sorted(self._top, key=lambda t: (-t[0], -t[1]))]
+                if final:  # the final front's recipes, best first (read back: only the best few are in memory)
+                    members = {r.id: report.score(r) for r in front}
+                    full = [r for r in RunDir(self.run_dir).records() if r.id in members]
+                    best = sorted(full, key=lambda r: (-members[r.id], r.id))[:FRONT_HEATMAP_ROWS]
+                    title = f"per-layer weight of the final front ({len(front)} recipes)"
+                else:
+                    with self._lock:
+                        best = [record for _, _, record in sorted(self._top, key=lambda t: (-t[0], -t[1]))]
+                    title = None
                 if best:
-                    plot_weights(root / "plots" / "weights.png", best)
+                    plot_weights(root / "plots" / "weights.png", best, title=title)
                 self._plotted_at = time.monotonic()
                 self._plot_seconds = self._plotted_at - drawn
-                self._plotted_count = counted
             self.client.log_artifacts(self.parent_run_id, tmp)
+            if final:
+                self._log_images(root / "plots")
+                self._final_count = counted
         self._artifacts_at = counted
+
+    def _log_images(self, plots: Path) -> None:
+        """The final plots as MLflow images too: the run page's "Model metrics" tab shows them (artifacts
+        under plots/ are only listed in its "Artifacts" tab)."""
+        from PIL import Image
+
+        for name in ("front", "weights"):
+            path = plots / f"{name}.png"
+            if path.exists():
+                with Image.open(path) as image:
+                    self.client.log_image(self.parent_run_id, image.convert("RGB"), key=name, step=0)
 
     # --- in-memory bookkeeping ----------------------------------------------------------------------
     def _remember_all(self, records: Iterable[CandidateRecord], *, queue: bool) -> None:
