@@ -135,6 +135,8 @@ def eval_command(
         _fail(f"--backend: {backend!r} is not valid; use fast or lm-eval")
     if limit is not None and limit <= 0:
         _fail("--limit: must be a positive number of items")
+    if not target.exists():
+        _fail(f"{target}: no such checkpoint directory or recipe file")
     try:
         objectives = [Objective(task=name, split=split, limit=limit) for name in names]
         evaluator = CandidateEvaluator(

@@ -62,7 +62,9 @@ def run_search(
     seconds = parse_duration(run.config.runtime.time_limit)
     directory = RunDir(run_dir or default_run_dir(run, config))
     address = ray_address or run.config.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    executor = make_executor(run, address=address)
+    job = Search(run, directory, None, budget=budget, time_limit=seconds, progress=progress)
+    job.check(resume)  # a run that cannot start is refused before any worker starts
+    job.executor = make_executor(run, address=address)
     tracker = None
     if track:
         from evomerge.tracking.tracker import Tracker
@@ -77,22 +79,14 @@ def run_search(
 
     status = "FAILED"
     try:
-        job = Search(
-            run,
-            directory,
-            executor,
-            budget=budget,
-            time_limit=seconds,
-            progress=progress,
-            on_record=tracker.on_record if tracker else None,
-            on_generation=tracker.on_generation if tracker else None,
-            on_start=start_tracking,
-        )
+        if tracker is not None:
+            job.on_record, job.on_generation = tracker.on_record, tracker.on_generation
+        job.on_start = start_tracking
         with signals_as_interrupt(signal.SIGTERM) if stop_on_sigterm else contextlib.nullcontext():
             summary = job.execute(resume=resume)
         status = "KILLED" if summary.stopped == "interrupted" else "FINISHED"
     finally:
-        executor.shutdown()
+        job.executor.shutdown()
         if tracker is not None and started:
             tracker.close(status)
     return LaunchedRun(summary, directory.path, run)

@@ -126,3 +126,73 @@ def test_async_and_barrier_runs_do_not_resume_each_other(random_family, tmp_path
     search(random_family, tmp_path, tmp_path / "run", budget=6)
     with pytest.raises(SearchError, match="mode differs"):
         search(random_family, tmp_path, tmp_path / "run", resume=True, **{"optimizer.mode": "async"})
+
+
+# --- the run dir's disk fails: a clean stop, nothing torn, --resume once it takes writes again ------
+
+
+@pytest.mark.parametrize("where", ["torn record", "fsync"])
+def test_a_full_disk_stops_the_search_cleanly_and_resume_continues_exactly(
+    random_family, tmp_path, monkeypatch, where
+) -> None:
+    import errno
+
+    import evomerge.atomic
+
+    search(random_family, tmp_path, tmp_path / "whole")
+    run_dir = tmp_path / "full"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "torn record":  # the 10th record gets half written, then the disk is full
+        real_append, count = RunDir.append, [0]
+
+        def append(self, record) -> None:
+            count[0] += 1
+            if count[0] == 10:
+                with open(self.evaluations_path, "a") as f:
+                    f.write('{"id": 9, "generat')
+                raise full
+            real_append(self, record)
+
+        monkeypatch.setattr(RunDir, "append", append)
+    else:  # the 12th fsync (of a record, the state's temp file or the directory) fails: os.fsync for all
+        real_fsync, count = evomerge.atomic.os.fsync, [0]
+
+        def fsync(fd) -> None:
+            count[0] += 1
+            if count[0] == 12:
+                raise full
+            real_fsync(fd)
+
+        monkeypatch.setattr(evomerge.atomic.os, "fsync", fsync)
+    with pytest.raises(SearchError, match=r"cannot write \(No space left on device\).*--resume"):
+        search(random_family, tmp_path, run_dir)
+    monkeypatch.undo()
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+    resumed = search(random_family, tmp_path, run_dir, resume=True)
+    assert resumed.evaluated == 24
+    assert [r.genome for r in RunDir(run_dir).records()] == [r.genome for r in RunDir(tmp_path / "whole").records()]
+
+
+def test_a_garbage_line_is_refused_with_its_number_and_nothing_is_touched(random_family, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    search(random_family, tmp_path, run_dir, budget=6)
+    lines = (run_dir / "evaluations.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "evaluations.jsonl").write_text(lines[0] + "not json at all\n" + "".join(lines[1:]))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"evaluations.jsonl:2: not a candidate record"):
+        search(random_family, tmp_path, run_dir, resume=True, budget=12)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_truncated_source_checkpoint_is_named_before_anything_is_scored(random_family, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken-a"
+    shutil.copytree(random_family["a"], broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SearchError, match=rf"{weights}: truncated"):
+        search(
+            random_family, tmp_path, tmp_path / "run", **{"search_space.models": [str(broken), str(random_family["b"])]}
+        )
+    assert not (tmp_path / "run").exists()

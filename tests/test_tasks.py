@@ -43,8 +43,10 @@ def test_direction_comes_from_the_tasks_own_higher_is_better(tasks) -> None:
 
 
 def test_a_metric_the_task_lacks_is_named(tasks) -> None:
-    with pytest.raises(TaskError, match="declares no direction for metric 'bleu'.*metrics with one: acc"):
+    with pytest.raises(TaskError, match=r"lower_better has no metric 'bleu' \(valid: acc"):
         objective_directions([Objective(task="lower_better", metric="bleu")], [tasks])
+    with pytest.raises(TaskError, match=r"lower_better has no split 'dev' \(valid: "):
+        objective_directions([Objective(task="lower_better", metric="acc", split="dev")], [tasks])
 
 
 def test_the_run_saves_the_resolved_direction_and_the_report_reads_it(tasks, tmp_path) -> None:

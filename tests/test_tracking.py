@@ -492,3 +492,71 @@ def test_the_experiment_opens_on_runs_and_the_search_saves_its_leaderboard(tmp_p
     # a run page shows the final plots: images logged on the parent
     assert client.get_run(link.parent_run_id).data.tags.get("mlflow.loggedImages") == "True"
     assert {"images"} <= {a.path for a in client.list_artifacts(link.parent_run_id)}
+
+
+@pytest.mark.slow
+def test_a_tracking_server_stopped_mid_search_and_restarted_gets_every_candidate_once(
+    random_family, tmp_path, empty_store, monkeypatch
+) -> None:
+    """`mlflow server` on loopback as the tracking URI; stopped after candidate 6, started again after
+    candidate 14: the search never stops, and every candidate ends up in MLflow exactly once."""
+    from search_support import run_config as search_config
+
+    from evomerge.runtime import make_executor
+    from evomerge.search.config import resolve_run_config
+    from evomerge.search.driver import Search
+    from evomerge.tracking.server import MlflowServer, port_is_free
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("EVOMERGE_FAKE_MEDIAN_S", "0.3")  # each candidate sleeps 0.3 s: the outage spans several
+    monkeypatch.setenv("EVOMERGE_FAKE_SIGMA", "0")
+    store = tmp_path / "server" / DB_FILE
+    store.parent.mkdir()
+    source, target = sqlite3.connect(empty_store), sqlite3.connect(store)
+    source.backup(target)
+    source.close()
+    target.close()
+    server = MlflowServer(f"sqlite:///{store}", port=_free_port(), cwd=store.parent)
+    server.start()
+    server.wait_ready()
+    try:
+        run = resolve_run_config(search_config(random_family, tmp_path), base_dir=tmp_path)
+        path = tmp_path / "run"
+        tracker = Tracker.from_config(run.to_dict(), path, uri=server.url, flush_every=2)
+        outage: list[float] = []
+
+        def on_record(record) -> None:
+            tracker.on_record(record)
+            if record.id == 6:
+                server.stop()
+                outage.append(time.monotonic())
+            if record.id == 14:
+                deadline = time.monotonic() + 30
+                while not port_is_free(server.port) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                server.start()
+                server.wait_ready()
+                outage.append(time.monotonic())
+
+        executor = make_executor(run, evaluator_factory="fake_evaluators:slow_quadratic")
+        tracker.start(resume=False)
+        try:
+            summary = Search(
+                run, RunDir(path), executor, on_record=on_record, on_generation=tracker.on_generation
+            ).execute()
+        finally:
+            executor.shutdown()
+            tracker.close()
+        assert summary.evaluated == 24 and summary.stopped == "budget"
+        assert len(outage) == 2 and tracker.stats["failures"] >= 1  # the outage was real and was noticed
+        link = RunLink.read(path)
+        client = make_client(server.url)
+        runs = client.search_runs(
+            [link.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'", max_results=500
+        )
+        ids = [int(r.data.tags["candidate_id"]) for r in runs]
+        assert sorted(ids) == list(range(24))  # every candidate, none twice
+        assert all(r.info.status == "FINISHED" for r in runs)
+    finally:
+        server.stop()

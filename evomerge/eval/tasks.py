@@ -99,30 +99,57 @@ def make_task_manager(names: Sequence[str], include_paths: Sequence[str | Path])
     return manager
 
 
+def _quietly(function: Any, *args: Any) -> Any:
+    """Call ``function`` without the datasets library's progress bars (loading a small local task
+    prints a bar per split; when only the task's declarations are read, that is noise)."""
+    import datasets
+
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return function(*args)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def objective_directions(objectives: Sequence[Objective], include_paths: Sequence[str | Path] = ()) -> list[str]:
     """Each objective's direction: as given, else what its task declares for the metric.
 
     lm-eval tasks say per metric whether higher is better (``metric_list[].higher_is_better``, or the
     metric's registered default); that is the only source of truth, so a lower-is-better metric is
-    never maximized because its name is not on some list. Loads each task once (no requests built).
+    never maximized because its name is not on some list. Loads each task once (no requests built),
+    and refuses an objective whose task lacks its split or metric, before any worker starts.
     """
     if all(o.direction for o in objectives):
         return [str(o.direction) for o in objectives]
     manager = make_task_manager(list(dict.fromkeys(o.task for o in objectives if not o.direction)), include_paths)
     declared: dict[str, dict[str, bool]] = {}
+    splits: dict[str, list[str]] = {}
     directions: list[str] = []
     for objective in objectives:
         if objective.direction:
             directions.append(objective.direction)
             continue
         if objective.task not in declared:
-            tasks = manager.load([objective.task])["tasks"]
+            tasks = _quietly(manager.load, [objective.task])["tasks"]
             if len(tasks) != 1:
                 raise TaskError(f"{objective.task}: is a group of {len(tasks)} tasks; name its tasks one by one")
-            declared[objective.task] = dict(next(iter(tasks.values())).higher_is_better())
+            task = next(iter(tasks.values()))
+            declared[objective.task] = dict(task.higher_is_better())
+            splits[objective.task] = list(task.dataset.keys()) if getattr(task, "dataset", None) is not None else []
+        if objective.split not in splits[objective.task]:
+            raise TaskError(
+                f"{objective.label}: task {objective.task} has no split {objective.split!r} "
+                f"(valid: {', '.join(splits[objective.task]) or 'none'})"
+            )
         higher = declared[objective.task]
         metric = objective.metric or next(iter(higher), None)
-        if metric not in higher or higher[metric] is None:
+        if metric not in higher:
+            raise TaskError(
+                f"{objective.label}: task {objective.task} has no metric {metric!r} (valid: {', '.join(higher)})"
+            )
+        if higher[metric] is None:
             valid = ", ".join(k for k, v in higher.items() if v is not None) or "none"
             raise TaskError(
                 f"{objective.label}: task {objective.task} declares no direction for metric {metric!r} "
@@ -145,7 +172,7 @@ def prepare_tasks(
     resolved: list[Objective] = []
     for objective in objectives:
         if objective.task not in loaded:
-            tasks = manager.load([objective.task])["tasks"]
+            tasks = _quietly(manager.load, [objective.task])["tasks"]
             if len(tasks) != 1:
                 raise TaskError(f"{objective.task}: is a group of {len(tasks)} tasks; name its tasks one by one")
             loaded[objective.task] = next(iter(tasks.values()))

@@ -11,6 +11,7 @@ files are ordinary safetensors that ``safetensors``/``transformers`` load.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -68,16 +69,28 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
     data_start = 8 + length
+    size = path.stat().st_size
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        infos[name] = TensorInfo(
-            path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + start, data_start + end
-        )
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: not a safetensors file (tensor {name}: malformed header entry)") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if end - start != expected or start < 0:
+            raise CheckpointError(
+                f"{path}: corrupted (tensor {name}: {end - start} bytes for shape {list(shape)} of {dtype}, "
+                f"expected {expected})"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated ({size} bytes on disk, its header needs {data_start + end}); copy it again"
+            )
+        infos[name] = TensorInfo(path, SAFETENSORS_DTYPES[dtype], shape, data_start + start, data_start + end)
     return infos
 
 

@@ -224,13 +224,20 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. optimizer.budget=200")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key such as optimizer.budget")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        where = f" ({exc.problem})" if getattr(exc, "problem", None) else ""
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML{where}; quote it or fix the brackets") from None
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = parsed
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -17,6 +17,7 @@ Ctrl-C; in every case the run directory holds everything needed to ``--resume``.
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
 
 RecordHook = Callable[[CandidateRecord], None]
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+"""Errors of the run dir's disk that stop a search cleanly (a SearchError) instead of with a traceback."""
 
 
 class SearchError(RuntimeError):
@@ -79,13 +82,14 @@ class Search:
         self.on_start = on_start
         self.progress = progress
         self._best: CandidateRecord | None = None
-        self._genome: PSGenome | DFSGenome | None = None  # made by start(), once earlier stages are merged
+        self._genome: PSGenome | DFSGenome | None = None  # made by check(), once earlier stages are merged
+        self._checked: bool | None = None  # the resume flag check() passed with
         self.labels = [o.label for o in run.objectives]
 
     @property
     def genome(self) -> PSGenome | DFSGenome:
         if self._genome is None:
-            raise RuntimeError("Search.start() makes the genome (after merging earlier stages)")
+            raise RuntimeError("Search.check() makes the genome (after merging earlier stages)")
         return self._genome
 
     # --- setup ---------------------------------------------------------------------------------------
@@ -103,13 +107,20 @@ class Search:
         )
         return SearchState(optimizer=optimizer)
 
-    def start(self, resume: bool) -> SearchState:
-        """Check the run dir, merge the earlier stages the space reads, and load or make the state."""
+    def check(self, resume: bool) -> None:
+        """Everything that can refuse the run, before a worker starts or the run dir is written: the
+        earlier stages merged, the source checkpoints readable, the run dir new (or, to resume, readable
+        and holding this same search). Idempotent; ``start`` runs it too."""
+        if self._checked == resume:
+            return
         self.run.materialize_stages()
         self._genome = make_genome(self.run.space)
+        self._check_sources()
         if resume:
             if not self.run_dir.exists():
                 raise SearchError(f"{self.run_dir.path}: nothing to resume (no state or evaluations.jsonl)")
+            for _ in self.run_dir.records():  # refuse a damaged evaluations.jsonl before touching anything
+                pass
             saved = self.run_dir.read_config()
             now = self.run.to_dict()
             for objective in saved.get("objectives") or []:  # round-1 run dirs saved no direction
@@ -128,17 +139,41 @@ class Search:
                 raise SearchError(
                     f"--resume: the optimizer, its seed or its mode differs from the run in {self.run_dir.path}"
                 )
+        elif self.run_dir.exists():
+            raise SearchError(
+                f"{self.run_dir.path}: already holds a run; pass --resume to continue it, or choose another --run-dir"
+            )
+        self._checked = resume
+
+    def start(self, resume: bool) -> SearchState:
+        """Check (see ``check``), then load or make the optimizer state and write the run's config."""
+        self.check(resume)
+        if resume:
             self.run_dir.repair()
             state = self.run_dir.load_state() or self._new_state()
         else:
-            if self.run_dir.exists():
-                raise SearchError(
-                    f"{self.run_dir.path}: already holds a run; pass --resume to continue it, or choose another --run-dir"
-                )
             state = self._new_state()
         self.run_dir.write_config(self.run.to_dict())
         self.run_dir.save_state(state)
         return state
+
+    def _check_sources(self) -> None:
+        """Open every source checkpoint a candidate may read (headers, and file sizes against them) before
+        anything is scored or written: a truncated or corrupted file is one error naming it, not a run of
+        failed candidates."""
+        from pathlib import Path
+
+        from evomerge.merge.io import Checkpoint, CheckpointError
+
+        base = getattr(self.run.space, "base_model", None)
+        refs: list[str] = [*self.run.space.models, *([str(base)] if base else [])]
+        refs += [str(r) for r in self.genome.decode(np.full(self.genome.dim, 0.5)).referenced_models() if r]
+        for ref in dict.fromkeys(refs):
+            path = Path(ref) if Path(ref).is_absolute() else self.run.base_dir / ref
+            try:
+                Checkpoint(path).close()
+            except CheckpointError as exc:
+                raise SearchError(f"source model {ref}: {exc}") from None
 
     # --- the loop ------------------------------------------------------------------------------------
     def execute(self, resume: bool = False) -> RunSummary:
@@ -157,6 +192,15 @@ class Search:
             stopped = loop(state, records, by_hash, bar, deadline)
         except KeyboardInterrupt:
             stopped = "interrupted"
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            # every write is atomic (state) or one fsync'ed line (records; a torn last line is cut on
+            # resume): what is on disk is a consistent run, to be continued once the disk takes writes
+            raise SearchError(
+                f"{self.run_dir.path}: cannot write ({exc.strerror}); the search stopped, nothing on disk is "
+                "torn: free space (or make the run dir writable) and run the same command with --resume"
+            ) from None
         finally:
             bar.close()
         return self._summary(records, stopped, time.monotonic() - started)

@@ -30,6 +30,10 @@ STATE = "state"
 RUN_CONFIG = "run.yaml"
 
 
+class RunDirError(ValueError):
+    """A run directory whose files cannot be read as a run (names the file and line)."""
+
+
 @dataclass
 class SearchState:
     optimizer: Any
@@ -87,18 +91,24 @@ class RunDir:
                 f.truncate(data.rfind(b"\n") + 1)
 
     def records(self) -> Iterator[CandidateRecord]:
-        """Every complete record (a torn last line from a kill is skipped)."""
+        """Every complete record. A torn last line (a kill in the middle of a write) is skipped; any other
+        line that is not a record is refused with its line number, so that nothing is silently lost."""
         if not self.evaluations_path.exists():
             return
         with open(self.evaluations_path) as f:
-            for line in f:
+            for number, line in enumerate(f, start=1):
                 if not line.endswith("\n"):
                     break
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError:
+                if not line.strip():
                     continue
-                yield CandidateRecord.from_json(data)
+                try:
+                    yield CandidateRecord.from_json(json.loads(line))
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise RunDirError(
+                        f"{self.evaluations_path}:{number}: not a candidate record ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}); restore the line or delete it (its candidate is then scored again "
+                        "on --resume)"
+                    ) from None
 
     # --- optimizer state ------------------------------------------------------------------------
     def save_state(self, state: SearchState) -> None:

@@ -46,7 +46,10 @@ def store_for(run_dir: Path | None, tracking_uri: str | None) -> str:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on ``host:port``. SO_REUSEADDR as the server itself binds: connections of a server
+    just stopped linger in TIME_WAIT for a minute, and they do not keep a new server from starting."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -68,9 +71,6 @@ class MlflowServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    def experiment_url(self, experiment_id: str | None) -> str:
-        return f"{self.url}/#/experiments/{experiment_id}" if experiment_id is not None else self.url
 
     def start(self) -> subprocess.Popen[bytes]:
         """Start ``mlflow server`` in its own session (so Ctrl-C in our terminal is ours to handle)."""

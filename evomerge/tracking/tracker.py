@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -101,6 +102,9 @@ class Tracker:
         }
         self.population = int((self.run_config.get("optimizer") or {}).get("population") or 0)
 
+        # MLflow prints two "View run ... at" lines per child run when the store is a server: thousands
+        # of lines in an overnight log. The leaderboard URL (evomerge ui) is the one to open.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.client: Any = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
