@@ -196,3 +196,44 @@ def test_a_truncated_source_checkpoint_is_named_before_anything_is_scored(random
             random_family, tmp_path, tmp_path / "run", **{"search_space.models": [str(broken), str(random_family["b"])]}
         )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_candidate_is_replaced_and_the_search_finishes(random_family, tmp_path, local_ray) -> None:
+    """SIGKILL to a Ray worker while it scores: its candidate is retried on another worker, the slot
+    gets a new process, and the search ends with every candidate scored."""
+    import os
+    import signal
+
+    from runtime_support import TESTS_DIR, wait_all_idle
+    from search_support import run_config
+
+    from evomerge.runtime import EvaluatorSpec, RayExecutor
+    from evomerge.search.config import resolve_run_config
+    from evomerge.search.driver import Search
+
+    run = resolve_run_config(run_config(random_family, tmp_path, **{"optimizer.budget": 12}), base_dir=tmp_path)
+    spec = EvaluatorSpec(objectives=[o.model_dump() for o in run.objectives], factory="fake_evaluators:slow_quadratic")
+    env = {"env_vars": {"PYTHONPATH": str(TESTS_DIR), "EVOMERGE_FAKE_MEDIAN_S": "0.5", "EVOMERGE_FAKE_SIGMA": "0"}}
+    executor = RayExecutor(spec, workers=2, timeout=120, runtime_env=env)
+    killed: list[int] = []
+
+    def kill_a_busy_worker(record) -> None:
+        if record.id == 2 and not killed:
+            busy = [w["pid"] for w in executor.workers() if w["state"] == "busy" and w["pid"]]
+            assert busy, executor.workers()
+            os.kill(busy[0], signal.SIGKILL)
+            killed.append(busy[0])
+
+    try:
+        wait_all_idle(executor)
+        pids_before = {w["pid"] for w in executor.workers()}
+        summary = Search(run, RunDir(tmp_path / "run"), executor, on_record=kill_a_busy_worker).execute()
+        wait_all_idle(executor)
+        pids_after = {w["pid"] for w in executor.workers()}
+    finally:
+        executor.shutdown()
+    records = list(RunDir(tmp_path / "run").records())
+    assert summary.evaluated == 12 and summary.failed == 0 and killed
+    assert any(r.attempts == 2 for r in records)  # the killed candidate, scored on its second attempt
+    assert killed[0] not in pids_after and len(pids_after) == 2 and pids_after != pids_before
