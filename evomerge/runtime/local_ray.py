@@ -10,6 +10,7 @@ listening socket of the Ray processes.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -111,7 +112,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None, quie
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        ray.init(address=address, log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        # a cluster on this machine's loopback (evomerge.runtime.loopback_cluster): join it as 127.0.0.1 too
+        with _loopback_node_ip() if _is_loopback(host) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
         return False
     start_local_ray(num_cpus, quiet=quiet)
     return True

@@ -48,6 +48,7 @@ class _Worker:
             "name": self.name,
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "device": getattr(self.evaluator, "device", None),
         }
 
@@ -92,6 +93,13 @@ class _Slot:
     name: str = ""
     actor: Any = None
     state: str = "starting"  # starting | idle | busy | dead
+    node: str | None = None  # the Ray node id the actor runs on (once ready)
+
+    @property
+    def label(self) -> str:
+        """The worker as records name it: the actor and, on a cluster, which node (``ray-actor-3@1a2b3c4d``)."""
+        return f"{self.name}@{self.node[:8]}" if self.node else self.name
+
     ready_ref: Any = None
     job_ref: Any = None
     job: Job | None = None
@@ -199,11 +207,11 @@ class RayExecutor:
         return sum(1 for s in self._slots if s.state != "dead")
 
     def workers(self) -> list[dict[str, Any]]:
-        """Name, state and pid of each worker slot (for logs and tests); takes in what Ray has
+        """Name, state, pid and Ray node id of each worker slot (for logs and tests); takes in what Ray has
         finished first (without waiting), so that a replacement that is up shows as idle."""
         if not self._closed:
             self._advance(0.0)
-        return [{"slot": s.index, "name": s.name, "state": s.state, "pid": s.pid} for s in self._slots]
+        return [{"slot": s.index, "name": s.name, "state": s.state, "pid": s.pid, "node": s.node} for s in self._slots]
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` and hand it to an idle worker if there is one; returns at once."""
@@ -296,6 +304,7 @@ class RayExecutor:
         slot.actor = _actor_class().options(**options).remote(self.spec, self.threads, slot.name)
         slot.state = "starting"
         slot.pid = None
+        slot.node = None
         slot.deadline = None if self.startup_timeout is None else time.monotonic() + self.startup_timeout
         slot.ready_ref = slot.actor.ready.remote()
         self._refs[slot.ready_ref] = slot
@@ -334,6 +343,7 @@ class RayExecutor:
                 slot.state = "idle"
                 slot.deadline = None
                 slot.pid = info.get("pid")
+                slot.node = info.get("node_id")
             if remaining and deadline is not None and time.monotonic() >= deadline:
                 names = ", ".join(refs[r].name for r in remaining)
                 raise TimeoutError(
@@ -401,6 +411,7 @@ class RayExecutor:
             slot.state = "idle"
             slot.start_failures = 0
             slot.pid = info.get("pid") if isinstance(info, dict) else None
+            slot.node = info.get("node_id") if isinstance(info, dict) else None
             return
         slot.start_failures += 1
         log.warning(
@@ -441,7 +452,7 @@ class RayExecutor:
         slot.deadline = None
         if error is None:
             slot.state = "idle"
-            self._outcomes.append(Outcome(job, result, slot.name))
+            self._outcomes.append(Outcome(job, result, slot.label))
             return
         if isinstance(error, ray.exceptions.RayTaskError) and not isinstance(error, ray.exceptions.RayActorError):
             # The method raised (run_job catches evaluator errors, so e.g. an unpicklable result):
