@@ -1,10 +1,12 @@
 """A real cluster on this machine: two Ray nodes on loopback (evomerge.runtime.loopback_cluster), a
-search that joins it with --ray-address and puts a worker on each node; every listener of both nodes
-on 127.0.0.1; nothing left behind after tear-down."""
+search that joins it with --ray-address and puts a worker on each node, the README's overnight command
+submitted with `ray job submit`; every listener of both nodes on 127.0.0.1; nothing left behind after
+tear-down."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,12 +78,15 @@ def stop(process: subprocess.Popen) -> None:
 def test_a_search_joins_a_two_node_loopback_cluster(zoo_dir, tmp_path) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
+    port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="evr-", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     head = ray_node(
         "--head",
         f"--port={port}",
-        "--include-dashboard=false",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={free_port()}",  # two nodes on one machine: one agent port each
         f"--ray-client-server-port={free_port()}",
         f"--temp-dir={temp}",
         env=env,
@@ -93,7 +98,14 @@ def test_a_search_joins_a_two_node_loopback_cluster(zoo_dir, tmp_path) -> None:
         while not any(p == port for _, _, p in listeners(tree(head))):
             assert head.poll() is None and time.monotonic() < deadline, "the head node did not start"
             time.sleep(0.5)
-        worker = ray_node(f"--address=127.0.0.1:{port}", env=env)
+        # its own temp dir: two nodes sharing one would share (and clean up) each other's runtime envs
+        worker_temp = tempfile.mkdtemp(prefix="evr-", dir="/tmp")
+        worker = ray_node(
+            f"--address=127.0.0.1:{port}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={worker_temp}",
+            env=env,
+        )
         run_dir = tmp_path / "run"
         search = subprocess.run(
             [
@@ -120,6 +132,35 @@ def test_a_search_joins_a_two_node_loopback_cluster(zoo_dir, tmp_path) -> None:
         assert sorted(int(r.data.tags["candidate_id"]) for r in kids) == list(range(6))
         assert client.get_run(link.parent_run_id).info.status == "FINISHED"
 
+        # the README's overnight command, submitted as a Ray job (the job's driver runs on the head node)
+        job_dir = tmp_path / "job-run"
+        excludes = '{"excludes": [".venv", ".git", "runs", "out", "*.db", "mlruns", "mlartifacts"]}'
+        submitted = subprocess.run(
+            [
+                sys.executable, "-m", "evomerge.runtime.loopback_cluster", "job", "submit",
+                "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
+                "--runtime-env-json", excludes, "--",
+                sys.executable, "-m", "evomerge.cli", "search", "configs/zoo-ps-nsga2.yaml",
+                "--run-dir", str(job_dir), "--time-limit", "8h", "--set", "optimizer.mode=async",
+                "--budget", "4", "--workers", "2", "-q",
+                "--set", "objectives=[{task: zoo_reverse, metric: acc, limit: 4}]",
+            ],
+            env={**env, "EVOMERGE_ZOO_DIR": str(zoo_dir)},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )  # fmt: skip
+        assert submitted.returncode == 0 and "succeeded" in submitted.stdout + submitted.stderr, (
+            submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        )
+        job_records = list(RunDir(job_dir).records())
+        assert len(job_records) == 4 and all(r.ok for r in job_records), [r.reason for r in job_records]
+        job_link = RunLink.read(job_dir)
+        job_kids = make_client(job_link.tracking_uri).search_runs(
+            [job_link.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{job_link.parent_run_id}'"
+        )
+        assert sorted(int(r.data.tags["candidate_id"]) for r in job_kids) == list(range(4))
+
         processes = tree(head) + tree(worker)
         found = listeners(processes)
         names = {n for n, _, _ in found}
@@ -130,6 +171,9 @@ def test_a_search_joins_a_two_node_loopback_cluster(zoo_dir, tmp_path) -> None:
         for node in (worker, head):
             if node is not None:
                 stop(node)
+        for directory in (temp, locals().get("worker_temp")):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
     time.sleep(1)
     left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"

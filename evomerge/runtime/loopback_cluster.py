@@ -12,14 +12,22 @@ such a cluster with ``--ray-address 127.0.0.1:PORT`` (``connect_ray`` keeps the 
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main() -> None:
+    # Every Ray process this command starts (GCS, raylet, the dashboard and its agents, workers, job
+    # drivers) inherits this and so resolves "localhost" to 127.0.0.1, as a single local Ray does ...
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray._private.services as services
+    from ray._private import ray_constants
     from ray.scripts.scripts import main as ray_main
 
-    services.resolve_ip_for_localhost = lambda host: host  # keep 127.0.0.1 as 127.0.0.1
+    # ... while this process itself may still start a node that joins another one (the flag forbids
+    # that in the CLI), and keeps the loopback node address it is given
+    ray_constants.ENABLE_RAY_CLUSTER = True
+    services.resolve_ip_for_localhost = lambda host: host
     sys.argv[0] = "ray"
     sys.exit(ray_main())
 
