@@ -2,12 +2,17 @@
 several nodes on one machine that listens on 127.0.0.1 only (tests; trying the cluster path locally).
 
 ``ray start --node-ip-address 127.0.0.1`` alone does not keep a node on loopback: Ray replaces a
-loopback address by the machine's routable one (``services.resolve_ip_for_localhost``), and then
-binds its servers to every interface. The switch ``evomerge.runtime.local_ray`` uses for a single
-local Ray (``ENABLE_RAY_CLUSTER`` off) cannot serve here, because it also forbids joining a second
-node. This entry point keeps loopback addresses as given and otherwise is exactly ``ray``: every
-argument goes to Ray's CLI (``start --head``, ``start --address``, ``stop``, ...). A search joins
-such a cluster with ``--ray-address 127.0.0.1:PORT`` (``connect_ray`` keeps the driver on loopback too).
+loopback address by the machine's routable one (``services.resolve_ip_for_localhost``) and then binds
+its servers to every interface; its other processes (dashboard agents, job drivers) resolve
+``127.0.0.1:PORT`` the same way and then cannot reach a loopback GCS. The switch
+``evomerge.runtime.local_ray`` uses for a single local Ray (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``)
+fixes the resolution but also makes ``ray start --address`` refuse to join. So this entry point sets
+the switch in the environment every Ray process it starts inherits, turns it back on in its own
+process (so that it may join a node to another), and keeps the loopback node address it is given.
+Otherwise it is exactly ``ray``: every argument goes to Ray's CLI (``start --head``, ``start
+--address``, ``job submit``, ``stop``, ...). A search joins such a cluster with ``--ray-address
+127.0.0.1:PORT`` (``connect_ray`` keeps the driver on loopback too). Two nodes on one machine need a
+``--temp-dir`` and a ``--dashboard-agent-listen-port`` each.
 """
 
 from __future__ import annotations
