@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import EllipsisType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class JobInputs:
         *,
         dtype: torch.dtype,
         device: torch.device | str,
-        release: Callable[[slice], None] | None = None,
+        release: Callable[[slice | EllipsisType], None] | None = None,
         block_elements: int | None = None,
     ):
         self.stored = list(stored)
@@ -97,7 +97,7 @@ class JobInputs:
         self.dtype = dtype
         self.device = torch.device(device)
         self._release = release
-        self._last: slice | None = None
+        self._last: slice | EllipsisType | None = None
         self._pending: slice | None = None
         reference = base if base is not None else self.stored[0]
         self.shape = tuple(reference.shape)
@@ -111,7 +111,7 @@ class JobInputs:
         step = max(1, self.block_elements // self._row_elements)
         return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
-    def _switch_to(self, rows: slice) -> None:
+    def _switch_to(self, rows: slice | EllipsisType) -> None:
         """Release the rows read before, in runs of about ``RELEASE_ELEMENTS`` entries (one madvise
         per run and input instead of one per block); a jump (a new pass) releases at once."""
         last = self._last
@@ -133,7 +133,7 @@ class JobInputs:
             pending = None
         self._pending = pending
 
-    def read(self, rows: slice) -> tuple[list[Tensor], Tensor | None]:
+    def read(self, rows: slice | EllipsisType) -> tuple[list[Tensor], Tensor | None]:
         """The inputs' and the base's rows, in the compute dtype (never to be written into)."""
         self._switch_to(rows)
         xs = [t[rows].to(device=self.device, dtype=self.dtype) for t in self.stored]
@@ -175,11 +175,11 @@ def passthrough_blocks(inputs: JobInputs, model_params, params, seed: int) -> It
 def _gram(blocks: list[slice], vectors: Callable[[slice], Sequence[Tensor]]) -> np.ndarray:
     """Dot products of every pair of the whole-tensor vectors that ``vectors(rows)`` gives block by
     block, summed over the blocks in float64 (the Gram matrix; norms on its diagonal)."""
-    gram = 0.0
+    gram: np.ndarray | float = 0.0
     for rows in blocks:
         stacked = torch.stack([v.reshape(-1) for v in vectors(rows)])
         gram = gram + (stacked @ stacked.T).double().cpu().numpy()
-    return gram
+    return cast(np.ndarray, gram)  # blocks is never empty: tensors merged by blocks have rows
 
 
 def slerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator[Block]:
@@ -189,12 +189,14 @@ def slerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator
 
     def base_and_input(rows: slice) -> tuple[Tensor, Tensor]:
         (x,), base = inputs.read(rows)
+        assert base is not None  # uses_base: the plan always gives this method a base
         return base, x
 
     gram = _gram(blocks, base_and_input)
     coef_a, coef_b = slerp_coefficients(t, gram[0, 1], math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1]))
     for rows in blocks:
         (x,), base = inputs.read(rows)
+        assert base is not None  # (see above)
         out = base * coef_a
         yield rows, out.add_(x, alpha=coef_b)
 
@@ -247,6 +249,7 @@ def model_stock_blocks(inputs: JobInputs, model_params, params, seed: int) -> It
 
     def offsets(rows: slice) -> list[Tensor]:
         xs, base = inputs.read(rows)
+        assert base is not None  # uses_base: the plan always gives this method a base
         return [x - base for x in xs]
 
     dots = _gram(blocks, offsets)
@@ -257,6 +260,7 @@ def model_stock_blocks(inputs: JobInputs, model_params, params, seed: int) -> It
     t = 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
     for rows in blocks:
         xs, base = inputs.read(rows)
+        assert base is not None  # (see above)
         average = xs[0].clone()
         for x in xs[1:]:
             average.add_(x)
@@ -447,6 +451,7 @@ def _magnitude_selectors(
     def histogram(block_list: list[slice], *, collect: bool) -> None:
         for rows in block_list:
             xs, base = inputs.read(rows)
+            assert base is not None  # the task-arithmetic family uses_base: the plan always gives it a base
             for i, radix in select.items():
                 radix.add(torch.sub(xs[i], base).abs_(), collect=collect)
 
@@ -467,6 +472,7 @@ def _magnitude_selectors(
         radix.kept_bits.clear()
     for rows in sample if complete else blocks:
         xs, base = inputs.read(rows)
+        assert base is not None  # (see above)
         for i, radix in select.items():
             bits = _float_bits(torch.sub(xs[i], base).abs_()).cpu()
             counts, sums = _low_histogram(bits, radix.boundary_bin()[0], rescale)
@@ -495,6 +501,7 @@ def _random_selectors(
         after = dict.fromkeys(random, 0.0)
         for rows in blocks:
             xs, base = inputs.read(rows)
+            assert base is not None  # the task-arithmetic family uses_base: the plan always gives it a base
             for i, selector in random.items():
                 magnitude = torch.sub(xs[i], base).abs_()
                 before[i] += float(magnitude.sum(dtype=torch.float64))
@@ -539,6 +546,7 @@ def task_arithmetic_blocks(spec: MethodSpec) -> BlockKernel | None:
         selectors = select(inputs, blocks, densities, bool(params["rescale"]), seed)
         for rows in blocks:
             xs, base = inputs.read(rows)
+            assert base is not None  # the task-arithmetic family uses_base: the plan always gives it a base
             if not xs:
                 yield rows, base
                 continue

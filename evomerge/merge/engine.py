@@ -12,6 +12,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import EllipsisType
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def job_inputs(
     every = stored + ([base] if base is not None else [])
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in every) else torch.float32
 
-    def release(rows: slice) -> None:
+    def release(rows: slice | EllipsisType) -> None:
         _release(plan, job, rows if isinstance(rows, slice) else None)
 
     return JobInputs(stored, base, dtype=dtype, device=device, release=None if source else release)

@@ -331,7 +331,8 @@ class ShardedWriter:
                 raise RuntimeError(f"tensor {name}: got {piece.dtype}, planned {expected.dtype}")
             data = piece.detach().to("cpu").contiguous()
             if data.numel():
-                self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+                # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12 (mypy checks 3.11)
+                self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
             written += data.numel() * data.element_size()
         if written != expected.nbytes:
             raise RuntimeError(f"tensor {name}: wrote {written} bytes, planned {expected.nbytes}")

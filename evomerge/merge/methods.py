@@ -210,6 +210,7 @@ def slerp(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Spherical interpolation from the base (``t=0``) to the one other input (``t=1``)."""
+    assert base is not None  # uses_base: METHODS' checks and the plan always give a base
     return slerp_tensors(float(params["t"]), base, tensors[0])
 
 
@@ -299,6 +300,7 @@ def model_stock(
     Whole tensors by default; per row (last dimension) with ``filter_wise`` (1-D tensors are then
     one row). Where the denominator vanishes (|.| < 1e-6) the base is kept.
     """
+    assert base is not None  # uses_base: METHODS' checks and the plan always give a base
     shape = base.shape
     filter_wise = bool(params["filter_wise"])
     if filter_wise:
@@ -308,7 +310,7 @@ def model_stock(
     w0 = view(base)
     offsets = [view(x) - w0 for x in tensors]
     norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
-    cos_sum = None
+    cos_sum: Tensor | None = None
     pairs = 0
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
@@ -318,6 +320,7 @@ def model_stock(
             cos_sum = cos if cos_sum is None else cos_sum + cos
             pairs += 1
     del offsets
+    assert cos_sum is not None  # at least two inputs (min_inputs), so at least one pair
     cos = (cos_sum / pairs).unsqueeze(-1)
     n = len(tensors)
     denominator = 1 + (n - 1) * cos
@@ -340,6 +343,7 @@ def _mask_(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Ten
     before = delta.abs().sum() if rescale else None
     delta.mul_(mask)
     if rescale:
+        assert before is not None  # computed above whenever rescale
         after = delta.abs().sum()
         if not (before < eps or after < eps):
             delta.mul_(before / after)
@@ -428,8 +432,10 @@ def _random_work_dtype(delta: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def sparsify_random(delta: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
-    """DARE: keep each entry with probability ``density`` (L1-rescaled with ``rescale``)."""
+def sparsify_random(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
+    """DARE: keep each entry with probability ``density`` (L1-rescaled with ``rescale``).
+
+    ``generator`` may be ``None`` only when nothing is drawn (``density >= 1``)."""
     if density >= 1:
         return delta
     work = _random_work_dtype(delta)
@@ -459,11 +465,14 @@ def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
-def sparsify_della(delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator) -> Tensor:
+def sparsify_della(
+    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+) -> Tensor:
     """DELLA MagPrune: keep entries with ``della_probabilities`` (L1-rescaled with ``rescale``).
 
     Like mergekit, rescaling restores the tensor's L1 norm (not DELLA's per-entry ``1/p``), and
-    ``density +/- epsilon`` must lie inside (0, 1) whenever ``0 < density < 1``.
+    ``density +/- epsilon`` must lie inside (0, 1) whenever ``0 < density < 1``. ``generator`` may
+    be ``None`` only when nothing is drawn (``density`` outside (0, 1)).
     """
     if density >= 1:
         return delta
@@ -506,6 +515,7 @@ def generalized_task_arithmetic(
     agreeing inputs under consensus; a zero sum, or |sum| < 1e-8 without consensus, divides by
     1); times ``lambda``; plus the base.
     """
+    assert base is not None  # uses_base: METHODS' checks and the plan always give a base
     if not tensors:
         return base
     rescale = bool(params["rescale"])
@@ -548,12 +558,13 @@ def combine_task_vectors(
     """
     normalize = bool(params["normalize"])
     if consensus is None:
-        mixed = None
+        mixed: Tensor | None = None
         for delta, w in zip(deltas, weights):
             if mixed is None:
                 mixed = delta.mul_(w)
             else:
                 mixed.add_(delta, alpha=w)
+        assert mixed is not None  # deltas is never empty: callers return the base when there are no inputs
         deltas.clear()
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
@@ -586,6 +597,7 @@ def combine_task_vectors(
             if divisor is not None:
                 divisor.add_(agrees, alpha=w)
             del agrees
+        assert mixed is not None  # deltas is never empty (see above)
         deltas.clear()
         del sign
         if divisor is not None:

@@ -228,7 +228,8 @@ def _treats_base_apart(method: MethodSpec, base_model: str | None) -> bool:
 
 def _non_layer_names(ckpt: Checkpoint) -> tuple[list[str], list[str]]:
     """Tensors outside the decoder layers: (before the layers: embeddings, after: final norm, head)."""
-    pre, post = [], []
+    pre: list[str] = []
+    post: list[str] = []
     for name in ckpt.tensors:
         if split_layer_name(name) is None:
             (pre if "embed" in name else post).append(name)

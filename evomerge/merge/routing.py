@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from evomerge.recipe import ConditionalParameter, Recipe
 
@@ -103,12 +103,13 @@ def recipe_to_routing(recipe: Recipe) -> list[Hop] | None:
             setting = source.parameters.get("scale")
             if not isinstance(setting, list) or not all(isinstance(c, ConditionalParameter) for c in setting):
                 return None
-            values = {c.filter: c.value for c in setting}
+            conditions = cast("list[ConditionalParameter]", setting)  # checked just above
+            values = {c.filter: c.value for c in conditions}
             if set(source.parameters) != {"scale"}:
                 return None
             if any(not isinstance(values.get(name), float | int) for name in RESIDUAL_WRITERS):
                 return None
-            inverse = float(values[RESIDUAL_WRITERS[0]])
+            inverse = float(cast("float", values[RESIDUAL_WRITERS[0]]))  # a number: checked just above
         cumulative = 1.0 / inverse
         hops.append(Hop(source.model, source.layer_range[0], cumulative / previous))
         previous = cumulative

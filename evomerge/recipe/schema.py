@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -290,12 +290,14 @@ def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: floa
     if all(not isinstance(e, ConditionalParameter) for e in setting):
         if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
             return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
+        numbers = cast("list[float]", setting)  # every entry a number: checked just above
+        scaled = t * (len(numbers) - 1)
         low = int(scaled)
-        high = min(len(setting) - 1, low + 1)
+        high = min(len(numbers) - 1, low + 1)
         frac = scaled - low
-        return (1 - frac) * setting[low] + frac * setting[high]
-    for cond in setting:
+        return (1 - frac) * numbers[low] + frac * numbers[high]
+    # a validated list holds only scalars or only conditions (ParameterSetting's two list types)
+    for cond in cast("list[ConditionalParameter]", setting):
         if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
             return evaluate_setting(cond.value, tensor_name, t)
     return None
