@@ -14,6 +14,7 @@ from torch import nn
 
 from evomerge.merge.engine import merge_to_disk
 from evomerge.merge.routing import Hop, RoutingError, recipe_to_routing, routing_to_recipe
+from evomerge.recipe import Recipe
 
 
 def reference_logits(hops: list[Hop], input_ids: torch.Tensor) -> torch.Tensor:
@@ -125,3 +126,36 @@ def test_routing_errors(random_family, tmp_path) -> None:
     with pytest.raises(RoutingError, match="not a pre-norm RMSNorm decoder"):
         routing_to_recipe([Hop(str(post_norm), 0, 0.5)])
     routing_to_recipe([Hop(str(post_norm), 0, 1.0)])  # no scaling: plain layer stacking is fine anywhere
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.25}, {"value": 1.0}],  # unequal
+        [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.5}, {"value": 3.0}],  # catch-all
+        [  # another tensor scaled too
+            {"filter": "o_proj", "value": 0.5},
+            {"filter": "down_proj", "value": 0.5},
+            {"filter": "q_proj", "value": 7.0},
+            {"value": 1.0},
+        ],
+        [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}],  # down_proj left at 1.0
+    ],
+)
+def test_a_passthrough_that_is_not_a_routing_is_not_read_as_one(random_family, scale) -> None:
+    """Only what routing_to_recipe writes is a routing; anything else would be reported (and searched
+    from) as a different model."""
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(random_family["a"]), "layer_range": [0, 1]}]},
+                {
+                    "sources": [
+                        {"model": str(random_family["a"]), "layer_range": [1, 2], "parameters": {"scale": scale}}
+                    ]
+                },
+            ],
+        }
+    )
+    assert recipe_to_routing(recipe) is None

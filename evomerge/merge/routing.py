@@ -104,12 +104,21 @@ def recipe_to_routing(recipe: Recipe) -> list[Hop] | None:
             if not isinstance(setting, list) or not all(isinstance(c, ConditionalParameter) for c in setting):
                 return None
             conditions = cast("list[ConditionalParameter]", setting)  # checked just above
-            values = {c.filter: c.value for c in conditions}
             if set(source.parameters) != {"scale"}:
                 return None
-            if any(not isinstance(values.get(name), float | int) for name in RESIDUAL_WRITERS):
+            # exactly what routing_to_recipe writes: one value for both residual writers, 1.0 elsewhere
+            filters = [c.filter for c in conditions]
+            if sorted(filters, key=str) != sorted([*RESIDUAL_WRITERS, None], key=str):
                 return None
-            inverse = float(cast("float", values[RESIDUAL_WRITERS[0]]))  # a number: checked just above
+            values = {c.filter: c.value for c in conditions}
+            writers = [values[name] for name in RESIDUAL_WRITERS]
+            if not all(isinstance(v, float | int) and not isinstance(v, bool) for v in writers):
+                return None
+            if len(set(writers)) != 1 or values[None] != 1.0:
+                return None
+            inverse = float(cast("float", writers[0]))  # a number: checked just above
+            if not (math.isfinite(inverse) and inverse > 0):
+                return None
         cumulative = 1.0 / inverse
         hops.append(Hop(source.model, source.layer_range[0], cumulative / previous))
         previous = cumulative
