@@ -16,7 +16,7 @@ finish, is the same in both modes and shrinks relative to the run as the budget 
 candidate's mean objective (the fake landscape's; 1.0 is unreachable, higher is better), to see that
 async mode still optimizes.
 
-    .venv/bin/python scripts/bench_async.py [--workers 8 32] [--per-worker 30] [--median-s 1] [--sigma 1]
+    .venv/bin/python scripts/bench_async.py [--workers 8 32] [--per-worker 30] [--median-s 1] [--sigma 1] [--modes barrier async]
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.0)
     parser.add_argument("--optimizers", nargs="+", default=["nsga2", "cma"], choices=["nsga2", "cma"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--modes", nargs="+", default=["barrier", "async"], choices=["barrier", "async"])
     parser.add_argument("--zoo-seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -110,7 +111,7 @@ def main() -> None:
         for workers in args.workers:
             for optimizer in args.optimizers:
                 for seed in args.seeds:
-                    for mode in ("barrier", "async"):
+                    for mode in args.modes:
                         row = one_run(workers, mode, args.per_worker * workers, optimizer, seed, Path(tmp))
                         rows.append(row)
                         print(json.dumps(row), flush=True)
@@ -127,7 +128,7 @@ def main() -> None:
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for workers in args.workers:
         for optimizer in args.optimizers:
-            for mode in ("barrier", "async"):
+            for mode in args.modes:
                 group = [r for r in rows if (r["workers"], r["optimizer"], r["mode"]) == (workers, optimizer, mode)]
                 print(
                     f"| {workers} | {optimizer} | {mode} | {statistics.mean(r['candidates'] for r in group):.0f} "
