@@ -214,10 +214,8 @@ class Search:
         deadline: float,
     ) -> str:
         """Barrier mode: ask a population, score it in parallel, tell it whole."""
-        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
-
-        in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
-        waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
+        flight = _InFlight(self, state, by_hash, lambda record: self._record(records, by_hash, record, bar))
+        in_flight, waiting = flight.in_flight, flight.waiting
         while True:
             if state.pending_X is None:
                 if len(records) >= self.budget:
@@ -235,35 +233,15 @@ class Search:
                     break
                 if time.monotonic() >= deadline or len(in_flight) >= self.executor.capacity:
                     break
-                recipe = self.genome.decode(x)
-                digest = recipe.content_hash()
-                if digest in by_hash:
-                    self._record(records, by_hash, self._cached(by_hash[digest], cid, state, x), bar)
-                    continue
-                if any(h == digest for _, h, _ in in_flight.values()):
-                    waiting.setdefault(digest, []).append((cid, x))
-                    continue
-                recipe_dict = recipe.to_dict()
-                self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
-                in_flight[cid] = (x, digest, recipe_dict)
+                flight.dispatch(cid, x)
             if not in_flight:
                 if all(cid in records for cid in state.pending_ids):
                     self._tell(state, records)
                     continue
                 return "time limit" if time.monotonic() >= deadline else "budget"
             outcome = self.executor.next_outcome(timeout=1.0)
-            if outcome is None:
-                continue
-            cid = outcome.job.candidate_id
-            x, digest, recipe_dict = in_flight.pop(cid)
-            record = self._make_record(cid, state, x, digest, recipe_dict, outcome)
-            self._record(records, by_hash, record, bar)
-            for other, other_x in waiting.pop(digest, []):
-                if record.ok:
-                    self._record(records, by_hash, self._cached(record, other, state, other_x), bar)
-                else:  # the original failed: score the duplicate itself
-                    self.executor.submit(Job(candidate_id=other, recipe=recipe_dict))
-                    in_flight[other] = (other_x, digest, recipe_dict)
+            if outcome is not None:
+                flight.take(outcome)
 
     def _steady_loop(
         self,
@@ -278,20 +256,19 @@ class Search:
         Every record is told right after it is appended, so evaluations.jsonl is the tell order. A run
         stopped between the two is repaired here: recorded-but-untold candidates are told first, in
         file order; asked-but-unrecorded ones are dispatched again with the same genes."""
-        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
-
         told = set(state.told)
         for record in list(records.values()):  # file order
             if record.id not in told:
                 self._tell_one(state, record, save=False)
         self.run_dir.save_state(state)
         again = [(cid, x) for cid, x in sorted(state.asked.items()) if cid not in records]
-        in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
-        waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
 
         def keep(record: CandidateRecord) -> None:
             self._record(records, by_hash, record, bar)
             self._tell_one(state, record)
+
+        flight = _InFlight(self, state, by_hash, keep)
+        in_flight, waiting = flight.in_flight, flight.waiting
 
         while True:
             while len(in_flight) < self.executor.capacity and time.monotonic() < deadline:
@@ -306,31 +283,12 @@ class Search:
                     state.next_id += 1
                     state.asked[cid] = x
                     self.run_dir.save_state(state)
-                recipe = self.genome.decode(x)
-                digest = recipe.content_hash()
-                if digest in by_hash:
-                    keep(self._cached(by_hash[digest], cid, state, x))
-                elif any(h == digest for _, h, _ in in_flight.values()):
-                    waiting.setdefault(digest, []).append((cid, x))
-                else:
-                    recipe_dict = recipe.to_dict()
-                    self.executor.submit(Job(candidate_id=cid, recipe=recipe_dict))
-                    in_flight[cid] = (x, digest, recipe_dict)
+                flight.dispatch(cid, x)
             if not in_flight:
                 return "time limit" if time.monotonic() >= deadline else "budget"
             outcome = self.executor.next_outcome(timeout=1.0)
-            if outcome is None:
-                continue
-            cid = outcome.job.candidate_id
-            x, digest, recipe_dict = in_flight.pop(cid)
-            record = self._make_record(cid, state, x, digest, recipe_dict, outcome)
-            keep(record)
-            for other, other_x in waiting.pop(digest, []):
-                if record.ok:
-                    keep(self._cached(record, other, state, other_x))
-                else:  # the original failed: score the duplicate itself
-                    self.executor.submit(Job(candidate_id=other, recipe=recipe_dict))
-                    in_flight[other] = (other_x, digest, recipe_dict)
+            if outcome is not None:
+                flight.take(outcome)
 
     # --- helpers ------------------------------------------------------------------------------------
     def _tell_one(self, state: SearchState, record: CandidateRecord, *, save: bool = True) -> None:
@@ -446,6 +404,50 @@ class Search:
             best=report.best(),
             front=report.front(),
         )
+
+
+class _InFlight:
+    """The candidates being scored, shared by both loops: a recipe already scored is answered from the
+    cache, one being scored waits for its twin, anything else goes to the executor; ``keep`` is what
+    the loop does with each finished record (record it; in async mode also tell it)."""
+
+    def __init__(
+        self,
+        search: Search,
+        state: SearchState,
+        by_hash: dict[str, CandidateRecord],
+        keep: Callable[[CandidateRecord], None],
+    ):
+        from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
+
+        self.search, self.state, self.by_hash, self.keep, self.job = search, state, by_hash, keep, Job
+        self.in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
+        self.waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
+
+    def dispatch(self, cid: int, x: np.ndarray) -> None:
+        recipe = self.search.genome.decode(x)
+        digest = recipe.content_hash()
+        if digest in self.by_hash:
+            self.keep(self.search._cached(self.by_hash[digest], cid, self.state, x))
+        elif any(h == digest for _, h, _ in self.in_flight.values()):
+            self.waiting.setdefault(digest, []).append((cid, x))
+        else:
+            self._submit(cid, x, digest, recipe.to_dict())
+
+    def take(self, outcome: Any) -> None:
+        cid = outcome.job.candidate_id
+        x, digest, recipe_dict = self.in_flight.pop(cid)
+        record = self.search._make_record(cid, self.state, x, digest, recipe_dict, outcome)
+        self.keep(record)
+        for other, other_x in self.waiting.pop(digest, []):
+            if record.ok:
+                self.keep(self.search._cached(record, other, self.state, other_x))
+            else:  # the original failed: score the duplicate itself
+                self._submit(other, other_x, digest, recipe_dict)
+
+    def _submit(self, cid: int, x: np.ndarray, digest: str, recipe: dict[str, Any]) -> None:
+        self.search.executor.submit(self.job(candidate_id=cid, recipe=recipe))
+        self.in_flight[cid] = (x, digest, recipe)
 
 
 def _genes(x: np.ndarray) -> tuple[float, ...]:
