@@ -231,7 +231,7 @@ def search(
         f"in {summary.seconds:.0f}s · run dir {directory}",
         highlight=False,
     )
-    if summary.stopped != "budget":
+    if summary.stopped not in ("budget", "done"):
         err.print(f"continue with: evomerge search {config} --run-dir {directory} --resume", highlight=False)
     _print_front(directory, json_output=False)
 
@@ -266,8 +266,12 @@ def front(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
     pick: Annotated[
-        str, typer.Option(help="knee (balanced front member), best:OBJECTIVE, or a candidate id.")
-    ] = "knee",
+        str,
+        typer.Option(
+            help="auto (the optimizer's choice for sweep and soups, else knee), knee (balanced front member), "
+            "best:OBJECTIVE, optimizer, or a candidate id."
+        ),
+    ] = "auto",
     output: Annotated[
         Optional[Path], typer.Option("-o", "--output", help="Write the picked recipe here (YAML).")
     ] = None,

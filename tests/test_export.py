@@ -44,11 +44,12 @@ def test_picks(ps_run) -> None:
     best_first = pick(report, f"best:{first}")
     assert best_first.objectives[first] == max(r.objectives[first] for r in report.ok)
     assert pick(report, "3").id == 3
+    assert pick(report, "auto") == knee(report)  # no finite optimizer here: auto is the knee
     with pytest.raises(PickError, match="no objective 'nope'"):
         pick(report, "best:nope")
     with pytest.raises(PickError, match="no such candidate"):
         pick(report, "999")
-    with pytest.raises(PickError, match="use knee, best:OBJECTIVE or a candidate id"):
+    with pytest.raises(PickError, match="use knee, best:OBJECTIVE, optimizer, auto or a candidate id"):
         pick(report, "favourite")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evomerge.search.optimizers import make_optimizer
+from evomerge.search.registry import make_optimizer
 
 
 @pytest.mark.parametrize("name", ["cma", "nsga2", "random"])

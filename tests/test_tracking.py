@@ -312,6 +312,44 @@ def test_the_search_driver_in_two_pieces(random_family, tmp_path, empty_store) -
     assert kids[0].data.params["layers"] == "3" and "weight.a" in kids[0].data.params
 
 
+def test_a_sweep_logs_its_fit_and_its_plot(random_family, tmp_path, empty_store) -> None:
+    """A finite optimizer's findings reach MLflow: optimizer.json (points, fit, pick) and its plot, as an
+    artifact and as an image."""
+    from search_support import run_config
+
+    from evomerge.runtime import make_executor
+    from evomerge.search.config import resolve_run_config
+    from evomerge.search.driver import Search
+
+    config = run_config(random_family, tmp_path)
+    config["search_space"].update(models=[str(random_family["a"])], granularity="model")
+    config["optimizer"].update(name="sweep", grid=4)
+    run = resolve_run_config(config, base_dir=tmp_path)
+    path = tmp_path / "run"
+    path.mkdir()
+    source, target = sqlite3.connect(empty_store), sqlite3.connect(path / DB_FILE)
+    source.backup(target)
+    source.close()
+    target.close()
+    tracker = Tracker.from_config(run.to_dict(), path)
+    tracker.start(resume=False)
+    executor = make_executor(run, evaluator_factory="fake_evaluators:quadratic")
+    try:
+        summary = Search(run, RunDir(path), executor, on_record=tracker.on_record).execute()
+    finally:
+        executor.shutdown()
+        tracker.close("FINISHED")
+    assert summary.stopped == "done"
+    link = RunLink.read(path)
+    client = make_client(link.tracking_uri)
+    assert {"optimizer.json", "plots/optimizer.png"} <= artifact_paths(client, link.parent_run_id)
+    logged = json.loads(
+        Path(client.download_artifacts(link.parent_run_id, "optimizer.json", str(tmp_path))).read_text()
+    )
+    assert logged == RunDir(path).read_optimizer_summary() and logged["pick"] == pytest.approx([0.5], abs=1e-3)
+    assert any("optimizer" in p for p in artifact_paths(client, link.parent_run_id, "images"))
+
+
 # --- pieces -----------------------------------------------------------------------------------------
 
 

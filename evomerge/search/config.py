@@ -1,9 +1,9 @@
 """Run configuration (``configs/*.yaml``): search space, optimizer, objectives, runtime, tracking.
 
-Model references in the search space may be names from a toy zoo (``base``, ``reverse``, …) when a
-zoo is given: ``zoo:`` in the config, ``--set zoo=DIR``, or ``$EVOMERGE_ZOO_DIR`` (in that order);
-the zoo's task directory is then added to the include paths. Anything else is a path, relative to the
-config file.
+Model references in the search space may be names from a toy zoo (``base``, ``reverse``, …, and the
+soup group's ``sort-soup1``, …) when a zoo is given: ``zoo:`` in the config, ``--set zoo=DIR``, or
+``$EVOMERGE_ZOO_DIR`` (in that order); the zoo's task directory is then added to the include paths.
+Anything else is a path, relative to the config file.
 """
 
 from __future__ import annotations
@@ -34,15 +34,20 @@ class _Strict(BaseModel):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["cma", "nsga2", "random"] = "nsga2"
+    name: Literal["cma", "nsga2", "random", "sweep", "uniform_soup", "greedy_soup"] = "nsga2"
+    """cma, nsga2, random: searches of ``budget`` candidates; sweep (a grid over 1-2 genes and a
+    quadratic fit), uniform_soup and greedy_soup (a linear space over a pool of checkpoints): finite
+    plans that stop when done, or at ``budget`` if that comes first."""
     population: int = Field(default=8, ge=2)
     budget: int = Field(default=64, ge=1)
     """Candidates to score (cached duplicates count)."""
     sigma: float = Field(default=0.25, gt=0)
     """CMA-ES initial step size, in units of the [0,1] gene range."""
     scalarize: Literal["weighted_sum", "worst"] = "weighted_sum"
-    """CMA-ES: how objectives become one value: their weighted sum, or the worst weighted one
-    (a merge is as good as its weakest skill)."""
+    """CMA-ES, sweep and soups: how objectives become one value: their weighted sum, or the worst
+    weighted one (a merge is as good as its weakest skill)."""
+    grid: int | None = Field(default=None, ge=3)
+    """sweep: points per gene (default 11 for one gene, 5 for two)."""
     seed: int = 0
     mode: Literal["barrier", "async"] = "barrier"
     """barrier: a generation is asked, scored in parallel and told as a whole (same seed and scores, same
@@ -111,6 +116,10 @@ class ResolvedRun:
         if zoo is not None:
             self.names = {"base": str(self.zoo_dir / zoo["base"])}
             self.names.update({k: str(self.zoo_dir / v) for k, v in zoo["models"].items()})
+            for members in (zoo.get("soups") or {}).values():  # the soup group by directory name: sort-soup1, ...
+                self.names.update(
+                    {Path(m).name: str(self.zoo_dir / m) for m in members if Path(m).name not in self.names}
+                )
         self.include_paths = [str(_path(p, base_dir)) for p in config.include_paths]
         if zoo is not None:
             self.include_paths.append(str(self.zoo_dir / zoo["include_path"]))
@@ -128,9 +137,27 @@ class ResolvedRun:
             self.space: SearchSpace = load_space(self.space_data, source=space_source)
         except SpaceError as exc:
             raise ConfigError(str(exc)) from None
+        self._check_optimizer_fits()
         self.objectives = list(config.objectives)
         self.weights = [o.weight for o in self.objectives]
         self._directions: list[str] | None = None
+
+    def _check_optimizer_fits(self) -> None:
+        from evomerge.search.registry import FINITE, SOUPS
+        from evomerge.search.soups import check_soup_space
+
+        optimizer = self.config.optimizer
+        if optimizer.name in FINITE and optimizer.mode != "barrier":
+            raise ConfigError(
+                f"optimizer.mode: {optimizer.name} runs in barrier mode only (each step needs the previous one)"
+            )
+        if optimizer.name in SOUPS:
+            try:
+                check_soup_space(self.space, optimizer.name)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if optimizer.grid is not None and optimizer.name != "sweep":
+            raise ConfigError(f"optimizer.grid: only the sweep optimizer takes a grid, not {optimizer.name}")
 
     @property
     def directions(self) -> list[str]:

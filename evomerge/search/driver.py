@@ -29,8 +29,8 @@ import numpy as np
 from evomerge.search.config import ResolvedRun
 from evomerge.search.front import to_minimize, weighted_score
 from evomerge.search.genome import DFSGenome, PSGenome, make_genome
-from evomerge.search.optimizers import make_optimizer
 from evomerge.search.record import CandidateRecord, CandidateStatus
+from evomerge.search.registry import make_optimizer
 from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
 
@@ -95,16 +95,20 @@ class Search:
     # --- setup ---------------------------------------------------------------------------------------
     def _new_state(self) -> SearchState:
         opt = self.run.config.optimizer
-        optimizer = make_optimizer(
-            opt.name,
-            self.genome.dim,
-            len(self.labels),
-            population=opt.population,
-            seed=opt.seed,
-            weights=self.run.weights,
-            sigma=opt.sigma,
-            scalarize=opt.scalarize,
-        )
+        try:
+            optimizer = make_optimizer(
+                opt.name,
+                self.genome.dim,
+                len(self.labels),
+                population=opt.population,
+                seed=opt.seed,
+                weights=self.run.weights,
+                sigma=opt.sigma,
+                scalarize=opt.scalarize,
+                grid=opt.grid,
+            )
+        except ValueError as exc:  # e.g. a sweep over a space of 3 genes: names the field
+            raise SearchError(f"{exc} (genes: {', '.join(self.genome.names)})") from None
         return SearchState(optimizer=optimizer)
 
     def check(self, resume: bool) -> None:
@@ -153,6 +157,9 @@ class Search:
             state = self.run_dir.load_state() or self._new_state()
         else:
             state = self._new_state()
+        planned = state.optimizer.planned
+        if planned is not None:
+            self.budget = min(self.budget, planned)
         self.run_dir.write_config(self.run.to_dict())
         self.run_dir.save_state(state)
         return state
@@ -218,6 +225,8 @@ class Search:
         in_flight, waiting = flight.in_flight, flight.waiting
         while True:
             if state.pending_X is None:
+                if state.optimizer.finished:
+                    return "done"
                 if len(records) >= self.budget:
                     return "budget"
                 X = state.optimizer.ask()
@@ -321,6 +330,11 @@ class Search:
         state.pending_ids = []
         state.generation += 1
         self.run_dir.save_state(state)
+        summary = state.optimizer.summary()
+        if summary is not None:
+            summary = {"optimizer": state.optimizer.name, "genes": self.genome.names, **summary}
+            summary["choice_id"] = _record_with_genes(records, summary.get("choice"))
+            self.run_dir.write_optimizer_summary(summary)
         if self.on_generation is not None:
             self.on_generation(generation)
 
@@ -448,6 +462,18 @@ class _InFlight:
     def _submit(self, cid: int, x: np.ndarray, digest: str, recipe: dict[str, Any]) -> None:
         self.search.executor.submit(self.job(candidate_id=cid, recipe=recipe))
         self.in_flight[cid] = (x, digest, recipe)
+
+
+def _record_with_genes(records: dict[int, CandidateRecord], genes: list[float] | None) -> int | None:
+    """The latest successful candidate asked with these genes (a finite optimizer's choice), or None.
+    Records keep genes rounded to 8 decimals (``_genes``), hence the tolerance."""
+    if genes is None:
+        return None
+    for cid in sorted(records, reverse=True):
+        record = records[cid]
+        if record.ok and len(record.genome) == len(genes) and np.allclose(record.genome, genes, atol=1e-7):
+            return cid
+    return None
 
 
 def _genes(x: np.ndarray) -> tuple[float, ...]:

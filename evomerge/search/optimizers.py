@@ -12,6 +12,9 @@ state is checkpointed: same seed and same scores give the same sequence of candi
 - ``nsga2``: NSGA-II (package ``pymoo``) through its ask/tell API, all objectives kept.
 - ``random``: uniform random search, the baseline every other method must beat.
 
+Finite optimizers (``sweep.py``, ``soups.py``) have a plan of known length: they say ``finished``
+once it is done (the driver then stops with "done") and leave a ``summary()`` of what they found.
+
 Each also has a steady-state interface for ``optimizer.mode: async`` (no generation barrier):
 ``ask_one`` proposes one candidate whenever a worker frees up and ``tell_one`` takes one result as it
 arrives. CMA-ES samples a population at a time and updates once ``population`` results have come
@@ -64,6 +67,18 @@ class Optimizer(ABC):
     def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
         """The values (to minimize; NaN when it failed) of one candidate from ``ask_one``."""
 
+    #: how many candidates the optimizer will ask in all (finite optimizers); None: as many as asked for
+    planned: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once a finite optimizer has asked and been told everything it plans to."""
+        return False
+
+    def summary(self) -> dict[str, Any] | None:
+        """What a finite optimizer found (its fit, its picks), JSON-ready; None for the open-ended ones."""
+        return None
+
     @staticmethod
     def _penalize(F: np.ndarray) -> np.ndarray:
         """Failed candidates (NaN/Inf rows) get a value worse than every finite one in the batch."""
@@ -77,6 +92,24 @@ class Optimizer(ABC):
 
 
 SCALARIZATIONS = ("weighted_sum", "worst")
+
+
+def check_scalarization(how: str) -> str:
+    if how not in SCALARIZATIONS:
+        raise ValueError(f"optimizer.scalarize: {how!r} is not valid; use {', '.join(SCALARIZATIONS)}")
+    return how
+
+
+def value_note(how: str) -> str:
+    """What a scalar value in a finite optimizer's summary means."""
+    return f"objectives weighted and combined by {how}, to minimize (maximized objectives negated)"
+
+
+def scalarized(F: np.ndarray, weights: np.ndarray, how: str) -> np.ndarray:
+    """One value per candidate (to minimize): the weighted sum of its objectives, or the worst
+    (largest) weighted one; failed candidates (NaN) come out worse than every finite one."""
+    weighted = Optimizer._penalize(F) * weights
+    return weighted.max(axis=1) if how == "worst" else weighted.sum(axis=1)
 
 
 class CMAES(Optimizer):
@@ -97,9 +130,7 @@ class CMAES(Optimizer):
         super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
         import cma
 
-        if scalarize not in SCALARIZATIONS:
-            raise ValueError(f"optimizer.scalarize: {scalarize!r} is not valid; use {', '.join(SCALARIZATIONS)}")
-        self.scalarize = scalarize
+        self.scalarize = check_scalarization(scalarize)
 
         if dim < 2:
             raise ValueError("optimizer cma: needs at least 2 genes (use random or nsga2 for a 1-gene space)")
@@ -130,9 +161,7 @@ class CMAES(Optimizer):
 
     def scalar(self, F: np.ndarray) -> np.ndarray:
         """One value per candidate (to minimize) from its objective values."""
-        weighted = self._penalize(F) * self.weights
-        worst = getattr(self, "scalarize", "weighted_sum") == "worst"  # states pickled before the option
-        return weighted.max(axis=1) if worst else weighted.sum(axis=1)
+        return scalarized(F, self.weights, getattr(self, "scalarize", "weighted_sum"))  # old states lack it
 
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         scalar = self.scalar(F)
@@ -262,16 +291,28 @@ class RandomSearch(Optimizer):
         pass
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"cma": CMAES, "nsga2": NSGA2, "random": RandomSearch}
+class FiniteOptimizer(Optimizer):
+    """An optimizer with a plan of known length (a grid, a soup): barrier mode only, since each step
+    may depend on the whole previous one; ``ask`` returns an empty batch once it is finished."""
 
+    def __init__(
+        self,
+        dim: int,
+        n_objectives: int,
+        *,
+        population: int,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        scalarize: str = "weighted_sum",
+    ):
+        super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
+        self.scalarize = check_scalarization(scalarize)
 
-def make_optimizer(name: str, dim: int, n_objectives: int, **options) -> Optimizer:
-    try:
-        cls = OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"optimizer.name: {name!r} is not valid; use {', '.join(OPTIMIZERS)}") from None
-    if cls is not CMAES:
-        options.pop("sigma", None)
-        options.pop("x0", None)
-        options.pop("scalarize", None)
-    return cls(dim, n_objectives, **options)
+    def scalar(self, F: np.ndarray) -> np.ndarray:
+        return scalarized(F, self.weights, self.scalarize)
+
+    def ask_one(self) -> np.ndarray:
+        raise RuntimeError(f"optimizer {self.name}: runs in optimizer.mode barrier only")
+
+    def tell_one(self, x: np.ndarray, f: np.ndarray) -> None:
+        raise RuntimeError(f"optimizer {self.name}: runs in optimizer.mode barrier only")

@@ -2,7 +2,9 @@
 
 Picks: ``knee`` (the front member closest to the ideal point once each objective is scaled to [0,1]
 over the front; the best one for a single objective), ``best:OBJECTIVE`` (best on one objective label),
-or a candidate id. Export, stages and the CLI all pick through here.
+``optimizer`` (a finite optimizer's choice: the greedy soup it ends with, a sweep's pick), ``auto``
+(``optimizer`` where the run has one, else ``knee``), or a candidate id. Export, stages and the CLI all
+pick through here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def knee(report: RunReport) -> CandidateRecord:
 
 def pick(report: RunReport, choice: str) -> CandidateRecord:
     """The record a ``--pick`` value names."""
+    summary = report.optimizer_summary
+    if choice == "auto":
+        choice = "optimizer" if summary is not None and summary.get("choice_id") is not None else "knee"
+    if choice == "optimizer":
+        if summary is None:
+            raise PickError(
+                "--pick optimizer: this run's optimizer makes no choice of its own (only sweep and soups do)"
+            )
+        if summary.get("choice_id") is None:
+            raise PickError(f"--pick optimizer: the {summary.get('optimizer')} has not finished (or its choice failed)")
+        choice = str(summary["choice_id"])
     if choice == "knee":
         return knee(report)
     if choice.startswith("best:"):
@@ -48,7 +61,7 @@ def pick(report: RunReport, choice: str) -> CandidateRecord:
     try:
         wanted = int(choice)
     except ValueError:
-        raise PickError(f"--pick {choice!r}: use knee, best:OBJECTIVE or a candidate id") from None
+        raise PickError(f"--pick {choice!r}: use knee, best:OBJECTIVE, optimizer, auto or a candidate id") from None
     for record in report.records:
         if record.id == wanted:
             if not record.ok:

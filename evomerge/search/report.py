@@ -32,13 +32,17 @@ class RunReport:
         self.labels = [o.label for o in objectives]
         self.directions = [o.direction or legacy_direction(o.metric) for o in objectives]
         self.weights = [o.weight for o in objectives]
+        #: a finite optimizer's findings (optimizer.json: sweep fit, soup steps, its choice), if any
+        self.optimizer_summary: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "RunReport":
         run_dir = RunDir(path)
         if not (run_dir.path / "run.yaml").exists():
             raise FileNotFoundError(f"{run_dir.path}: not a run directory (no run.yaml)")
-        return cls(run_dir.read_config(), list(run_dir.records()))
+        report = cls(run_dir.read_config(), list(run_dir.records()))
+        report.optimizer_summary = run_dir.read_optimizer_summary()
+        return report
 
     @property
     def count(self) -> int:

@@ -27,6 +27,8 @@ from evomerge.search.record import CandidateRecord
 
 EVALUATIONS = "evaluations.jsonl"
 STATE = "state"
+OPTIMIZER_SUMMARY = "optimizer.json"
+"""What a finite optimizer (sweep, soups) found, rewritten after each of its steps."""
 RUN_CONFIG = "run.yaml"
 
 
@@ -70,6 +72,14 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / RUN_CONFIG).read_text())
+
+    # --- a finite optimizer's findings (sweep fit, soup steps) -----------------------------------------
+    def write_optimizer_summary(self, data: dict[str, Any]) -> None:
+        _atomic_write(self.path / OPTIMIZER_SUMMARY, json.dumps(data, indent=2, default=_json_default).encode())
+
+    def read_optimizer_summary(self) -> dict[str, Any] | None:
+        path = self.path / OPTIMIZER_SUMMARY
+        return json.loads(path.read_text()) if path.exists() else None
 
     # --- evaluations ----------------------------------------------------------------------------
     def append(self, record: CandidateRecord) -> None:

@@ -208,3 +208,116 @@ def plot_weights(
     fig.colorbar(image, ax=ax, label=key)
     ax.set_title(title or f"per-layer {key} of the best {len({n.split()[0] for n in names})} recipes", fontsize=9)
     return _save(fig, path)
+
+
+def plot_optimizer_summary(path: Path, summary: dict[str, Any]) -> Path | None:
+    """A finite optimizer's findings: a sweep's points, fit and pick; a soup's ingredients against the
+    soup. Scores are the negated scalarized values (higher is better). None for other optimizers."""
+    if summary.get("optimizer") == "sweep":
+        return _save(_sweep(summary), path)
+    if summary.get("optimizer") in ("uniform_soup", "greedy_soup"):
+        return _save(_soup(summary), path)
+    return None
+
+
+def _sweep(summary: dict[str, Any]):
+    from evomerge.search.sweep import quadratic_features
+
+    points = np.array([[np.nan if v is None else v for v in row] for row in summary["points"]], dtype=float)
+    X, score = points[:, :-1], -points[:, -1]
+    genes = summary.get("genes") or [f"gene {i}" for i in range(X.shape[1])]
+    coefficients = summary.get("coefficients")
+    pick = summary.get("pick")
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    if X.shape[1] == 1:
+        ax.plot(X[:, 0], score, "o", color="tab:blue", label="grid")
+        if coefficients is not None:
+            grid = np.linspace(0, 1, 201)[:, None]
+            ax.plot(grid[:, 0], -(quadratic_features(grid) @ np.asarray(coefficients)), color="tab:gray", label="fit")
+        if pick is not None and summary.get("pick_measured") is not None:
+            ax.plot([pick[0]], [-summary["pick_measured"]], "*", ms=14, color="tab:red", label="pick (scored)")
+        ax.set_xlabel(f"{genes[0]} (0-1 across its bounds)")
+        ax.set_ylabel("score (higher is better)")
+        ax.legend(loc="best", fontsize=8)
+    else:
+        if coefficients is not None:
+            axis = np.linspace(0, 1, 101)
+            g1, g2 = np.meshgrid(axis, axis, indexing="ij")
+            fitted = -(quadratic_features(np.stack([g1.ravel(), g2.ravel()], 1)) @ np.asarray(coefficients))
+            contour = ax.contourf(g1, g2, fitted.reshape(g1.shape), levels=20, cmap="viridis")
+            fig.colorbar(contour, ax=ax, label="fitted score (higher is better)")
+        ax.scatter(X[:, 0], X[:, 1], c="white", edgecolors="black", s=30, label="grid (measured score)")
+        for (x1, x2), value in zip(X, score):
+            ax.annotate(
+                "failed" if np.isnan(value) else f"{value:.2f}",
+                (x1, x2),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+        if pick is not None:
+            ax.plot([pick[0]], [pick[1]], "*", ms=16, color="tab:red", label="fit's pick")
+        if summary.get("pick_measured") is not None and pick is not None:
+            ax.annotate(
+                f"{-summary['pick_measured']:.2f}",
+                (pick[0], pick[1]),
+                textcoords="offset points",
+                xytext=(6, -12),
+                fontsize=7,
+                color="tab:red",
+            )
+        ax.set_xlim(-0.05, 1.12)
+        ax.set_ylim(-0.05, 1.08)
+        ax.set_xlabel(f"{genes[0]} (0-1)")
+        ax.set_ylabel(f"{genes[1]} (0-1)")
+        ax.legend(loc="best", fontsize=8)
+    choice = summary.get("choice")
+    if choice is not None:
+        at = [choice[0], choice[1]] if X.shape[1] == 2 else [choice[0], _score_at(points, choice, summary)]
+        ax.plot(*at, "s", ms=11, mfc="none", mec="tab:red", mew=2, label="choice (best measured)")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title("sweep: grid, quadratic fit and its pick")
+    fig.subplots_adjust(left=0.12, right=0.95, bottom=0.14, top=0.9)
+    return fig
+
+
+def _score_at(points: np.ndarray, genes: Sequence[float], summary: dict[str, Any]) -> float:
+    """The measured score at a 1-gene point (a grid point, or the scored pick)."""
+    pick, measured = summary.get("pick"), summary.get("pick_measured")
+    if pick is not None and measured is not None and np.isclose(pick[0], genes[0]):
+        return -float(measured)
+    hit = np.flatnonzero(np.isclose(points[:, 0], genes[0]))
+    return float(-points[hit[0], -1]) if hit.size else math.nan
+
+
+def _soup(summary: dict[str, Any]):
+    genes = summary.get("genes") or []
+    ingredients = [np.nan if v is None else -v for v in summary["ingredients"]]
+    names = (
+        [_model_of(g) for g in genes] if len(genes) == len(ingredients) else [str(i) for i in range(len(ingredients))]
+    )
+    soup = summary["soup"]
+    soup_score = np.nan if summary.get("soup_value") is None else -summary["soup_value"]
+    fig = _figure(max(4.8, 1.0 + 0.8 * len(ingredients)), 3.8)
+    ax = fig.add_subplot()
+    ax.bar(range(len(ingredients)), ingredients, color="tab:blue", label="ingredient alone")
+    ax.bar([len(ingredients)], [soup_score], color="tab:green", label=f"soup of {len(soup)}")
+    ax.set_xticks(range(len(ingredients) + 1), [*names, "soup"], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("score (higher is better)")
+    ax.set_title(f"{summary['optimizer']}: soup of {', '.join(names[i] for i in soup)}", fontsize=9)
+    finite = [v for v in [*ingredients, soup_score] if np.isfinite(v)]
+    if finite:
+        low, high = min(finite), max(finite)
+        ax.set_ylim(low - 0.2 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+    ax.legend(loc="upper left", fontsize=7)
+    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.22, top=0.9)
+    return fig
+
+
+def _model_of(gene: str) -> str:
+    """``weight[sort-soup1][g0]`` -> ``sort-soup1``."""
+    import re
+
+    found = re.match(r"\w+\[(.+?)\]", gene)
+    return found.group(1) if found else gene

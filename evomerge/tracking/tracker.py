@@ -27,6 +27,7 @@ crash at any point neither loses nor duplicates a candidate.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -698,18 +699,30 @@ class Tracker:
                     plot_weights(root / "plots" / "weights.png", best, title=title)
                 self._plotted_at = time.monotonic()
                 self._plot_seconds = self._plotted_at - drawn
+            if final:
+                self._write_optimizer_summary(root)
             self.client.log_artifacts(self.parent_run_id, tmp)
             if final:
                 self._log_images(root / "plots")
                 self._final_count = counted
         self._artifacts_at = counted
 
+    def _write_optimizer_summary(self, root: Path) -> None:
+        """A finite optimizer's findings (sweep fit and pick, soup steps) as optimizer.json and plots/optimizer.png."""
+        from evomerge.tracking.plots import plot_optimizer_summary
+
+        summary = RunDir(self.run_dir).read_optimizer_summary()
+        if summary is None:
+            return
+        (root / "optimizer.json").write_text(json.dumps(summary, indent=2))
+        plot_optimizer_summary(root / "plots" / "optimizer.png", summary)
+
     def _log_images(self, plots: Path) -> None:
         """The final plots as MLflow images too: the run page's "Model metrics" tab shows them (artifacts
         under plots/ are only listed in its "Artifacts" tab)."""
         from PIL import Image
 
-        for name in ("front", "weights"):
+        for name in ("front", "weights", "optimizer"):
             path = plots / f"{name}.png"
             if path.exists():
                 with Image.open(path) as image:
