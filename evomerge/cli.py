@@ -104,7 +104,7 @@ def eval_command(
     target: Annotated[
         Path, typer.Argument(help="A checkpoint directory, or a recipe YAML (merged in memory, never written).")
     ],
-    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names, e.g. zoo_reverse,zoo_sort.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names, e.g. zoo_latin,zoo_greek.")],
     include_path: Annotated[
         Optional[list[Path]], typer.Option(help="Directory of task YAMLs (repeatable), e.g. ZOO/tasks.")
     ] = None,
@@ -268,7 +268,8 @@ def export(
     pick: Annotated[
         str,
         typer.Option(
-            help="auto (the optimizer's choice for sweep and soups, else knee), knee (balanced front member), "
+            help="auto (the optimizer's choice for sweep and soups, best for CMA-ES, else knee), knee (balanced "
+            "front member), best (by the score the optimizer ranked by: weighted sum or weakest objective), "
             "best:OBJECTIVE, optimizer, or a candidate id."
         ),
     ] = "auto",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole job on embedded defaults, from a clean clone: set up, build the toy zoo (cached), run a
 # short CMA-ES search on a local Ray with a local MLflow store, print the front (re-scored on held-out
-# items), export the knee recipe, materialize it, score it, and end on the held-out comparison: each
-# specialist, the hand-set merges and the exported pick, with the gain each keeps of every skill.
+# items), export the search's pick (CMA-ES's best by its weakest skill), materialize it, score it, and
+# end on the held-out comparison: each specialist, the hand-set merges and the exported pick, with the
+# gain each keeps of every skill.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -25,21 +26,21 @@ echo "== 2/6 CMA-ES search (weakest skill first) over per-layer task-arithmetic 
 echo "== 3/6 the front, re-scored on the held-out test items"
 "$evomerge" front "$out/run" --rescore test
 
-echo "== 4/6 export the knee recipe (mergekit-compatible) and materialize it"
-"$evomerge" export "$out/run" --pick knee -o "$out/knee.yaml" --front-dir "$out/front"
-"$evomerge" merge "$out/knee.yaml" "$out/merged" --overwrite
-cat "$out/knee.yaml"
+echo "== 4/6 export the search's pick (best by its weakest skill; mergekit-compatible) and materialize it"
+"$evomerge" export "$out/run" --pick auto -o "$out/pick.yaml" --front-dir "$out/front"
+"$evomerge" merge "$out/pick.yaml" "$out/merged" --overwrite
+cat "$out/pick.yaml"
 
 echo "== 5/6 the merged checkpoint on the held-out test items"
 "$evomerge" eval "$out/merged" --tasks "$tasks" --include-path "$zoo/tasks" --split test
 
 echo "== 6/6 held out: specialists, hand-set merges and the exported pick side by side"
-"$evomerge" zoo compare "$out/knee.yaml" --zoo "$zoo"
+"$evomerge" zoo compare "$out/pick.yaml" --zoo "$zoo"
 
 cat <<MSG
 
 Done. Look around:
   evomerge ui --run-dir $out/run          # MLflow UI: parent run, one child per candidate, front plots
   evomerge front $out/run                 # the Pareto front again
-  mergekit-yaml $out/knee.yaml OUT_DIR    # mergekit runs the exported recipe unmodified
+  mergekit-yaml $out/pick.yaml OUT_DIR    # mergekit runs the exported recipe unmodified
 MSG

@@ -21,6 +21,10 @@ def test_config_errors_name_the_field(random_family, tmp_path) -> None:
     bad["search_space"]["models"] = ["nonexistent-name"]
     with pytest.raises(ConfigError, match="neither a zoo name nor an existing directory"):
         resolve_run_config(bad, base_dir=tmp_path)
+    bad = run_config(random_family, tmp_path)
+    bad["optimizer"]["x0"] = 1.5
+    with pytest.raises(ConfigError, match="optimizer.x0"):
+        resolve_run_config(bad, base_dir=tmp_path)
     assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45
     with pytest.raises(ConfigError, match="expected a duration"):
         parse_duration("soon")

@@ -44,12 +44,21 @@ def test_picks(ps_run) -> None:
     best_first = pick(report, f"best:{first}")
     assert best_first.objectives[first] == max(r.objectives[first] for r in report.ok)
     assert pick(report, "3").id == 3
-    assert pick(report, "auto") == knee(report)  # no finite optimizer here: auto is the knee
+    assert report.config["optimizer"]["name"] == "nsga2"
+    assert pick(report, "auto") == knee(report)  # NSGA-II, no choice of its own: auto is the knee
+    # best: by the optimizer's scalarization (weighted sum here; the weakest objective with scalarize: worst)
+    scores = {r.id: sum(r.objectives.values()) for r in report.ok}
+    assert scores[pick(report, "best").id] == max(scores.values())
+    report.config["optimizer"]["scalarize"] = "worst"
+    weakest = {r.id: min(r.objectives.values()) for r in report.ok}
+    assert weakest[pick(report, "best").id] == max(weakest.values())
+    report.config["optimizer"]["name"] = "cma"
+    assert pick(report, "auto") == pick(report, "best")  # a scalarizing CMA-ES run: auto is its best
     with pytest.raises(PickError, match="no objective 'nope'"):
         pick(report, "best:nope")
     with pytest.raises(PickError, match="no such candidate"):
         pick(report, "999")
-    with pytest.raises(PickError, match="use knee, best:OBJECTIVE, optimizer, auto or a candidate id"):
+    with pytest.raises(PickError, match="use knee, best, best:OBJECTIVE, optimizer, auto or a candidate id"):
         pick(report, "favourite")
 
 

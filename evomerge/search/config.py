@@ -1,7 +1,7 @@
 """Run configuration (``configs/*.yaml``): search space, optimizer, objectives, runtime, tracking.
 
-Model references in the search space may be names from a toy zoo (``base``, ``reverse``, …, and the
-soup group's ``sort-soup1``, …) when a zoo is given: ``zoo:`` in the config, ``--set zoo=DIR``, or
+Model references in the search space may be names from a toy zoo (``base``, ``latin``, …, and the
+soup group's ``greek-soup1``, …) when a zoo is given: ``zoo:`` in the config, ``--set zoo=DIR``, or
 ``$EVOMERGE_ZOO_DIR`` (in that order); the zoo's task directory is then added to the include paths.
 Anything else is a path, relative to the config file.
 """
@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -43,6 +43,13 @@ class OptimizerConfig(_Strict):
     """Candidates to score (cached duplicates count)."""
     sigma: float = Field(default=0.25, gt=0)
     """CMA-ES initial step size, in units of the [0,1] gene range."""
+    x0: float | None = Field(default=None, ge=0, le=1)
+    """CMA-ES start: every gene at this point of its [0,1] range (default 0.5, the centre of the box;
+    e.g. 0.25 starts task-arithmetic weights in 0-2 at the hand-set 0.5)."""
+    initial: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    """NSGA-II: members of the first population with every gene at one of these points of its [0,1]
+    range (the rest of the population is drawn at random); over task-arithmetic weights in 0-2,
+    [0.1667, 0.25, 0.5] are the hand-set merges linear, lambda 0.5 and lambda 1."""
     scalarize: Literal["weighted_sum", "worst"] = "weighted_sum"
     """CMA-ES, sweep and soups: how objectives become one value: their weighted sum, or the worst
     weighted one (a merge is as good as its weakest skill)."""
@@ -116,7 +123,7 @@ class ResolvedRun:
         if zoo is not None:
             self.names = {"base": str(self.zoo_dir / zoo["base"])}
             self.names.update({k: str(self.zoo_dir / v) for k, v in zoo["models"].items()})
-            for members in (zoo.get("soups") or {}).values():  # the soup group by directory name: sort-soup1, ...
+            for members in (zoo.get("soups") or {}).values():  # the soup group by directory name: greek-soup1, ...
                 self.names.update(
                     {Path(m).name: str(self.zoo_dir / m) for m in members if Path(m).name not in self.names}
                 )

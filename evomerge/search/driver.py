@@ -104,6 +104,8 @@ class Search:
                 seed=opt.seed,
                 weights=self.run.weights,
                 sigma=opt.sigma,
+                x0=None if opt.x0 is None else [opt.x0] * self.genome.dim,
+                initial=None if opt.initial is None else [[v] * self.genome.dim for v in opt.initial],
                 scalarize=opt.scalarize,
                 grid=opt.grid,
             )

@@ -105,11 +105,20 @@ def value_note(how: str) -> str:
     return f"objectives weighted and combined by {how}, to minimize (maximized objectives negated)"
 
 
+#: With ``scalarize: worst``, candidates whose worst objective ties are ranked by their mean, this much
+#: of it: accuracies on a few hundred items tie often, and a rank-based optimizer (CMA-ES) that sees a
+#: flat worst skill would otherwise drift at random instead of improving the other skills meanwhile.
+WORST_TIE_BREAK = 1e-3
+
+
 def scalarized(F: np.ndarray, weights: np.ndarray, how: str) -> np.ndarray:
     """One value per candidate (to minimize): the weighted sum of its objectives, or the worst
-    (largest) weighted one; failed candidates (NaN) come out worse than every finite one."""
+    (largest) weighted one, ties broken by the mean (``WORST_TIE_BREAK``); failed candidates (NaN)
+    come out worse than every finite one."""
     weighted = Optimizer._penalize(F) * weights
-    return weighted.max(axis=1) if how == "worst" else weighted.sum(axis=1)
+    if how == "worst":
+        return weighted.max(axis=1) + WORST_TIE_BREAK * weighted.mean(axis=1)
+    return weighted.sum(axis=1)
 
 
 class CMAES(Optimizer):
@@ -189,14 +198,31 @@ class NSGA2(Optimizer):
     name = "nsga2"
 
     def __init__(
-        self, dim: int, n_objectives: int, *, population: int, seed: int, weights: Sequence[float] | None = None
+        self,
+        dim: int,
+        n_objectives: int,
+        *,
+        population: int,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        initial: Sequence[Sequence[float]] | None = None,
     ):
+        """``initial``: points that join the first population (the rest of it is drawn uniformly), e.g.
+        the hand-set merges a space can express, so the front starts from what one would set by hand."""
         super().__init__(dim, n_objectives, population=population, seed=seed, weights=weights)
         from pymoo.algorithms.moo.nsga2 import NSGA2 as PymooNSGA2
         from pymoo.core.problem import Problem
 
         self.problem = Problem(n_var=dim, n_obj=n_objectives, xl=0.0, xu=1.0)
-        self.algorithm = PymooNSGA2(pop_size=population)
+        if initial:
+            points = np.clip(np.asarray(initial, dtype=float).reshape(-1, dim), 0.0, 1.0)
+            if len(points) > population:
+                raise ValueError(f"optimizer.initial: {len(points)} points do not fit a population of {population}")
+            sample = np.random.default_rng(seed).random((population, dim))
+            sample[: len(points)] = points
+            self.algorithm = PymooNSGA2(pop_size=population, sampling=sample)
+        else:
+            self.algorithm = PymooNSGA2(pop_size=population)
         self.algorithm.setup(self.problem, termination=("n_gen", 10**9), seed=seed, verbose=False)
         self._asked = None
         self._init_steady_state()

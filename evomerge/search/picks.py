@@ -1,10 +1,12 @@
 """Picking candidates from a run: the knee of the front, the best on one objective, or an id.
 
 Picks: ``knee`` (the front member closest to the ideal point once each objective is scaled to [0,1]
-over the front; the best one for a single objective), ``best:OBJECTIVE`` (best on one objective label),
-``optimizer`` (a finite optimizer's choice: the greedy soup it ends with, a sweep's pick), ``auto``
-(``optimizer`` where the run has one, else ``knee``), or a candidate id. Export, stages and the CLI all
-pick through here.
+over the front; the best one for a single objective), ``best`` (best by the score the optimizer
+ranked candidates by: the weighted sum, or for ``scalarize: worst`` the weakest weighted objective),
+``best:OBJECTIVE`` (best on one objective label), ``optimizer`` (a finite optimizer's choice: the greedy
+soup it ends with, a sweep's pick), ``auto`` (``optimizer`` where the run has one; ``best`` for a
+scalarizing CMA-ES run, which searched for exactly that; else ``knee``), or a candidate id. Export,
+stages and the CLI all pick through here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 
 from evomerge.recipe import Recipe
 from evomerge.search.front import to_minimize
+from evomerge.search.optimizers import scalarized
 from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
 
@@ -34,11 +37,32 @@ def knee(report: RunReport) -> CandidateRecord:
     return front[int(np.argmin(distance))]
 
 
+def _scalarization(report: RunReport) -> str:
+    return str((report.config.get("optimizer") or {}).get("scalarize") or "weighted_sum")
+
+
+def best_scalarized(report: RunReport) -> CandidateRecord:
+    """The candidate the optimizer's own scalarization ranks first (ties: the earliest)."""
+    ok = report.ok
+    if not ok:
+        raise PickError("the run has no successful candidate yet")
+    F = to_minimize(report.values(ok), report.directions)
+    values = scalarized(F, np.asarray(report.weights, dtype=float), _scalarization(report))
+    return ok[int(np.argmin(values))]  # argmin returns the first of equal values: the earliest id
+
+
 def pick(report: RunReport, choice: str) -> CandidateRecord:
     """The record a ``--pick`` value names."""
     summary = report.optimizer_summary
     if choice == "auto":
-        choice = "optimizer" if summary is not None and summary.get("choice_id") is not None else "knee"
+        if summary is not None and summary.get("choice_id") is not None:
+            choice = "optimizer"
+        elif (report.config.get("optimizer") or {}).get("name") == "cma":
+            choice = "best"
+        else:
+            choice = "knee"
+    if choice == "best":
+        return best_scalarized(report)
     if choice == "optimizer":
         if summary is None:
             raise PickError(
@@ -61,7 +85,9 @@ def pick(report: RunReport, choice: str) -> CandidateRecord:
     try:
         wanted = int(choice)
     except ValueError:
-        raise PickError(f"--pick {choice!r}: use knee, best:OBJECTIVE, optimizer, auto or a candidate id") from None
+        raise PickError(
+            f"--pick {choice!r}: use knee, best, best:OBJECTIVE, optimizer, auto or a candidate id"
+        ) from None
     for record in report.records:
         if record.id == wanted:
             if not record.ok:

@@ -21,11 +21,12 @@ SOUPS = ("uniform_soup", "greedy_soup")
 
 _OPTIONS: dict[type[Optimizer], set[str]] = {
     CMAES: {"sigma", "x0", "scalarize"},
+    NSGA2: {"initial"},
     Sweep: {"scalarize", "grid"},
     UniformSoup: {"scalarize"},
     GreedySoup: {"scalarize"},
 }
-_SPECIFIC = {"sigma", "x0", "scalarize", "grid"}
+_SPECIFIC = {"sigma", "x0", "scalarize", "grid", "initial"}
 
 
 def make_optimizer(name: str, dim: int, n_objectives: int, **options: Any) -> Optimizer:
