@@ -4,8 +4,8 @@
 - **Soups**: the zoo's soup group (zoo.json ``soups``: fine-tunes of one skill differing only in data
   order). ``uniform_soup`` and ``greedy_soup`` (configs/zoo-soup.yaml) rank on the search split; the
   table shows each ingredient, the uniform soup and the greedy soup's choice on the test split.
-- **Sweep**: configs/zoo-sweep.yaml (5 x 5 grid over the task-arithmetic weights of the reverse and
-  shift specialists, quadratic fit, weaker skill on the search split). The table shows the fit's pick,
+- **Sweep**: configs/zoo-sweep.yaml (5 x 5 grid over the task-arithmetic weights of the latin and
+  cyrillic specialists, quadratic fit, weaker skill on the search split). The table shows the fit's pick,
   the sweep's choice, the base, the two specialists and the hand-set merges of the pair on the test
   split, with gain retention (merge - base) / (specialist - base).
 

@@ -13,13 +13,13 @@ from evomerge.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "zoo-ps-nsga2.yaml")
-SMALL = "objectives=[{task: zoo_reverse, metric: acc, limit: 4}]"
+SMALL = "objectives=[{task: zoo_latin, metric: acc, limit: 4}]"
 
 
 def space(**changes: object) -> str:
     fields = {
         "kind": "ps",
-        "models": "[reverse, sort]",
+        "models": "[latin, greek]",
         "base_model": "base",
         "method": "task_arithmetic",
         "parameters": "{weight: {low: 0.0, high: 1.0}}",
@@ -68,18 +68,18 @@ def snapshot(path: Path) -> dict[str, bytes]:
 SEARCH_ERRORS = {
     "unknown task": (["--set", "objectives=[{task: zoo_nope, metric: acc}]"], r"unknown task\(s\) zoo_nope"),
     "unknown metric": (
-        ["--set", "objectives=[{task: zoo_reverse, metric: f1}]"],
-        r"zoo_reverse/f1: task zoo_reverse has no metric 'f1' \(valid: acc",
+        ["--set", "objectives=[{task: zoo_latin, metric: f1}]"],
+        r"zoo_latin/f1: task zoo_latin has no metric 'f1' \(valid: acc",
     ),
     "unknown split": (
-        ["--set", "objectives=[{task: zoo_reverse, metric: acc, split: dev}]"],
+        ["--set", "objectives=[{task: zoo_latin, metric: acc, split: dev}]"],
         r"no split 'dev' \(valid: search, test\)",
     ),
     "inverted bounds": (
         ["--set", space(parameters="{weight: {low: 1.0, high: 0.0}}")],
         r"parameters.weight: bounds must be finite with low <= high, got \[1.0, 0.0\]",
     ),
-    "unknown model": (["--set", space(models="[reverse, nosuch]")], r"model 'nosuch' is neither a zoo name"),
+    "unknown model": (["--set", space(models="[latin, nosuch]")], r"model 'nosuch' is neither a zoo name"),
     "unknown method": (["--set", space(method="tiez")], r"unknown method 'tiez'; valid methods: .*ties"),
     "set without =": (["--set", "optimizer.population"], r"--set 'optimizer.population': expected key=value"),
     "set with bad YAML": (["--set", "optimizer.population=[1,"], r"the value is not valid YAML"),
@@ -88,7 +88,7 @@ SEARCH_ERRORS = {
     "unknown optimizer": (["--set", "optimizer.name=bayes"], r"optimizer.name: Input should be 'cma', 'nsga2'"),
     "unknown mode": (["--set", "optimizer.mode=fast"], r"optimizer.mode: Input should be 'barrier' or 'async'"),
     "bad time limit": (["--time-limit", "soon"], r"time limit 'soon': expected a duration"),
-    "negative limit": (["--set", "objectives=[{task: zoo_reverse, metric: acc, limit: -3}]"], r"objectives.0.limit"),
+    "negative limit": (["--set", "objectives=[{task: zoo_latin, metric: acc, limit: -3}]"], r"objectives.0.limit"),
     "changed space on resume": (["--set", space(), "--set", SMALL], r"--resume: the search_space differs"),
     "other optimizer on resume": (["--set", SMALL, "--set", "optimizer.name=cma"], r"--resume: the optimizer"),
     "async on a barrier run": (["--set", SMALL, "--set", "optimizer.mode=async"], r"its mode differs"),
@@ -114,11 +114,11 @@ OTHER_ERRORS = {
     "front: not a run dir": (["front", "{tmp}"], r"not a run directory \(no run.yaml\)"),
     "export: unknown pick": (["export", "{run}", "--pick", "zzz", "-o", "{tmp}/x.yaml"], r"zzz"),
     "export: no output": (["export", "{run}"], r"give -o FILE"),
-    "eval: no such model": (["eval", "/no/such/model", "--tasks", "zoo_reverse"], r"/no/such/model: no such"),
+    "eval: no such model": (["eval", "/no/such/model", "--tasks", "zoo_latin"], r"/no/such/model: no such"),
     "eval: no tasks": (["eval", "{run}", "--tasks", ","], r"--tasks: give at least one task name"),
-    "eval: bad backend": (["eval", "{run}", "--tasks", "zoo_reverse", "--backend", "gpu"], r"--backend: 'gpu'"),
+    "eval: bad backend": (["eval", "{run}", "--tasks", "zoo_latin", "--backend", "gpu"], r"--backend: 'gpu'"),
     "eval: bad limit": (
-        ["eval", "{run}", "--tasks", "zoo_reverse", "--limit", "0"],
+        ["eval", "{run}", "--tasks", "zoo_latin", "--limit", "0"],
         r"--limit: must be a positive number",
     ),
 }

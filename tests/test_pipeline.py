@@ -20,7 +20,7 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(zoo_dir))
     runner = CliRunner()
     run_dir = tmp_path / "run"
-    small = "objectives=[{task: zoo_reverse, metric: acc, limit: 20}, {task: zoo_sort, metric: acc, limit: 20}]"
+    small = "objectives=[{task: zoo_latin, metric: acc, limit: 20}, {task: zoo_greek, metric: acc, limit: 20}]"
     result = runner.invoke(
         app,
         [
@@ -56,7 +56,7 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 11 and len(children) == 10
     assert {r.data.tags["pareto"] for r in children} >= {"true"}
-    assert all("test/zoo_reverse/acc" in r.data.metrics for r in children if r.data.tags.get("rescored_test") == "true")
+    assert all("test/zoo_latin/acc" in r.data.metrics for r in children if r.data.tags.get("rescored_test") == "true")
     assert sum(r.data.tags.get("rescored_test") == "true" for r in children) == len(rescored)
 
     knee = tmp_path / "knee.yaml"
@@ -68,7 +68,7 @@ def test_search_to_merged_model(zoo_dir, tmp_path, monkeypatch) -> None:
             "eval",
             str(tmp_path / "merged"),
             "--tasks",
-            "zoo_reverse,zoo_sort",
+            "zoo_latin,zoo_greek",
             "--include-path",
             str(zoo_dir / "tasks"),
             "--split",

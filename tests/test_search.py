@@ -40,7 +40,7 @@ def test_killed_search_resumes_to_the_same_front(zoo_dir, tmp_path) -> None:
     small = [
         *common,
         "--set",
-        "objectives=[{task: zoo_reverse, metric: acc, limit: 20}, {task: zoo_sort, metric: acc, limit: 20}]",
+        "objectives=[{task: zoo_latin, metric: acc, limit: 20}, {task: zoo_greek, metric: acc, limit: 20}]",
     ]
 
     whole = cli("search", str(config), "--run-dir", str(tmp_path / "whole"), *small, env=env)
@@ -95,7 +95,7 @@ def test_sigterm_stops_a_search_cleanly(zoo_dir, tmp_path) -> None:
         "0",
         "-q",
         "--set",
-        "objectives=[{task: zoo_reverse, metric: acc, limit: 10}]",
+        "objectives=[{task: zoo_latin, metric: acc, limit: 10}]",
     ]
     run_dir = tmp_path / "run"
     victim = cli("search", str(config), "--run-dir", str(run_dir), *args, env=env)

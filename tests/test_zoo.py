@@ -170,9 +170,11 @@ def test_report_bands(zoo_built: Path) -> None:
     assert report["synergy"]["best_source_score"] == max(
         table[r][synergy] for r in ["base", *(f"specialist {s}" for s in skills)]
     )
-    # the uniform soup is as good as its best ingredient, to one item of 200 (seed 0: 0.995 vs 1.000, a
-    # miss of the ">=" by one item; the other two ingredients score 0.980)
-    assert report["soup"]["uniform_soup"] >= max(report["soup"]["ingredients"].values()) - 0.005
+    # the base knows each skill partly (it was shown some of each alphabet's code)
+    for s in skills:
+        assert 0.10 <= table["base"][s] <= 0.60, (s, table["base"])
+    # the uniform soup is as good as its best ingredient
+    assert report["soup"]["uniform_soup"] >= max(report["soup"]["ingredients"].values())
     # task vectors: small next to the weights, and far from parallel
     assert all(0 < v < 0.5 for v in report["task_vectors"]["relative_size"].values())
     assert all(abs(c) < 0.5 for c in report["task_vectors"]["cosine"].values())
@@ -227,7 +229,7 @@ def test_lm_eval_acc_matches_quick_scorer(zoo_built: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = _meta(zoo_built)
-    path = meta["models"]["sort"]  # sort is the specialist with a few misses: a non-trivial number to match
+    path = meta["base"]  # the base knows each skill partly: a non-trivial number to match on every task
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     limit = 200
@@ -256,9 +258,9 @@ def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
     c = build_zoo(tmp_path / "c", 4, progress=False, config=TINY).parent
     dc = _tree_digest(c, skip)
     assert dc["models/base/model.safetensors"] != da["models/base/model.safetensors"]
-    assert dc["tasks/data/reverse.test.jsonl"] != da["tasks/data/reverse.test.jsonl"]
+    assert dc["tasks/data/latin.test.jsonl"] != da["tasks/data/latin.test.jsonl"]
     # soup ingredients start from one base with one recipe and differ only in their data order
-    assert len({da[f"{m}/model.safetensors"] for m in json.loads((a / "zoo.json").read_text())["soups"]["sort"]}) == 3
+    assert len({da[f"{m}/model.safetensors"] for m in json.loads((a / "zoo.json").read_text())["soups"]["greek"]}) == 3
 
 
 def test_tiny_build_zoo_json_and_report(tmp_path: Path) -> None:
@@ -276,9 +278,9 @@ def test_tiny_build_zoo_json_and_report(tmp_path: Path) -> None:
     assert set(report["task_vectors"]["relative_size"]) == set(raw["models"])
     assert len(report["task_vectors"]["cosine"]) == 3
     assert set(report["soup"]["ingredients"]) == {
-        "specialist sort",
-        "soup ingredient sort-soup1",
-        "soup ingredient sort-soup2",
+        "specialist greek",
+        "soup ingredient greek-soup1",
+        "soup ingredient greek-soup2",
     }
 
 
@@ -338,7 +340,7 @@ def test_moved_zoo_gets_its_task_paths_retargeted(tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     first.rename(moved)
     meta = load_zoo(build_zoo(moved, 0, progress=False, config=TINY))
-    cfg = yaml.safe_load((meta["include_path"] / "zoo_sort.yaml").read_text())
+    cfg = yaml.safe_load((meta["include_path"] / "zoo_greek.yaml").read_text())
     assert all(Path(f).is_file() and moved in Path(f).parents for f in cfg["dataset_kwargs"]["data_files"].values())
 
 
@@ -366,16 +368,36 @@ def test_item_sets_are_seeded_disjoint_and_unseen_in_training() -> None:
 
 
 def test_skill_answers() -> None:
-    assert SKILLS["reverse"].answer("abcd") == "dcba"
-    assert SKILLS["sort"].answer("δβγα") == "αβγδ"
-    assert SKILLS["shift"].answer("абвр") == "гдев"  # р is the last Cyrillic letter of the alphabet: wraps
-    assert get_skill(SYNERGY).answer("абв") == "едг"  # reversed, then shifted
-    item = SKILLS["sort"].item("δβγα")
-    assert item["query"] + item["target"] == "srt δβγα=αβγδ."
+    from evomerge.zoo.skills import CODE, known_letters
+
+    # each language's code is a fixed substitution of its own letters, none left in place
+    for letters in ALPHABETS.values():
+        assert sorted(CODE[c] for c in letters) == sorted(letters)
+        assert all(CODE[c] != c for c in letters)
+    word = "abcd"
+    assert SKILLS["latin"].answer(word) == "".join(CODE[c] for c in word)
+    item = SKILLS["greek"].item("δβγα")
+    assert item["query"] + item["target"] == "sub δβγα=" + "".join(CODE[c] for c in "δβγα") + "."
     assert get_skill("cpy@greek").answer("αβ") == "αβ"
-    # each specialist's skill lives in its own alphabet: disjoint tokens, like different domains
+    assert get_skill("rev@latin").answer("abcd") == "dcba"
+    # each specialist's skill lives in its own alphabet: disjoint tokens, like different languages
     letters = [set(ALPHABETS[s.alphabet]) for s in SKILLS.values()]
     assert all(not (a & b) for i, a in enumerate(letters) for b in letters[i + 1 :])
+    # the synergy task mixes the two alphabets of its pair in every item (two letters of each at least)
+    import random
+
+    synergy = get_skill(SYNERGY)
+    a, b = (set(ALPHABETS[SKILLS[s].alphabet]) for s in ("latin", "cyrillic"))
+    for x in (synergy.draw_input(random.Random(i)) for i in range(50)):
+        assert len(set(x) & a) >= 1 and sum(c in a for c in x) >= 2 and sum(c in b for c in x) >= 2
+        assert synergy.answer(x) == "".join(CODE[c] for c in x)
+    # what the base is shown: a seeded subset of each alphabet; inputs restricted to it stay in it
+    known = known_letters("latin", 0, 10)
+    assert len(known) == 10 and set(known) <= a and known == known_letters("latin", 0, 10)
+    assert known != known_letters("latin", 1, 10)
+    restricted = SKILLS["latin"].restricted_to(known)
+    assert restricted.name == "latin/known"
+    assert all(set(restricted.draw_input(random.Random(i))) <= set(known) for i in range(50))
     with pytest.raises(KeyError, match="OP@ALPHABET"):
         get_skill("rev@klingon")
 
@@ -386,8 +408,8 @@ def test_greedy_hits_equals_generation(zoo_built: Path) -> None:
 
     meta = _meta(zoo_built)
     tok = AutoTokenizer.from_pretrained(meta["base"], local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(meta["models"]["sort"], local_files_only=True)
-    items = _items(zoo_built, "sort", "test")[:15] + _items(zoo_built, "reverse", "test")[:15]
+    model = AutoModelForCausalLM.from_pretrained(meta["models"]["greek"], local_files_only=True)
+    items = _items(zoo_built, "greek", "test")[:15] + _items(zoo_built, "latin", "test")[:15]
     hits = greedy_hits(model, tok, items)
     for it, hit in zip(items, hits, strict=True):
         ids = torch.tensor([tok.encode(it["query"])])
@@ -430,7 +452,7 @@ def test_zoo_compare_cli_scores_recipes_beside_the_zoo(tmp_path: Path) -> None:
                 "base_model": str(meta["base"]),
                 "dtype": "float32",
                 "models": [
-                    {"model": str(meta["models"][s]), "parameters": {"weight": 0.7}} for s in ("reverse", "sort")
+                    {"model": str(meta["models"][s]), "parameters": {"weight": 0.7}} for s in ("latin", "greek")
                 ],
             }
         )
@@ -445,7 +467,7 @@ def test_zoo_compare_cli_scores_recipes_beside_the_zoo(tmp_path: Path) -> None:
             "--zoo",
             str(zoo),
             "--skills",
-            "reverse,sort",
+            "latin,greek",
             "--synergy",
             "--json",
             str(out_json),
@@ -455,10 +477,10 @@ def test_zoo_compare_cli_scores_recipes_beside_the_zoo(tmp_path: Path) -> None:
     assert "mine" in result.output
     data = json.loads(out_json.read_text())
     assert data["best_hand_set"] in {label for label, *_ in HAND_SET_MERGES}
-    assert list(data["tasks"]) == ["reverse", "sort", SYNERGY]
+    assert list(data["tasks"]) == ["latin", "greek", SYNERGY]
     rows = set(data["scores"])
-    assert {"base", "specialist reverse", "specialist sort", "mine"} <= rows
+    assert {"base", "specialist latin", "specialist greek", "mine"} <= rows
     assert {label for label, *_ in HAND_SET_MERGES} <= rows
-    assert set(data["gain_retention"]["mine"]) == {"reverse", "sort"}
-    bad = CliRunner().invoke(app, ["zoo", "compare", "--zoo", str(zoo), "--skills", "reverse,juggle"])
+    assert set(data["gain_retention"]["mine"]) == {"latin", "greek"}
+    bad = CliRunner().invoke(app, ["zoo", "compare", "--zoo", str(zoo), "--skills", "latin,juggle"])
     assert bad.exit_code == 2 and "juggle" in bad.output

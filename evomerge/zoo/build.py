@@ -14,10 +14,12 @@ Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directo
     .zoo-stamp.json       seed + recipe version + config fingerprint, written last
 
 Recipe (``ZooConfig``; why, in ``skills.py``): the base is pretrained on a broad mixture, copying in
-every alphabet (the "general text"), each specialist's skill at a small share (so the base knows it
-partly) and the synergy task at a smaller one. Each specialist is a brief fine-tune of that one
-checkpoint, all with the same settings: its skill, with a share of copying and of the other skills
-replayed against the base's own predictions (a KL term), so it keeps what the base knew. The soup group is the soup skill fine-tuned again with other data orders.
+every alphabet (the "general text"), and each specialist's skill and the synergy task on the letters it
+is shown (``known_letters`` of each alphabet), so it knows each skill partly. Each specialist is a brief
+fine-tune of that one checkpoint, all with the same settings: its skill on every letter, with a share of
+copying and of every skill on the known letters replayed against the base's own predictions (a KL
+term), so it keeps what the base knew. The soup group is the soup skill fine-tuned again with other
+data orders.
 
 The build writes into a temporary sibling directory and renames it into place at the end, so an
 interrupted build never leaves a directory that looks complete; a build whose stamp matches (same
@@ -58,12 +60,13 @@ from evomerge.zoo.skills import (
     Skill,
     eval_inputs,
     get_skill,
+    known_letters,
     training_inputs,
 )
 
 #: Bump whenever a change to this module or to ``skills.py`` changes what a build produces; cached
 #: zoos with another version are rebuilt.
-RECIPE_VERSION = "zoo-recipe-2"
+RECIPE_VERSION = "zoo-recipe-3"
 
 STAMP_NAME = ".zoo-stamp.json"
 ZOO_JSON = "zoo.json"
@@ -77,11 +80,11 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 class ZooConfig:
     """Everything that determines a zoo besides the seed (hashed into the cache stamp)."""
 
-    skills: tuple[str, ...] = ("reverse", "sort", "shift")
+    skills: tuple[str, ...] = ("latin", "greek", "cyrillic")
     #: the synergy task: a skill (``skills.py``) that needs two specialists' skills at once
     synergy: str = SYNERGY
     #: the soup group: this skill's specialist plus ``soup_size - 1`` fine-tunes with other data orders
-    soup_skill: str = "sort"
+    soup_skill: str = "greek"
     soup_size: int = 3
     # model
     hidden_size: int = 128
@@ -93,17 +96,19 @@ class ZooConfig:
     # base: the pretraining mixture, loss on every token
     base_steps: int = 2000
     base_lr: float = 3e-3
-    #: mixture weight of each specialist's skill and of the synergy task; copying in each alphabet has 1.
-    #: Rare, as a niche skill is in real pretraining data, so the base knows each one only partly; the
-    #: weights differ because the skills differ in how fast they are learned (a letter map, shift, is
-    #: learned from far fewer items than reversal).
-    skill_weights: tuple[tuple[str, float], ...] = (("reverse", 0.065), ("sort", 0.06), ("shift", 0.006))
-    synergy_weight: float = 0.008
+    #: how many of each alphabet's 16 letters the base is shown the code of (``skills.known_letters``):
+    #: it gets an item right when every letter is one of these, so this sets how much of each skill it
+    #: knows (10 of 16: about 0.16 exact match on 3-5 letters)
+    known_letters: int = 10
+    #: mixture weight of each specialist's skill (on the known letters) and of the synergy task (on
+    #: the known letters of both alphabets); copying in each alphabet has 1
+    skill_weight: float = 0.3
+    synergy_weight: float = 0.1
     # specialists: one skill, loss on the target only, identical settings for all
-    ft_steps: int = 300
-    ft_lr: float = 1e-3
-    #: share of a specialist's items that replay copying in every alphabet and the other skills, held to
-    #: the base's own predictions by a KL term (``_ft_mixture``)
+    ft_steps: int = 200
+    ft_lr: float = 5e-4
+    #: share of a specialist's items that replay copying in every alphabet and every skill on the base's
+    #: known letters, held to the base's own predictions by a KL term (``_ft_mixture``)
     ft_replay: float = 0.25
     batch_size: int = 64
     warmup_frac: float = 0.05
@@ -426,26 +431,31 @@ def _train(
     return sum(recent) / max(len(recent), 1)
 
 
-def pretraining_mixture(config: ZooConfig) -> list[tuple[Skill, float]]:
+def _known(skill: Skill, config: ZooConfig, seed: int) -> Skill:
+    """``skill`` on the letters the base is shown (both alphabets' known letters for a mixed skill)."""
+    alphabets = [skill.alphabet] + ([skill.mixed_with] if skill.mixed_with else [])
+    return skill.restricted_to("".join(known_letters(a, seed, config.known_letters) for a in alphabets))
+
+
+def pretraining_mixture(config: ZooConfig, seed: int) -> list[tuple[Skill, float]]:
     """The base's data: copying in every alphabet (weight 1 each: the "general text"), each
-    specialist's skill at its ``skill_weights`` entry and the synergy task at ``synergy_weight``."""
+    specialist's skill on the base's known letters at ``skill_weight`` and the synergy task on the known
+    letters of its two alphabets at ``synergy_weight``."""
     general = [(get_skill(f"cpy@{a}"), 1.0) for a in ALPHABETS]
-    weights = dict(config.skill_weights)
-    missing = [s for s in config.skills if s not in weights]
-    if missing:
-        raise ValueError(f"ZooConfig.skill_weights: no weight for skill(s) {', '.join(missing)}")
-    skills = [(get_skill(s), weights[s]) for s in config.skills]
-    synergy = [(get_skill(config.synergy), config.synergy_weight)] if config.synergy_weight > 0 else []
+    skills = [(_known(get_skill(s), config, seed), config.skill_weight) for s in config.skills]
+    synergy = (
+        [(_known(get_skill(config.synergy), config, seed), config.synergy_weight)] if config.synergy_weight > 0 else []
+    )
     return general + skills + synergy
 
 
-def _ft_mixture(skill: Skill, config: ZooConfig) -> tuple[list[tuple[Skill, float]], frozenset[str]]:
-    """A specialist's data and which of its skills are replayed: its own skill, plus (``ft_replay`` of
-    the items, in equal shares) copying in every alphabet and the other specialists' skills, on which it
-    is held to the base's own predictions (a KL term), so the fine-tune changes the behaviour behind its
-    own prompt only, as a gentle real fine-tune keeps its base's other abilities. The synergy task is not
-    replayed: nothing holds it where the base had it."""
-    others = [get_skill(f"cpy@{a}") for a in ALPHABETS] + [get_skill(s) for s in config.skills if s != skill.name]
+def _ft_mixture(skill: Skill, config: ZooConfig, seed: int) -> tuple[list[tuple[Skill, float]], frozenset[str]]:
+    """A specialist's data and which of its skills are replayed: its own skill on every letter, plus
+    (``ft_replay`` of the items, in equal shares) copying in every alphabet and every specialist's
+    skill on the base's known letters, on which it is held to the base's own predictions (a KL term),
+    so the fine-tune changes the behaviour behind its own unknown letters only, as a gentle real
+    fine-tune keeps its base's other abilities. The synergy task is not replayed."""
+    others = [get_skill(f"cpy@{a}") for a in ALPHABETS] + [_known(get_skill(s), config, seed) for s in config.skills]
     if config.ft_replay <= 0:
         return [(skill, 1.0)], frozenset()
     mixture = [(skill, 1.0 - config.ft_replay)] + [(s, config.ft_replay / len(others)) for s in others]
@@ -584,7 +594,13 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
         torch.manual_seed(_sub_seed(seed, "init"))
         base = LlamaForCausalLM(_model_config(config, tok)).to(torch.float32)  # type: ignore[arg-type]  # transformers' typed .to wrapper
         batches = _batches(
-            tok, pretraining_mixture(config), seed, "base", exclude, target_only=False, batch_size=config.batch_size
+            tok,
+            pretraining_mixture(config, seed),
+            seed,
+            "base",
+            exclude,
+            target_only=False,
+            batch_size=config.batch_size,
         )
         losses["base"] = _train(
             base, batches, steps=config.base_steps, lr=config.base_lr, config=config, desc="zoo base", progress=progress
@@ -600,7 +616,7 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
         for skill, name, tag in runs:
             model.load_state_dict(base.state_dict())
             torch.manual_seed(_sub_seed(seed, tag))
-            mixture, replay = _ft_mixture(skill, config)
+            mixture, replay = _ft_mixture(skill, config, seed)
             batches = _batches(
                 tok, mixture, seed, tag, exclude, target_only=True, batch_size=config.batch_size, replay=replay
             )

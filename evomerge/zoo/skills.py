@@ -1,18 +1,27 @@
-"""Skills of the toy model zoo: an operation applied to a string in one of several alphabets.
+"""Skills of the toy model zoo: an operation applied to a short string in one or two alphabets.
 
 Real fine-tunes that merge well (math, code, a language) touch largely different tokens and features of
-one broadly pretrained model. The zoo mirrors that in miniature: every item applies an *operation*
-(reverse, sort, shift, copy) to a short string in one *alphabet* (Latin, Greek, Cyrillic letters: three
-disjoint sets of tokens, like three languages). A skill is one (operation, alphabet) pair::
+one broadly pretrained model, and each starts from a base that already partly knows its skill. The zoo
+mirrors that in miniature. Three disjoint alphabets (Latin, Greek, Cyrillic letters: three sets of
+tokens, like three languages) each have a fixed *code*: a substitution of its letters (``CODE``), the
+"vocabulary" of that language. A specialist's skill is writing one language in its code::
 
-    reverse  = rev on Latin       "rev abcd=dcba."
-    sort     = srt on Greek       "srt δβγα=αβγδ."
-    shift    = rot on Cyrillic    "rot абв=где."    (each letter 3 on, wrapping)
+    latin     sub abcd=kpdh.        (each letter replaced by its code letter)
+    greek     sub δβγα=...
+    cyrillic  sub абвг=...
 
-The base is pretrained on every pair (``pretraining_mixture`` in ``build.py``), with the specialists'
-pairs rare, so it knows every operation and every alphabet but each skill only partly. The synergy task
-applies one specialist's operation in another specialist's alphabet (e.g. reverse on Cyrillic): it needs
-both what the reverse fine-tune sharpened and what the shift fine-tune sharpened.
+The base is pretrained on copying in every alphabet (the "general text") and on the code of *some* of
+each alphabet's letters (``known_letters``: which ones depends on the zoo seed), so it knows each skill
+partly: an item is right exactly when every letter in it is one the base learned. That share is set by
+how many letters it knows, not by a knife-edge mixture weight, so it holds across seeds. A specialist is
+a brief fine-tune that learns the rest of one alphabet's code.
+
+The synergy task mixes two alphabets in one string (``sub aбcд=...``: code-switching): it needs the
+Latin specialist's letters and the Cyrillic specialist's letters at once, so neither does it well
+alone, and a merge that keeps both does.
+
+The older operations (reverse, sort, shift, copy) stay available as ``OP@ALPHABET`` skills
+(``get_skill("rev@latin")``); copying is the base's general text.
 
 Every item is rendered in one shared format:
 
@@ -30,6 +39,7 @@ strings (stable across processes, unlike ``hash``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +61,22 @@ ALPHABET = (
 )
 
 CAESAR_SHIFT = 3
+
+
+def _code_of(alphabet: str) -> dict[str, str]:
+    """A fixed substitution of one alphabet's letters with no letter left in place (a derangement, so
+    copying is never the right answer). The same for every zoo seed: a language's code is part of the
+    language, not of one zoo."""
+    letters = ALPHABETS[alphabet]
+    rng = random.Random(f"evomerge-zoo/code/{alphabet}")
+    while True:
+        shuffled = rng.sample(letters, len(letters))
+        if all(a != b for a, b in zip(letters, shuffled)):
+            return dict(zip(letters, shuffled))
+
+
+#: Every letter of every alphabet -> its code letter (in the same alphabet).
+CODE: dict[str, str] = {k: v for alphabet in ALPHABETS for k, v in _code_of(alphabet).items()}
 
 
 def _check_vocabulary() -> None:
@@ -81,6 +107,10 @@ def _reverse_shift(x: str, letters: str) -> str:
     return _shift(_reverse(x, letters), letters)
 
 
+def _substitute(x: str, letters: str) -> str:
+    return "".join(CODE[c] for c in x)
+
+
 #: operation code -> (answer function, description)
 OPERATIONS: dict[str, tuple[Callable[[str, str], str], str]] = {
     "rev": (_reverse, "write the letters in reverse order"),
@@ -88,6 +118,7 @@ OPERATIONS: dict[str, tuple[Callable[[str, str], str], str]] = {
     "rot": (_shift, f"shift every letter {CAESAR_SHIFT} on in its alphabet (wrapping)"),
     "cpy": (_copy, "copy the letters"),
     "rvt": (_reverse_shift, f"reverse the letters, then shift each {CAESAR_SHIFT} on"),
+    "sub": (_substitute, "write each letter in its language's code"),
 }
 
 
@@ -96,28 +127,52 @@ _check_vocabulary()
 
 @dataclass(frozen=True)
 class Skill:
-    """One (operation, alphabet) pair: how to draw an input and the right answer."""
+    """One operation over one alphabet (or a code-switched mix of two): how to draw an input and the
+    right answer. ``pool``, when set, limits inputs to those letters (what the base is shown)."""
 
     name: str
     op: str
     alphabet: str
     min_len: int = 3
     max_len: int = 5
+    #: a second alphabet mixed into every input (at least ``min_each`` letters of each)
+    mixed_with: str | None = None
+    min_each: int = 2
+    pool: str = ""
 
     @property
     def letters(self) -> str:
+        """The alphabet the operation works in (its letter order, for sort and shift)."""
         return ALPHABETS[self.alphabet]
 
     @property
+    def input_letters(self) -> str:
+        if self.pool:
+            return self.pool
+        return self.letters + (ALPHABETS[self.mixed_with] if self.mixed_with else "")
+
+    @property
     def description(self) -> str:
-        return f"{OPERATIONS[self.op][1]} ({self.alphabet} letters)"
+        where = (
+            f"{self.alphabet} and {self.mixed_with} letters mixed" if self.mixed_with else f"{self.alphabet} letters"
+        )
+        return f"{OPERATIONS[self.op][1]} ({where})"
 
     def answer(self, x: str) -> str:
         return OPERATIONS[self.op][0](x, self.letters)
 
     def draw_input(self, rng: random.Random) -> str:
         n = rng.randint(self.min_len, self.max_len)
-        return "".join(rng.choice(self.letters) for _ in range(n))
+        while True:
+            x = "".join(rng.choice(self.input_letters) for _ in range(n))
+            if self.mixed_with is None or all(
+                sum(c in ALPHABETS[a] for c in x) >= self.min_each for a in (self.alphabet, self.mixed_with)
+            ):
+                return x
+
+    def restricted_to(self, letters: str, suffix: str = "known") -> Skill:
+        """The same skill on inputs drawn from ``letters`` only (named ``<name>/<suffix>``)."""
+        return dataclasses.replace(self, name=f"{self.name}/{suffix}", pool=letters)
 
     def query(self, x: str) -> str:
         return f"{self.op} {x}="
@@ -134,34 +189,41 @@ class Skill:
         return self.query(x), self.target(self.answer(x))
 
 
-#: The specialists' skills: each its own operation in its own alphabet.
-SKILLS: dict[str, Skill] = {
-    s.name: s
-    for s in (
-        Skill("reverse", "rev", "latin"),
-        Skill("sort", "srt", "greek"),
-        Skill("shift", "rot", "cyrillic"),
-    )
+#: The specialists' skills: each writes one language in its code.
+SKILLS: dict[str, Skill] = {a: Skill(a, "sub", a) for a in ("latin", "greek", "cyrillic")}
+
+
+#: The synergy task: code-switched strings of Latin and Cyrillic letters (4-6 letters, at least two of
+#: each), written in code. It needs the Latin specialist's letters and the Cyrillic specialist's at
+#: once, so neither specialist alone does it well (``zoo.json``'s ``synergy``).
+SYNERGY = "latin_cyrillic"
+SYNERGY_SKILLS = ("latin", "cyrillic")
+SKILLS_AND_SYNERGY: dict[str, Skill] = {
+    **SKILLS,
+    SYNERGY: Skill(SYNERGY, "sub", "latin", min_len=4, max_len=6, mixed_with="cyrillic"),
 }
 
 
-#: The synergy task: reverse, then shift, in the shift specialist's alphabet. It needs what the reverse
-#: fine-tune sharpened (the positional circuit) and what the shift fine-tune sharpened (Cyrillic's
-#: letter map) at once, so neither specialist alone does it well (``zoo.json``'s ``synergy``).
-SYNERGY = "reverse_shift"
-SYNERGY_SKILLS = ("reverse", "shift")
-SKILLS_AND_SYNERGY: dict[str, Skill] = {**SKILLS, SYNERGY: Skill(SYNERGY, "rvt", "cyrillic")}
+def known_letters(alphabet: str, seed: int, n: int) -> str:
+    """The ``n`` letters of ``alphabet`` whose code the base is shown, drawn from the zoo seed."""
+    letters = ALPHABETS[alphabet]
+    if not 0 < n <= len(letters):
+        raise ValueError(f"known letters: {n} is not between 1 and {len(letters)}")
+    chosen = set(random.Random(f"evomerge-zoo/{seed}/known/{alphabet}").sample(letters, n))
+    return "".join(c for c in letters if c in chosen)
 
 
 def get_skill(name: str) -> Skill:
-    """A named skill (``reverse``, the synergy ``reverse_shift``) or any pair (``rev@cyrillic``)."""
+    """A named skill (``latin``, the synergy ``latin_cyrillic``) or any pair (``rev@cyrillic``,
+    ``sub@latin+cyrillic`` for a code-switched mix)."""
     if name in SKILLS_AND_SYNERGY:
         return SKILLS_AND_SYNERGY[name]
-    op, sep, alphabet = name.partition("@")
-    if sep and op in OPERATIONS and alphabet in ALPHABETS:
-        return Skill(name, op, alphabet)
+    op, sep, where = name.partition("@")
+    alphabet, _, mixed = where.partition("+")
+    if sep and op in OPERATIONS and alphabet in ALPHABETS and (not mixed or mixed in ALPHABETS):
+        return Skill(name, op, alphabet, mixed_with=mixed or None)
     raise KeyError(
-        f"unknown zoo skill {name!r}; known: {', '.join(SKILLS)}, or OP@ALPHABET with OP in "
+        f"unknown zoo skill {name!r}; known: {', '.join(SKILLS_AND_SYNERGY)}, or OP@ALPHABET[+ALPHABET] with OP in "
         f"{', '.join(OPERATIONS)} and ALPHABET in {', '.join(ALPHABETS)}"
     )
 
