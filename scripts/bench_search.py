@@ -69,7 +69,11 @@ OPTIMIZER_OVERRIDES = {
     "cma-worst": ["optimizer.name=cma", "optimizer.scalarize=worst"],
     "nsga2": ["optimizer.name=nsga2"],
     "random": ["optimizer.name=random"],
+    "gradient": [],  # configs/zoo-ps-gradient.yaml: deterministic (no seed), its own budget of scored points
 }
+
+
+DEFAULT_CONFIGS = {"cma": "zoo-ps-cma.yaml", "cma-worst": "zoo-ps-cma.yaml", "gradient": "zoo-ps-gradient.yaml"}
 
 
 def main() -> None:
@@ -107,10 +111,14 @@ def main() -> None:
     try:
         # --- quality: one run per (optimizer, seed) at the largest budget; smaller budgets are its prefix
         for name in args.optimizers:
-            for seed in args.seeds:
-                config = args.config or ("zoo-ps-cma.yaml" if name.startswith("cma") else "zoo-ps-nsga2.yaml")
+            for seed in args.seeds[:1] if name == "gradient" else args.seeds:
+                config = args.config or DEFAULT_CONFIGS.get(name, "zoo-ps-nsga2.yaml")
+                if name == "gradient" and args.config:
+                    config = args.config.replace(".yaml", "-gradient.yaml")
                 overrides = OPTIMIZER_OVERRIDES[name] + [f"optimizer.seed={seed}", "runtime.workers=0", *args.overrides]
-                run, summary, wall, _ = run_search(config, work / f"{name}-{seed}", overrides, budget)
+                run, summary, wall, _ = run_search(
+                    config, work / f"{name}-{seed}", overrides, None if name == "gradient" else budget
+                )
                 report = RunReport.load(work / f"{name}-{seed}")
                 labels = report.labels
                 if any(d != "maximize" for d in report.directions):
@@ -164,10 +172,15 @@ def main() -> None:
         picks = {}
         for name in args.optimizers:
             entries = [q for q in out["quality"] if q["optimizer"] == name]
-            if name == "cma-worst" or (synergy and name == "cma"):
+            if name in ("cma-worst", "gradient") or (synergy and name == "cma"):
                 # the optimizer the targets are about: every seed's pick, not only the luckiest seed's
                 for q in entries:
-                    picks[f"best worst-skill, {name} (seed {q['seed']}, {budget} cand.)"] = q["best_worst_recipe"]
+                    label = (
+                        f"gradient fit, best of its {len(q['curve'])} scored points"
+                        if name == "gradient"
+                        else f"best worst-skill, {name} (seed {q['seed']}, {budget} cand.)"
+                    )
+                    picks[label] = q["best_worst_recipe"]
                 continue
             by_mean = max(entries, key=lambda q: q["curve"][-1])
             picks[f"best mean, {name} (seed {by_mean['seed']}, {budget} cand.)"] = by_mean["best_recipe"]
@@ -212,19 +225,23 @@ def print_tables(out: dict, args) -> None:
     print(f"\n# bench_search · {os.cpu_count()} cores · seeds {args.seeds} · overrides {args.overrides}\n")
     print(
         "| optimizer | budget | best mean acc (search), mean ± sd over seeds "
-        "| best worst-skill acc (search), mean ± sd | hypervolume, mean |"
+        "| best worst-skill acc (search), mean ± sd | hypervolume, mean | wall s per run, mean |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in args.optimizers:
         entries = [q for q in out["quality"] if q["optimizer"] == name]
         for b in args.budgets:
             bests = [q["budgets"][b]["best_mean_acc"] for q in entries]
             worsts = [q["budgets"][b]["best_worst_acc"] for q in entries]
             hvs = [q["budgets"][b]["hypervolume"] for q in entries]
+            scored = min(b, len(entries[0]["curve"])) if entries else b
             print(
-                f"| {name} | {b} | {np.mean(bests):.3f} ± {np.std(bests):.3f} "
-                f"| {np.mean(worsts):.3f} ± {np.std(worsts):.3f} | {np.mean(hvs):.4f} |"
+                f"| {name} | {scored} | {np.mean(bests):.3f} ± {np.std(bests):.3f} "
+                f"| {np.mean(worsts):.3f} ± {np.std(worsts):.3f} | {np.mean(hvs):.4f} "
+                f"| {np.mean([q['wall_s'] for q in entries]):.0f} |"
             )
+            if scored < b:
+                break
     randoms = [q for q in out["quality"] if q["optimizer"] == "random"]  # CMA-ES (summed) vs random, on mean acc
     if randoms and any(q["optimizer"] == "cma" for q in out["quality"]):
         target = float(np.mean([q["curve"][-1] for q in randoms]))

@@ -85,6 +85,11 @@ class FastScorer:
                 )
             self._windows.append([[self._encode(lm, inst) for inst in group] for group in item.instances_by_doc])
 
+    @property
+    def windows(self) -> list[list[list[list[_Sequence]]]]:
+        """Per task, per document, per instance: the token windows it is scored on (read-only)."""
+        return self._windows
+
     def _encode(self, lm: Any, instance: Any) -> list[_Sequence]:
         """Token windows for one request, by HFLM's own rules (the same tokens lm-eval scores)."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

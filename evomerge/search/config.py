@@ -34,10 +34,12 @@ class _Strict(BaseModel):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["cma", "nsga2", "random", "sweep", "uniform_soup", "greedy_soup"] = "nsga2"
+    name: Literal["cma", "nsga2", "random", "sweep", "uniform_soup", "greedy_soup", "gradient"] = "nsga2"
     """cma, nsga2, random: searches of ``budget`` candidates; sweep (a grid over 1-2 genes and a
     quadratic fit), uniform_soup and greedy_soup (a linear space over a pool of checkpoints): finite
-    plans that stop when done, or at ``budget`` if that comes first."""
+    plans that stop when done, or at ``budget`` if that comes first; gradient (a task-arithmetic space):
+    the weights fitted by gradient descent on the objectives' items, then ``budget`` points of the
+    fit's trajectory scored (AdaMerging-style; the baseline the evolutionary searches must beat)."""
     population: int = Field(default=8, ge=2)
     budget: int = Field(default=64, ge=1)
     """Candidates to score (cached duplicates count)."""
@@ -55,6 +57,10 @@ class OptimizerConfig(_Strict):
     weighted one (a merge is as good as its weakest skill)."""
     grid: int | None = Field(default=None, ge=3)
     """sweep: points per gene (default 11 for one gene, 5 for two)."""
+    steps: int | None = Field(default=None, ge=1)
+    """gradient: Adam steps of the fit (default 100)."""
+    lr: float | None = Field(default=None, gt=0)
+    """gradient: Adam's step size in gene units (default 0.05)."""
     seed: int = 0
     mode: Literal["barrier", "async"] = "barrier"
     """barrier: a generation is asked, scored in parallel and told as a whole (same seed and scores, same
@@ -165,6 +171,16 @@ class ResolvedRun:
                 raise ConfigError(str(exc)) from None
         if optimizer.grid is not None and optimizer.name != "sweep":
             raise ConfigError(f"optimizer.grid: only the sweep optimizer takes a grid, not {optimizer.name}")
+        for key in ("steps", "lr"):
+            if getattr(optimizer, key) is not None and optimizer.name != "gradient":
+                raise ConfigError(f"optimizer.{key}: only the gradient optimizer takes it, not {optimizer.name}")
+        if optimizer.name == "gradient":
+            from evomerge.search.gradient import check_gradient_space
+
+            try:
+                check_gradient_space(self.space)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     @property
     def directions(self) -> list[str]:

@@ -96,6 +96,7 @@ class Search:
     def _new_state(self) -> SearchState:
         opt = self.run.config.optimizer
         try:
+            fit = self._gradient_fit() if opt.name == "gradient" else None
             optimizer = make_optimizer(
                 opt.name,
                 self.genome.dim,
@@ -108,10 +109,37 @@ class Search:
                 initial=None if opt.initial is None else [[v] * self.genome.dim for v in opt.initial],
                 scalarize=opt.scalarize,
                 grid=opt.grid,
+                fit=fit,
             )
         except ValueError as exc:  # e.g. a sweep over a space of 3 genes: names the field
             raise SearchError(f"{exc} (genes: {', '.join(self.genome.names)})") from None
         return SearchState(optimizer=optimizer)
+
+    def _gradient_fit(self) -> Any:
+        """The gradient optimizer's fit, in this process, before anything is scored (a progress bar
+        per step when ``progress``)."""
+        from evomerge.search.genome import PSGenome
+        from evomerge.search.gradient import DEFAULT_LR, DEFAULT_STEPS, fit_task_arithmetic
+
+        opt = self.run.config.optimizer
+        steps = opt.steps or DEFAULT_STEPS
+        genome = self.genome
+        if not isinstance(genome, PSGenome):
+            raise ValueError("optimizer gradient: the search space must be kind: ps")
+        bar = _Progress(self.progress, steps + 1, 0, "fitting weights by gradient")
+        try:
+            return fit_task_arithmetic(
+                self.run,
+                genome,
+                steps=steps,
+                lr=opt.lr or DEFAULT_LR,
+                points=min(self.budget, steps + 1),
+                start=None if opt.x0 is None else [opt.x0] * genome.dim,
+                scalarize=opt.scalarize,
+                progress=lambda step, loss: bar.advance(f"fit loss {loss:.4f}"),
+            )
+        finally:
+            bar.close()
 
     def check(self, resume: bool) -> None:
         """Everything that can refuse the run, before a worker starts or the run dir is written: the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from evomerge.search.gradient import Gradient
 from evomerge.search.optimizers import CMAES, NSGA2, FiniteOptimizer, Optimizer, RandomSearch
 from evomerge.search.soups import GreedySoup, UniformSoup
 from evomerge.search.sweep import Sweep
@@ -15,6 +16,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "sweep": Sweep,
     "uniform_soup": UniformSoup,
     "greedy_soup": GreedySoup,
+    "gradient": Gradient,
 }
 FINITE = tuple(name for name, cls in OPTIMIZERS.items() if issubclass(cls, FiniteOptimizer))
 SOUPS = ("uniform_soup", "greedy_soup")
@@ -25,8 +27,9 @@ _OPTIONS: dict[type[Optimizer], set[str]] = {
     Sweep: {"scalarize", "grid"},
     UniformSoup: {"scalarize"},
     GreedySoup: {"scalarize"},
+    Gradient: {"scalarize", "fit"},
 }
-_SPECIFIC = {"sigma", "x0", "scalarize", "grid", "initial"}
+_SPECIFIC = {"sigma", "x0", "scalarize", "grid", "initial", "fit"}
 
 
 def make_optimizer(name: str, dim: int, n_objectives: int, **options: Any) -> Optimizer:

@@ -217,7 +217,35 @@ def plot_optimizer_summary(path: Path, summary: dict[str, Any]) -> Path | None:
         return _save(_sweep(summary), path)
     if summary.get("optimizer") in ("uniform_soup", "greedy_soup"):
         return _save(_soup(summary), path)
+    if summary.get("optimizer") == "gradient":
+        return _save(_gradient(summary), path)
     return None
+
+
+def _gradient(summary: dict[str, Any]):
+    """The fit's loss per step and, on a second axis, the score of each scored point of its trajectory."""
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    losses = summary["losses"]
+    ax.plot(range(len(losses)), losses, color="tab:gray", label="fit loss")
+    ax.set_xlabel("gradient step")
+    ax.set_ylabel("fit loss (NLL of the search items)")
+    scored = ax.twinx()
+    steps = summary["point_steps"]
+    scores = [np.nan if row[-1] is None else -row[-1] for row in summary["points"]]
+    scored.plot(steps, scores, "o-", color="tab:blue", label="scored point")
+    choice = summary.get("choice")
+    if choice is not None:
+        for step, row in zip(steps, summary["points"]):
+            if np.allclose(row[:-1], choice):
+                scored.plot([step], [-row[-1]], "*", ms=14, color="tab:red", label="choice")
+                break
+    scored.set_ylabel("score (higher is better)")
+    handles = ax.get_legend_handles_labels()[0] + scored.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    ax.set_title(f"gradient: {summary['steps']} Adam steps (lr {summary['lr']}), {len(steps)} points scored")
+    fig.subplots_adjust(left=0.12, right=0.86, bottom=0.14, top=0.9)
+    return fig
 
 
 def _sweep(summary: dict[str, Any]):

@@ -1,0 +1,137 @@
+"""The gradient optimizer (AdaMerging-style): the differentiable merge equals evomerge's own merge, the
+fit lowers its loss, and a search with it scores the fit's points, picks the best and resumes without
+refitting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.runtime import make_executor
+from evomerge.search.config import ConfigError, resolve_run_config
+from evomerge.search.driver import Search
+from evomerge.search.genome import make_genome
+from evomerge.search.gradient import DifferentiableMerge, point_schedule
+from evomerge.search.picks import pick
+from evomerge.search.registry import make_optimizer
+from evomerge.search.report import RunReport
+from evomerge.search.rundir import RunDir
+
+
+def gradient_config(zoo_dir: Path, **optimizer) -> dict:
+    return {
+        "name": "grad",
+        "zoo": str(zoo_dir),
+        "search_space": {
+            "kind": "ps",
+            "models": ["latin", "greek"],
+            "base_model": "base",
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0.0, "high": 2.0}, "lambda": 0.8},
+            "granularity": "layer",
+            "split_attn_mlp": True,
+        },
+        "objectives": [
+            {"task": "zoo_latin", "metric": "acc", "split": "search", "limit": 12},
+            {"task": "zoo_greek", "metric": "acc", "split": "search", "limit": 12},
+        ],
+        "optimizer": {"name": "gradient", "steps": 6, "lr": 0.1, "budget": 3, "scalarize": "worst", **optimizer},
+        "runtime": {"workers": 0},
+    }
+
+
+def test_the_differentiable_merge_equals_the_merge_of_the_decoded_recipe(zoo_dir, tmp_path) -> None:
+    from evomerge.merge.engine import compute_tensor, plan_recipe
+
+    run = resolve_run_config(gradient_config(zoo_dir), base_dir=tmp_path)
+    genome = make_genome(run.space)
+    x = np.random.default_rng(0).uniform(size=genome.dim)
+    merge = DifferentiableMerge(run, genome)
+    params = merge.params(torch.tensor(x, dtype=torch.float32))
+    plan = plan_recipe(genome.decode(x))
+    try:
+        assert sorted(params) == sorted(job.name for job in plan.jobs)
+        for job in plan.jobs:  # per layer, attention apart, embeddings/head at layer 0's value, times lambda
+            torch.testing.assert_close(params[job.name], compute_tensor(plan, job), atol=2e-6, rtol=1e-5)
+    finally:
+        plan.close()
+
+
+def test_a_gradient_search_fits_scores_its_points_picks_the_best_and_resumes_without_refitting(
+    zoo_dir, tmp_path, monkeypatch
+) -> None:
+    run = resolve_run_config(gradient_config(zoo_dir), base_dir=tmp_path)
+    run_dir = tmp_path / "run"
+    executor = make_executor(run)
+    try:
+        summary = Search(run, RunDir(run_dir), executor).execute()
+    finally:
+        executor.shutdown()
+    assert summary.stopped == "done" and summary.evaluated == 3
+    found = json.loads((run_dir / "optimizer.json").read_text())
+    assert found["optimizer"] == "gradient" and found["point_steps"] == [0, 3, 6]
+    assert len(found["losses"]) == 7 and found["losses"][-1] < found["losses"][0]
+    assert found["points"][0][:-1] == pytest.approx([0.5] * len(found["genes"]))  # starts at TA weight 1
+    report = RunReport.load(run_dir)
+    chosen = pick(report, "auto")  # export's default: the best scored point of the fit
+    assert chosen.id == found["choice_id"]
+    values = [row[-1] for row in found["points"]]
+    assert list(chosen.genome) == pytest.approx(found["points"][int(np.argmin(values))][:-1], abs=1e-7)
+
+    from PIL import Image
+
+    from evomerge.tracking.plots import plot_optimizer_summary
+
+    drawn = plot_optimizer_summary(tmp_path / "optimizer.png", found)
+    assert drawn is not None and Image.open(drawn).size[0] > 300
+
+    import evomerge.search.gradient as gradient
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a resumed gradient run must not fit again")
+
+    monkeypatch.setattr(gradient, "fit_task_arithmetic", no_refit)
+    executor = make_executor(run)
+    try:
+        again = Search(run, RunDir(run_dir), executor).execute(resume=True)
+    finally:
+        executor.shutdown()
+    assert again.stopped == "done" and again.evaluated == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": "ties"}, "method must be task_arithmetic"),
+        ({"parameters": {"weight": {"low": 0, "high": 2}, "lambda": {"low": 0.5, "high": 1}}}, "exactly weight"),
+        ({"normalize": True}, "normalize must be false"),
+    ],
+)
+def test_the_gradient_optimizer_refuses_a_space_it_cannot_differentiate(zoo_dir, tmp_path, change, message) -> None:
+    config = gradient_config(zoo_dir)
+    config["search_space"].update(change)
+    with pytest.raises(ConfigError, match=f"optimizer gradient: .*{message}"):
+        resolve_run_config(config, base_dir=tmp_path)
+
+
+def test_steps_and_lr_are_for_the_gradient_optimizer_only(zoo_dir, tmp_path) -> None:
+    config = gradient_config(zoo_dir, name="cma")
+    config["optimizer"].pop("lr")
+    with pytest.raises(ConfigError, match="optimizer.steps: only the gradient optimizer takes it, not cma"):
+        resolve_run_config(config, base_dir=tmp_path)
+
+
+def test_point_schedule_spreads_the_points_over_the_fit() -> None:
+    assert point_schedule(100, 11) == list(range(0, 101, 10))
+    assert point_schedule(6, 3) == [0, 3, 6]
+    assert point_schedule(4, 10) == [0, 1, 2, 3, 4]  # more points than steps: each step once
+    assert point_schedule(7, 1) == [7]
+
+
+def test_the_gradient_optimizer_needs_its_fit() -> None:
+    with pytest.raises(ValueError, match="needs its fit"):
+        make_optimizer("gradient", 4, 2, population=8, seed=0)
