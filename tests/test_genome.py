@@ -65,6 +65,27 @@ def test_per_layer_and_attention_mlp_split() -> None:
     assert again == recipe
 
 
+def test_per_layer_and_per_module_split() -> None:
+    from evomerge.search.genome import MODULE_PARTS
+    from evomerge.search.space import SpaceError
+
+    genome = make_genome(load_space(ps_space(granularity="layer", split_modules=True)), num_layers=2)
+    assert genome.dim == 2 * 2 * 2 * (len(MODULE_PARTS) + 1)
+    assert genome.names[1].endswith("[k_proj]")
+    x = np.random.default_rng(1).random(genome.dim)
+    recipe = genome.decode(x)
+    for layer in range(2):
+        for part in (*MODULE_PARTS, "rest"):
+            # a tensor name the part's filter matches (the rest: a norm, matched by no projection filter)
+            name = "input_layernorm" if part == "rest" else f"self_attn.{part}"
+            [value] = layer_values(recipe, 0, "density", 2, name)[layer : layer + 1]
+            slot = genome._slots[("density", "/m/a", layer, part)]
+            assert value == pytest.approx(0.2 + 0.8 * x[slot], abs=1e-6), (layer, part)
+    assert genome.decode(genome.encode(recipe)) == recipe
+    with pytest.raises(SpaceError, match="split_modules: give it or split_attn_mlp, not both"):
+        load_space(ps_space(split_modules=True, split_attn_mlp=True))
+
+
 def test_method_and_normalize_genes() -> None:
     genome = make_genome(
         load_space(ps_space(method=["ties", "task_arithmetic", "dare_linear"], normalize="search")), num_layers=2

@@ -44,10 +44,14 @@ def gradient_config(zoo_dir: Path, **optimizer) -> dict:
     }
 
 
-def test_the_differentiable_merge_equals_the_merge_of_the_decoded_recipe(zoo_dir, tmp_path) -> None:
+@pytest.mark.parametrize("split", ["split_attn_mlp", "split_modules"])
+def test_the_differentiable_merge_equals_the_merge_of_the_decoded_recipe(zoo_dir, tmp_path, split) -> None:
     from evomerge.merge.engine import compute_tensor, plan_recipe
 
-    run = resolve_run_config(gradient_config(zoo_dir), base_dir=tmp_path)
+    config = gradient_config(zoo_dir)
+    config["search_space"]["split_attn_mlp"] = False
+    config["search_space"][split] = True
+    run = resolve_run_config(config, base_dir=tmp_path)
     genome = make_genome(run.space)
     x = np.random.default_rng(0).uniform(size=genome.dim)
     merge = DifferentiableMerge(run, genome)
@@ -135,3 +139,15 @@ def test_point_schedule_spreads_the_points_over_the_fit() -> None:
 def test_the_gradient_optimizer_needs_its_fit() -> None:
     with pytest.raises(ValueError, match="needs its fit"):
         make_optimizer("gradient", 4, 2, population=8, seed=0)
+
+
+def test_items_in_chunks_give_the_same_fit_as_one_batch(zoo_dir, tmp_path) -> None:
+    from evomerge.search.gradient import fit_task_arithmetic
+
+    run = resolve_run_config(gradient_config(zoo_dir), base_dir=tmp_path)
+    genome = make_genome(run.space)
+    whole = fit_task_arithmetic(run, genome, steps=3, lr=0.1, points=4, scalarize="worst")
+    chunked = fit_task_arithmetic(run, genome, steps=3, lr=0.1, points=4, scalarize="worst", batch_tokens=40)
+    assert whole.losses == pytest.approx(chunked.losses, rel=1e-4)
+    assert np.allclose(whole.points, chunked.points, atol=1e-4)
+    assert whole.points[-1] != whole.points[0]  # it moved

@@ -484,3 +484,17 @@ def test_zoo_compare_cli_scores_recipes_beside_the_zoo(tmp_path: Path) -> None:
     assert set(data["gain_retention"]["mine"]) == {"latin", "greek"}
     bad = CliRunner().invoke(app, ["zoo", "compare", "--zoo", str(zoo), "--skills", "latin,juggle"])
     assert bad.exit_code == 2 and "juggle" in bad.output
+
+
+def test_the_build_log_table_keeps_long_column_names_apart() -> None:
+    from evomerge.zoo.build import format_table
+
+    text = format_table(
+        {
+            "base": {"cyrillic": 0.185, "latin_cyrillic": 0.105},
+            "specialist latin": {"cyrillic": 1.0, "latin_cyrillic": 0.22},
+        }
+    )
+    header, *rows = text.splitlines()
+    assert header.split() == ["cyrillic", "latin_cyrillic"]
+    assert rows[1].split()[-2:] == ["1.000", "0.220"] and len({len(line) for line in text.splitlines()}) == 1

@@ -5,7 +5,7 @@ recipe (one this space can produce) back to a point, e.g. to start a search at a
 
 - ``PSGenome`` (parameter space): one gene per searched parameter, per model for per-model parameters
   (``weight``, ``density``) and once for global ones (``t``, ``lambda``), per layer group and, with
-  ``split_attn_mlp``, per part; plus a categorical gene for the method and one for ``normalize``
+  ``split_attn_mlp`` or ``split_modules``, per part (mergekit filters on the tensor names); plus a categorical gene for the method and one for ``normalize``
   where searched. Per-layer values are written as mergekit gradient lists with one entry per layer,
   which mergekit evaluates exactly at each layer.
 - ``DFSGenome`` (data-flow space, Akiba et al. 2024): per slot (a source layer, repeated ``repeats``
@@ -42,6 +42,10 @@ class Genome(Protocol):
     def decode(self, x: Sequence[float] | np.ndarray) -> Recipe: ...
 
     def encode(self, recipe: Recipe) -> np.ndarray | None: ...
+
+
+MODULE_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The parts of ``split_modules``: the projections of a Llama-style decoder layer, by tensor name."""
 
 
 def make_genome(space: SearchSpace, *, num_layers: int | None = None) -> PSGenome | DFSGenome:
@@ -96,7 +100,11 @@ class PSGenome(_Genes):
         else:
             size = 1 if space.granularity == "layer" else int(space.granularity)
             self.groups = [layers[i : i + size] for i in range(0, len(layers), size)]
-        self.parts = ("attn", "rest") if space.split_attn_mlp else ("all",)
+        self.parts: tuple[str, ...] = ("all",)
+        if space.split_attn_mlp:
+            self.parts = ("attn", "rest")
+        elif space.split_modules:
+            self.parts = (*MODULE_PARTS, "rest")
         self._names: list[str] = []
         if len(space.methods) > 1:
             self._names.append("method")
@@ -181,7 +189,12 @@ class PSGenome(_Genes):
 
         if self.parts == ("all",):
             return compact(per_part["all"])
-        return [{"filter": "self_attn", "value": compact(per_part["attn"])}, {"value": compact(per_part["rest"])}]
+        filtered = [
+            {"filter": "self_attn" if part == "attn" else part, "value": compact(per_part[part])}
+            for part in self.parts
+            if part != "rest"
+        ]
+        return [*filtered, {"value": compact(per_part["rest"])}]
 
     # --- encoding ----------------------------------------------------------------------------------
     def encode(self, recipe: Recipe) -> np.ndarray | None:
@@ -208,8 +221,8 @@ class PSGenome(_Genes):
                 continue
             layer = self.groups[g][0]
             t = layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
-            name = "self_attn" if part == "attn" else "mlp"
-            value = evaluate_setting(setting, f"model.layers.{layer}.{name}.x.weight", t)
+            name = {"attn": "self_attn.x", "rest": "post_attention_layernorm", "all": "mlp.x"}.get(part, part)
+            value = evaluate_setting(setting, f"model.layers.{layer}.{name}.weight", t)
             bounds = space.parameters[key]
             assert isinstance(bounds, Bounds)
             x[slot] = bounds.unscale(float(value))

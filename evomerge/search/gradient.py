@@ -75,6 +75,8 @@ class Fit:
     point_steps: list[int] = field(default_factory=list)
     points: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0
+    """The whole fit; ``setup_seconds`` of it went to reading the sources and tokenizing the items."""
+    setup_seconds: float = 0.0
     device: str = "cpu"
 
 
@@ -175,8 +177,16 @@ def fit_task_arithmetic(
     start: Sequence[float] | None = None,
     scalarize: str = "weighted_sum",
     progress: Callable[[int, float], None] | None = None,
+    batch_tokens: int = 16384,
 ) -> Fit:
-    """Fit the genes of a task-arithmetic space by gradient descent on the objectives' items."""
+    """Fit the genes of a task-arithmetic space by gradient descent on the objectives' items.
+
+    Items go through the model in chunks of about ``batch_tokens`` tokens, so the activations of one
+    chunk are all a step holds beyond the sources. The gradient stays exact: with several chunks, a
+    first pass (no gradient) gives each objective's loss and so its weight in the combined loss, and a
+    second accumulates each chunk's weighted gradient on the merged tensors, which one backward pass
+    through the merge then turns into the genes' gradient.
+    """
     import torch
     from torch.func import functional_call
 
@@ -186,14 +196,13 @@ def fit_task_arithmetic(
     device = resolve_device(run.config.runtime.device)
     merge = DifferentiableMerge(run, genome, device)
     model = _skeleton(merge.plan, device)
-    batches = _objective_batches(run, merge.plan, model, device)
+    chunked = [_chunks(batch, batch_tokens) for batch in _objective_batches(run, merge.plan, model, device)]
+    sizes = [sum(len(ids) for ids, _, _ in chunks) for chunks in chunked]
     weights = torch.tensor(run.weights, dtype=torch.float32, device=device)
 
-    def objective_losses(genes: torch.Tensor) -> torch.Tensor:
-        params = merge.params(genes)
-        return torch.stack(
-            [_nll(functional_call(model, params, (ids,)).logits, mask, targets) for ids, mask, targets in batches]
-        )
+    def chunk_sum(params: dict[str, torch.Tensor], chunk: tuple[Any, Any, Any]) -> torch.Tensor:
+        ids, mask, targets = chunk
+        return _nll_sum(functional_call(model, params, (ids,)).logits, mask, targets)
 
     def combined(losses: torch.Tensor) -> torch.Tensor:
         if scalarize == "worst":
@@ -205,9 +214,29 @@ def fit_task_arithmetic(
     optimizer = torch.optim.Adam([genes], lr=lr)
     fit = Fit(steps=steps, lr=lr, device=str(device))
     record_at = set(point_schedule(steps, points))
+    one_pass = all(len(chunks) == 1 for chunks in chunked)
+    fit.setup_seconds = time.perf_counter() - started
     for step in range(steps + 1):
-        losses = objective_losses(genes)
-        loss = combined(losses)
+        with torch.no_grad():
+            merged = {name: t.requires_grad_(step < steps) for name, t in merge.params(genes).items()}
+        if one_pass:  # every objective in one chunk: one forward and backward
+            with torch.set_grad_enabled(step < steps):
+                losses = torch.stack([chunk_sum(merged, c[0]) / n for c, n in zip(chunked, sizes)])
+                loss = combined(losses)
+                if step < steps:
+                    loss.backward()
+        else:
+            with torch.no_grad():
+                losses = torch.stack(
+                    [sum(chunk_sum(merged, c) for c in chunks) / n for chunks, n in zip(chunked, sizes)]  # type: ignore[misc]
+                )
+            if step < steps:
+                at = losses.clone().requires_grad_(True)
+                (share,) = torch.autograd.grad(combined(at), at)  # d(combined loss) / d(each objective's loss)
+                for k, (chunks, n) in enumerate(zip(chunked, sizes)):
+                    for chunk in chunks:
+                        (chunk_sum(merged, chunk) * (share[k] / n)).backward()
+            loss = combined(losses)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ValueError(f"optimizer gradient: the loss is {value} at step {step}; lower optimizer.lr")
@@ -221,12 +250,21 @@ def fit_task_arithmetic(
         if step == steps:
             break
         optimizer.zero_grad()
-        loss.backward()
+        outputs = merge.params(genes)  # the merge again, now recorded: gradients on the tensors -> genes
+        names = [name for name in outputs if merged[name].grad is not None]
+        torch.autograd.backward([outputs[n] for n in names], [merged[n].grad for n in names])
         optimizer.step()
         with torch.no_grad():
             genes.clamp_(0.0, 1.0)
     fit.seconds = time.perf_counter() - started
     return fit
+
+
+def _chunks(batch: tuple[Any, Any, Any], batch_tokens: int) -> list[tuple[Any, Any, Any]]:
+    """An objective's items split into chunks of at most ``batch_tokens`` tokens (at least one item)."""
+    ids, mask, targets = batch
+    rows = max(1, batch_tokens // max(1, ids.shape[1]))
+    return [(ids[i : i + rows], mask[i : i + rows], targets[i : i + rows]) for i in range(0, len(ids), rows)]
 
 
 def _skeleton(plan: Any, device: str) -> torch.nn.Module:
@@ -281,13 +319,13 @@ def _objective_batches(run: ResolvedRun, plan: Any, model: Any, device: str) -> 
     return batches
 
 
-def _nll(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over items of the per-token negative log-likelihood of the reference continuation."""
+def _nll_sum(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over items of each item's per-token negative log-likelihood of its reference continuation."""
     import torch.nn.functional as F
 
     token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (items, width)
     per_item = (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return per_item.mean()
+    return per_item.sum()
 
 
 class Gradient(FiniteOptimizer):
@@ -334,6 +372,7 @@ class Gradient(FiniteOptimizer):
             "lr": self.fit.lr,
             "device": self.fit.device,
             "fit_seconds": self.fit.seconds,
+            "setup_seconds": getattr(self.fit, "setup_seconds", 0.0),
             "losses": self.fit.losses,
             "point_steps": self.fit.point_steps,
             "objective_losses": self.fit.objective_losses,

@@ -35,8 +35,10 @@ def check_soup_space(space: SearchSpace, optimizer: str) -> None:
         raise ValueError(f"{where}'s method must be linear (a soup is an average), got {space.method!r}")
     if len(space.models) < 2:
         raise ValueError(f"{where}'s models: a soup needs >= 2 checkpoints, got {len(space.models)}")
-    if space.granularity != "model" or space.split_attn_mlp:
-        raise ValueError(f"{where}: granularity must be model and split_attn_mlp false (one weight per checkpoint)")
+    if space.granularity != "model" or space.split_attn_mlp or space.split_modules:
+        raise ValueError(
+            f"{where}: granularity must be model, split_attn_mlp and split_modules false (one weight per checkpoint)"
+        )
     if space.normalize not in (None, True):
         raise ValueError(f"{where}: normalize must be true or unset (a soup is a normalized average)")
     weight = space.parameters.get("weight")

@@ -68,6 +68,9 @@ class ParameterSpace(_Strict):
     """``model``: one value per model; ``layer``: one per layer; an integer k: one per block of k layers."""
     split_attn_mlp: bool = False
     """Separate values for attention tensors and for the rest (MLP, norms, embeddings)."""
+    split_modules: bool = False
+    """Separate values for each projection of a Llama-style layer (``MODULE_PARTS``: q/k/v/o_proj,
+    gate/up/down_proj) and for the rest (norms; embeddings and head take layer 0's value)."""
     normalize: Union[bool, Literal["search"], None] = None
     """Fixed true/false, ``search`` (a gene), or unset (the method's default)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -77,6 +80,8 @@ class ParameterSpace(_Strict):
         methods = self.methods
         if isinstance(self.granularity, int) and self.granularity < 1:
             raise ValueError("granularity: a block size must be >= 1")
+        if self.split_attn_mlp and self.split_modules:
+            raise ValueError("split_modules: give it or split_attn_mlp, not both (modules already split attention)")
         for name in methods:
             spec = get_method(name)
             if spec.uses_base and not self.base_model:

@@ -229,7 +229,7 @@ def _gradient(summary: dict[str, Any]):
     losses = summary["losses"]
     ax.plot(range(len(losses)), losses, color="tab:gray", label="fit loss")
     ax.set_xlabel("gradient step")
-    ax.set_ylabel("fit loss (NLL of the search items)")
+    ax.set_ylabel("fit loss (NLL of the search items;\n worst: log-sum-exp over objectives)")
     scored = ax.twinx()
     steps = summary["point_steps"]
     scores = [np.nan if row[-1] is None else -row[-1] for row in summary["points"]]

@@ -707,9 +707,10 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     """A plain-text table of ``{row: {column: value}}``."""
     cols = list(next(iter(table.values())).keys())
     width = max(len(r) for r in table) + 2
-    lines = [" " * width + "".join(f"{c:>10}" for c in cols)]
+    cells = [max(10, len(c) + 2) for c in cols]  # a long column name keeps a gap before it
+    lines = [" " * width + "".join(f"{c:>{w}}" for c, w in zip(cols, cells))]
     for row, vals in table.items():
-        lines.append(f"{row:<{width}}" + "".join(f"{vals[c]:>10.3f}" for c in cols))
+        lines.append(f"{row:<{width}}" + "".join(f"{vals[c]:>{w}.3f}" for c, w in zip(cols, cells)))
     return "\n".join(lines)
 
 
