@@ -268,7 +268,7 @@ def export(
     pick: Annotated[
         str,
         typer.Option(
-            help="auto (the optimizer's choice for sweep and soups, best for CMA-ES, else knee), knee (balanced "
+            help="auto (the optimizer's choice for sweep, soups and gradient, best for CMA-ES, else knee), knee (balanced "
             "front member), best (by the score the optimizer ranked by: weighted sum or weakest objective), "
             "best:OBJECTIVE, optimizer, or a candidate id."
         ),

@@ -167,7 +167,7 @@ def test_a_greedy_soup_search_stops_when_done_and_leaves_its_steps(random_family
     chosen = pick(report, "auto")  # export's default: the soup the greedy soup ended with
     assert chosen.id == found["choice_id"] and list(chosen.genome) == found["choice"]
     assert pick(report, "optimizer") == chosen
-    with pytest.raises(PickError, match="only sweep and soups"):
+    with pytest.raises(PickError, match="only sweep, soups and gradient"):
         report.optimizer_summary = None
         pick(report, "optimizer")
     again = search(random_family, tmp_path, run_dir, resume=True)  # a finished plan asks nothing more

@@ -66,7 +66,7 @@ def pick(report: RunReport, choice: str) -> CandidateRecord:
     if choice == "optimizer":
         if summary is None:
             raise PickError(
-                "--pick optimizer: this run's optimizer makes no choice of its own (only sweep and soups do)"
+                "--pick optimizer: this run's optimizer makes no choice of its own (only sweep, soups and gradient do)"
             )
         if summary.get("choice_id") is None:
             raise PickError(f"--pick optimizer: the {summary.get('optimizer')} has not finished (or its choice failed)")
