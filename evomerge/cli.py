@@ -37,7 +37,9 @@ zoo_app = typer.Typer(help="The toy model family used by tests, the demo and ben
 app.add_typer(zoo_app, name="zoo")
 
 err = Console(stderr=True)
-out = Console()
+#: Piped or redirected (a log, the demo), rich would wrap tables at 80 columns; COLUMNS still wins.
+PIPED_WIDTH = 160
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH)
 
 
 def _fail(message: str) -> None:

@@ -151,3 +151,65 @@ def test_items_in_chunks_give_the_same_fit_as_one_batch(zoo_dir, tmp_path) -> No
     assert whole.losses == pytest.approx(chunked.losses, rel=1e-4)
     assert np.allclose(whole.points, chunked.points, atol=1e-4)
     assert whole.points[-1] != whole.points[0]  # it moved
+
+
+def multiple_choice_task(zoo_dir: Path, root: Path) -> Path:
+    """zoo_latin as a 4-way multiple-choice task: the right code among three codes one letter off."""
+    import random
+
+    rows = [json.loads(line) for line in (zoo_dir / "tasks" / "data" / "latin.search.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    docs = []
+    for row in rows[:16]:
+        target = row["target"]  # e.g. "hdf." : the distractors change one letter of it
+        letters = sorted({c for r in rows for c in r["target"][:-1]})
+        choices = [target] + [
+            target[:k] + next(c for c in letters[k:] + letters if c != target[k]) + target[k + 1 :] for k in range(3)
+        ]
+        order = rng.sample(range(4), 4)
+        docs.append({"query": row["query"], "choices": [choices[j] for j in order], "label": order.index(0)})
+    data = root / "latin_mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "zoo_latin_mc.yaml").write_text(
+        "task: zoo_latin_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    search: {data}\n"
+        "test_split: search\noutput_type: multiple_choice\ndoc_to_text: query\ndoc_to_choice: choices\n"
+        "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    )
+    return root
+
+
+def test_a_multiple_choice_objective_is_fitted_by_the_gold_choices_cross_entropy(zoo_dir, tmp_path) -> None:
+    from evomerge.search.gradient import fit_task_arithmetic
+
+    config = gradient_config(zoo_dir)
+    config["include_paths"] = [str(multiple_choice_task(zoo_dir, tmp_path))]
+    config["objectives"][0] = {"task": "zoo_latin_mc", "metric": "acc", "split": "search"}
+    run = resolve_run_config(config, base_dir=tmp_path)
+    genome = make_genome(run.space)
+    whole = fit_task_arithmetic(run, genome, steps=4, lr=0.1, points=2, scalarize="worst")
+    assert 0 < whole.objective_losses[-1][0] < whole.objective_losses[0][0]  # the MC cross-entropy fell
+    # chunks of one item (4 choice rows) or less never split an item's choices: the same fit
+    chunked = fit_task_arithmetic(run, genome, steps=4, lr=0.1, points=2, scalarize="worst", batch_tokens=8)
+    assert whole.losses == pytest.approx(chunked.losses, rel=1e-4)
+
+
+def test_the_multiple_choice_loss_is_the_cross_entropy_of_the_gold_choice() -> None:
+    from evomerge.search.gradient import _Items
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 2, 7)  # two items: 3 choices, then 2; each choice one scored token
+    targets = torch.tensor([[1, 0], [2, 0], [3, 0], [4, 0], [5, 0]])
+    mask = torch.tensor([[True, False]] * 5)
+    items = _Items(
+        torch.zeros(5, 2, dtype=torch.long),
+        mask,
+        targets,
+        torch.tensor([0, 0, 0, 1, 1]),
+        torch.tensor([0, 1, 2, 0, 1]),
+        torch.tensor([2, 0]),
+    )
+    ll = torch.log_softmax(logits[:, 0], -1)[torch.arange(5), targets[:, 0]]
+    expected = -torch.log_softmax(ll[:3], 0)[2] - torch.log_softmax(ll[3:], 0)[0]
+    torch.testing.assert_close(items.loss_sum(logits), expected)
+    assert [c.count for c in items.chunks(batch_tokens=2)] == [1, 1]  # 1 row per chunk asked, whole items kept

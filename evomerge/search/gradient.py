@@ -9,17 +9,18 @@ recipe the genome decodes, at x = 0 and at each unit vector), so mergekit's per-
 filters and parameter precedence are exactly what the fit uses, and a fitted point decodes to the
 very recipe the fit evaluated.
 
-The loss is the negative log-likelihood of each objective's reference continuations on its own items
-(the objectives' split and limit, by lm-eval's own request construction), per token, averaged per
-item then per objective; ``scalarize: worst`` combines objectives by a log-sum-exp (a smooth
-maximum), ``weighted_sum`` by their weighted sum. Adam on the genes, each step projected back into
+The loss is, per objective on its own items (the objectives' split and limit, by lm-eval's own request
+construction), the negative log-likelihood of the reference continuation per token (``loglikelihood``
+tasks) or the cross-entropy of the gold choice among the choices' log-likelihoods (``multiple_choice``
+tasks, as lm-eval's ``acc`` ranks them), averaged over items; ``scalarize: worst`` combines objectives
+by a log-sum-exp (a smooth maximum), ``weighted_sum`` by their weighted sum. Adam on the genes, each step projected back into
 [0, 1]. The fit runs once, in the search driver's process (on CUDA when it sees one), before any
 candidate is scored; ``budget`` points evenly spaced along its trajectory (the start and the end
 included) are then scored like any candidates, tracked and exportable, and the optimizer's choice is
 the best scored one. The fit is part of the pickled optimizer state: a resumed run does not refit.
 
-Needs every source task vector in memory at once (sources + 1 copies of the model, in float32) and
-log-likelihood tasks (``output_type: loglikelihood``; not multiple-choice or generative ones).
+Needs every source task vector in memory at once (sources + 1 copies of the model, in float32, plus
+the merged tensors and their gradients) and tasks scored by log-likelihood (not generative ones).
 """
 
 from __future__ import annotations
@@ -196,13 +197,13 @@ def fit_task_arithmetic(
     device = resolve_device(run.config.runtime.device)
     merge = DifferentiableMerge(run, genome, device)
     model = _skeleton(merge.plan, device)
-    chunked = [_chunks(batch, batch_tokens) for batch in _objective_batches(run, merge.plan, model, device)]
-    sizes = [sum(len(ids) for ids, _, _ in chunks) for chunks in chunked]
+    objective_items = _objective_items(run, merge.plan, model, device)
+    chunked = [items.chunks(batch_tokens) for items in objective_items]
+    sizes = [items.count for items in objective_items]
     weights = torch.tensor(run.weights, dtype=torch.float32, device=device)
 
-    def chunk_sum(params: dict[str, torch.Tensor], chunk: tuple[Any, Any, Any]) -> torch.Tensor:
-        ids, mask, targets = chunk
-        return _nll_sum(functional_call(model, params, (ids,)).logits, mask, targets)
+    def chunk_sum(params: dict[str, torch.Tensor], chunk: _Items) -> torch.Tensor:
+        return chunk.loss_sum(functional_call(model, params, (chunk.ids,)).logits)
 
     def combined(losses: torch.Tensor) -> torch.Tensor:
         if scalarize == "worst":
@@ -260,13 +261,6 @@ def fit_task_arithmetic(
     return fit
 
 
-def _chunks(batch: tuple[Any, Any, Any], batch_tokens: int) -> list[tuple[Any, Any, Any]]:
-    """An objective's items split into chunks of at most ``batch_tokens`` tokens (at least one item)."""
-    ids, mask, targets = batch
-    rows = max(1, batch_tokens // max(1, ids.shape[1]))
-    return [(ids[i : i + rows], mask[i : i + rows], targets[i : i + rows]) for i in range(0, len(ids), rows)]
-
-
 def _skeleton(plan: Any, device: str) -> torch.nn.Module:
     """A model of the plan's output layout, parameters frozen (the fit supplies them)."""
     import torch
@@ -283,9 +277,64 @@ def _skeleton(plan: Any, device: str) -> torch.nn.Module:
     return model
 
 
-def _objective_batches(run: ResolvedRun, plan: Any, model: Any, device: str) -> list[tuple[Any, Any, Any]]:
-    """Per objective: token ids (items x width) and the mask of the positions that predict its
-    reference continuation, tokenized by lm-eval's own rules (``FastScorer``'s encoding)."""
+@dataclass
+class _Items:
+    """One objective's items as token rows: for a ``loglikelihood`` task one row per item (its reference
+    continuation), for a ``multiple_choice`` task one row per choice and the gold choice per item."""
+
+    ids: Any  # (rows, width) token ids, right-padded (causal, so padding is inert)
+    mask: Any  # (rows, width) the positions that predict a continuation token
+    targets: Any  # (rows, width) the token each masked position should predict
+    row_item: Any  # (rows,) the item a row belongs to, 0..count-1 in order
+    row_choice: Any  # (rows,) the row's choice number within its item
+    gold: Any | None  # (items,) the gold choice per item; None for a loglikelihood task
+
+    @property
+    def count(self) -> int:
+        return int(self.row_item[-1]) + 1
+
+    def chunks(self, batch_tokens: int) -> list[_Items]:
+        """Whole items in chunks of at most ``batch_tokens`` tokens (at least one item each)."""
+        rows_per_chunk = max(1, batch_tokens // max(1, self.ids.shape[1]))
+        out, first = [], 0
+        while first < len(self.ids):
+            last = min(first + rows_per_chunk, len(self.ids))
+            while last < len(self.ids) and self.row_item[last] == self.row_item[last - 1]:
+                last += 1  # never split an item's choices
+            rows = slice(first, last)
+            base = int(self.row_item[first])
+            gold = None if self.gold is None else self.gold[base : int(self.row_item[last - 1]) + 1]
+            out.append(
+                _Items(
+                    self.ids[rows],
+                    self.mask[rows],
+                    self.targets[rows],
+                    self.row_item[rows] - base,
+                    self.row_choice[rows],
+                    gold,
+                )
+            )
+            first = last
+        return out
+
+    def loss_sum(self, logits: Any) -> Any:
+        """Summed over items: the per-token NLL of the reference continuation (loglikelihood), or the
+        cross-entropy of the gold choice among the choices' log-likelihoods (multiple choice)."""
+        import torch
+        import torch.nn.functional as F
+
+        token_nll = F.cross_entropy(logits.float().transpose(1, 2), self.targets, reduction="none")
+        row_nll = (token_nll * self.mask).sum(1)
+        if self.gold is None:
+            return (row_nll / self.mask.sum(1).clamp(min=1)).sum()
+        table = torch.full((self.count, int(self.row_choice.max()) + 1), -math.inf, device=logits.device)
+        table = table.index_put((self.row_item, self.row_choice), -row_nll)
+        gold_ll = table[torch.arange(self.count, device=logits.device), self.gold]
+        return (torch.logsumexp(table, dim=1) - gold_ll).sum()
+
+
+def _objective_items(run: ResolvedRun, plan: Any, model: Any, device: str) -> list[_Items]:
+    """Per objective, its items tokenized by lm-eval's own rules (``FastScorer``'s encoding)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -294,38 +343,69 @@ def _objective_batches(run: ResolvedRun, plan: Any, model: Any, device: str) -> 
 
     prepared, objectives = prepare_tasks(run.objectives, run.include_paths)
     for item in prepared:
-        if item.output_type != "loglikelihood":
+        if item.output_type not in ("loglikelihood", "multiple_choice"):
             raise ValueError(
                 f"optimizer gradient: task {item.name} has output_type {item.output_type}; the fit needs "
-                "loglikelihood tasks (one reference continuation per item)"
+                "loglikelihood or multiple_choice tasks (a reference continuation, or a gold choice, per item)"
             )
     tokenizer_dir = plan.checkpoints[plan.tokenizer_model].path if plan.tokenizer_model in plan.checkpoints else None
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or plan.tokenizer_model)
     scorer = FastScorer(prepared, make_hflm(model, tokenizer))
-    by_label = {label: windows for item, windows in zip(prepared, scorer.windows) for label in item.objective_labels}
-    batches = []
+    by_label = {
+        label: (item, windows) for item, windows in zip(prepared, scorer.windows) for label in item.objective_labels
+    }
+    out = []
     for objective in objectives:
-        sequences = [seq for doc in by_label[objective.label] for instance in doc for seq in instance]
-        width = max(len(s.tokens) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)  # right-padded; causal, so padding is inert
-        mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # positions that predict a target token
+        item, windows = by_label[objective.label]
+        rows: list[tuple[Any, int, int]] = []  # (token window, item number, choice number)
+        gold: list[int] | None = [] if item.output_type == "multiple_choice" else None
+        for number, (doc_windows, instances) in enumerate(zip(windows, item.instances_by_doc)):
+            if gold is not None:
+                gold.append(_gold_choice(item, instances))
+            for choice, instance_windows in enumerate(doc_windows):
+                rows.extend((window, number, choice) for window in instance_windows)
+        width = max(len(window.tokens) for window, _, _ in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
         targets = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            n, k = len(seq.tokens), len(seq.target)
-            ids[row, :n] = torch.tensor(seq.tokens)
+        for row, (window, _, _) in enumerate(rows):
+            n, k = len(window.tokens), len(window.target)
+            ids[row, :n] = torch.tensor(window.tokens)
             mask[row, n - k : n] = True
-            targets[row, n - k : n] = torch.tensor(seq.target)
-        batches.append((ids.to(device), mask.to(device), targets.to(device)))
-    return batches
+            targets[row, n - k : n] = torch.tensor(window.target)
+        out.append(
+            _Items(
+                ids.to(device),
+                mask.to(device),
+                targets.to(device),
+                torch.tensor([r[1] for r in rows], device=device),
+                torch.tensor([r[2] for r in rows], device=device),
+                None if gold is None else torch.tensor(gold, device=device),
+            )
+        )
+    return out
 
 
-def _nll_sum(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over items of each item's per-token negative log-likelihood of its reference continuation."""
-    import torch.nn.functional as F
-
-    token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (items, width)
-    per_item = (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return per_item.sum()
+def _gold_choice(item: Any, instances: Sequence[Any]) -> int:
+    """The gold choice of a multiple-choice document, read as lm-eval's ``process_results`` reads it."""
+    task, doc = item.task, instances[0].doc
+    choices = task.doc_to_choice(doc)
+    if (
+        getattr(task, "multiple_input", False)
+        or getattr(task, "multiple_target", False)
+        or len(instances) != len(choices)
+    ):
+        raise ValueError(
+            f"optimizer gradient: task {item.name}: multiple inputs, multiple targets or mutual-information "
+            "scoring are not supported (one gold choice per item is)"
+        )
+    gold = task.doc_to_target(doc)
+    index = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
+    if not isinstance(index, int) or not 0 <= index < len(choices):
+        raise ValueError(
+            f"optimizer gradient: task {item.name}: gold {gold!r} is not one of the {len(choices)} choices"
+        )
+    return index
 
 
 class Gradient(FiniteOptimizer):
