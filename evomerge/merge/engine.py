@@ -93,7 +93,7 @@ def compute_blocks(
     tensors, base = inputs.read(everything)
     generator = None
     if plan.method.randomized:
-        generator = torch.Generator(device=device)
+        generator = torch.Generator()  # CPU: masks are drawn there on every device (merge/methods.py)
         generator.manual_seed(job_seed)
     yield everything, plan.method.fn(tensors, base, job.model_params, job.params, generator)
 

@@ -35,10 +35,13 @@ Conventions:
 - Inputs are never modified. An output may *alias* an input where the method is an identity
   (``passthrough`` without ``scale``, the task-arithmetic family with no inputs besides the base):
   callers must not write into a result in place unless they own its inputs.
-- Randomized methods draw every random number from ``generator``. mergekit draws from torch's
-  global RNG; our draws use the same torch calls in the same order, so on CPU
-  ``torch.manual_seed(s)`` before mergekit and ``torch.Generator().manual_seed(s)`` here happen to
-  give the same masks, but that is a coincidence of implementation, not a promise.
+- Randomized methods draw every random number from ``generator``, a CPU generator, on the CPU, and
+  move the mask to the tensor's device: the same seed gives the same mask on every device (a CUDA
+  generator draws another stream, so a candidate scored on a GPU worker would not be the model its
+  exported recipe makes on CPU). mergekit draws from torch's global RNG; our draws use the same torch
+  calls in the same order, so on CPU ``torch.manual_seed(s)`` before mergekit and
+  ``torch.Generator().manual_seed(s)`` here happen to give the same masks, but that is a coincidence
+  of implementation, not a promise.
 - Magnitude selection (ties, breadcrumbs) keeps exactly mergekit's count of entries. mergekit picks
   with a full (unstable) sort; for large tensors we select with ``kthvalue`` (several times
   faster) and break exact ties in ``|delta|`` by index, so only *tied* boundary entries can differ.
@@ -439,7 +442,7 @@ def sparsify_random(delta: Tensor, density: float, rescale: bool, generator: tor
     if density >= 1:
         return delta
     work = _random_work_dtype(delta)
-    mask = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=generator)
+    mask = torch.bernoulli(torch.full(delta.shape, density, dtype=work), generator=generator).to(delta.device)
     if work != delta.dtype:
         return _mask_(delta.to(work), mask, rescale).to(delta.dtype)
     return _mask_(delta, mask, rescale)
@@ -483,7 +486,8 @@ def sparsify_della(
             f"della: epsilon must keep density +/- epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
         )
     work = _random_work_dtype(delta)
-    mask = torch.bernoulli(della_probabilities(delta, density, epsilon), generator=generator).reshape(delta.shape)
+    probabilities = della_probabilities(delta, density, epsilon).cpu()  # drawn on the CPU: see the conventions
+    mask = torch.bernoulli(probabilities, generator=generator).reshape(delta.shape).to(delta.device)
     if work != delta.dtype:
         return _mask_(delta.to(work), mask, rescale).to(delta.dtype)
     return _mask_(delta, mask, rescale)
