@@ -46,8 +46,8 @@ class OptimizerConfig(_Strict):
     sigma: float = Field(default=0.25, gt=0)
     """CMA-ES initial step size, in units of the [0,1] gene range."""
     x0: float | None = Field(default=None, ge=0, le=1)
-    """CMA-ES start: every gene at this point of its [0,1] range (default 0.5, the centre of the box;
-    e.g. 0.25 starts task-arithmetic weights in 0-2 at the hand-set 0.5)."""
+    """CMA-ES and gradient start: every gene at this point of its [0,1] range (default 0.5, the centre
+    of the box; e.g. 0.25 starts task-arithmetic weights in 0-2 at the hand-set 0.5)."""
     initial: list[Annotated[float, Field(ge=0, le=1)]] | None = None
     """NSGA-II: members of the first population with every gene at one of these points of its [0,1]
     range (the rest of the population is drawn at random); over task-arithmetic weights in 0-2,

@@ -159,6 +159,7 @@ class Search:
             now = self.run.to_dict()
             for objective in saved.get("objectives") or []:  # round-1 run dirs saved no direction
                 objective["direction"] = objective.get("direction") or legacy_direction(objective.get("metric"))
+            saved["search_space"] = _with_defaults(saved.get("search_space"))  # fields added since it was saved
             for key in ("search_space", "objectives"):
                 if saved.get(key) != now.get(key):
                     raise SearchError(
@@ -492,6 +493,19 @@ class _InFlight:
     def _submit(self, cid: int, x: np.ndarray, digest: str, recipe: dict[str, Any]) -> None:
         self.search.executor.submit(self.job(candidate_id=cid, recipe=recipe))
         self.in_flight[cid] = (x, digest, recipe)
+
+
+def _with_defaults(space: Any) -> Any:
+    """A saved search space as it validates today (fields added since have their defaults); as saved if
+    it no longer validates (the comparison then refuses the resume)."""
+    from evomerge.search.space import SpaceError, load_space
+
+    if not isinstance(space, dict):
+        return space
+    try:
+        return load_space(space).model_dump(mode="json")
+    except SpaceError:
+        return space
 
 
 def _record_with_genes(records: dict[int, CandidateRecord], genes: list[float] | None) -> int | None:
