@@ -213,3 +213,20 @@ def test_the_multiple_choice_loss_is_the_cross_entropy_of_the_gold_choice() -> N
     expected = -torch.log_softmax(ll[:3], 0)[2] - torch.log_softmax(ll[3:], 0)[0]
     torch.testing.assert_close(items.loss_sum(logits), expected)
     assert [c.count for c in items.chunks(batch_tokens=2)] == [1, 1]  # 1 row per chunk asked, whole items kept
+
+
+@pytest.mark.slow
+def test_with_ray_workers_the_fit_runs_on_a_worker(zoo_dir, tmp_path, local_ray) -> None:
+    """On a cluster the driver (a head node) may have no GPU: the fit runs on a worker, with its resources."""
+    config = gradient_config(zoo_dir)
+    config["runtime"] = {"workers": 1, "timeout": 300}
+    run = resolve_run_config(config, base_dir=tmp_path)
+    executor = make_executor(run)
+    try:
+        summary = Search(run, RunDir(tmp_path / "run"), executor).execute()
+        assert [w["state"] for w in executor.workers()] == ["idle"]  # the reserved worker is handed back
+    finally:
+        executor.shutdown()
+    found = json.loads((tmp_path / "run" / "optimizer.json").read_text())
+    assert found["worker"].startswith("ray-actor-") and summary.evaluated == 3
+    assert found["losses"][-1] < found["losses"][0]

@@ -128,3 +128,15 @@ def test_the_pool_has_no_thread_of_its_own(pool):
     assert outcome.result.ok
     assert set(threading.enumerate()) <= before  # it advanced inside submit/next_outcome, in this thread
     assert not any(t.name == "evomerge-ray-dispatch" for t in threading.enumerate())
+
+
+def test_one_off_work_runs_on_an_idle_worker_and_hands_it_back(pool):
+    import os
+
+    wait_all_idle(pool)
+    pid, worker = pool.call_on_worker("os:getpid", {})
+    assert pid != os.getpid() and worker.startswith("ray-actor-")
+    assert pid in {w["pid"] for w in pool.workers()}
+    with pytest.raises(ValueError):  # the target's own exception comes back (json.JSONDecodeError)
+        pool.call_on_worker("json:loads", {"s": "{"})
+    assert all(w["state"] == "idle" for w in pool.workers())

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from evomerge.eval.result import CandidateResult
 
-__all__ = ["EvaluatorSpec", "Executor", "Job", "Outcome", "recipe_hash", "run_job"]
+__all__ = ["EvaluatorSpec", "Executor", "Job", "Outcome", "import_callable", "recipe_hash", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class EvaluatorSpec:
     def build(self) -> Any:
         """The evaluator this spec describes (a ``CandidateEvaluator`` unless ``factory`` is set)."""
         if self.factory:
-            return _import_callable(self.factory)(self)
+            return import_callable(self.factory)(self)
         from evomerge.eval.evaluator import CandidateEvaluator
         from evomerge.eval.tasks import Objective
 
@@ -62,7 +62,7 @@ class EvaluatorSpec:
         )
 
 
-def _import_callable(path: str) -> Any:
+def import_callable(path: str) -> Any:
     module, sep, name = path.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"factory {path!r}: expected 'module:function'")

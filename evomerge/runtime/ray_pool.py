@@ -55,6 +55,12 @@ class _Worker:
     def evaluate(self, job: Job) -> CandidateResult:
         return run_job(self.evaluator, job)
 
+    def call(self, target: str, kwargs: dict[str, Any]) -> Any:
+        """Run ``target`` (``"module:function"``) here: one-off work that needs a worker's resources."""
+        from evomerge.runtime.jobs import import_callable
+
+        return import_callable(target)(**kwargs)
+
 
 _ACTOR_CLASS: Any = None
 
@@ -92,7 +98,7 @@ class _Slot:
     index: int
     name: str = ""
     actor: Any = None
-    state: str = "starting"  # starting | idle | busy | dead
+    state: str = "starting"  # starting | idle | busy | reserved (call_on_worker) | dead
     node: str | None = None  # the Ray node id the actor runs on (once ready)
 
     @property
@@ -212,6 +218,30 @@ class RayExecutor:
         if not self._closed:
             self._advance(0.0)
         return [{"slot": s.index, "name": s.name, "state": s.state, "pid": s.pid, "node": s.node} for s in self._slots]
+
+    def call_on_worker(self, target: str, kwargs: dict[str, Any]) -> tuple[Any, str]:
+        """Run ``target`` (``"module:function"``) with ``kwargs`` on one idle worker, with that worker's
+        CPUs and GPU, and return its result and the worker's label. For one-off work before candidates
+        are scored (the gradient optimizer's fit); nothing is dispatched to that worker meanwhile. An
+        exception raised by ``target`` is raised here; a worker that dies raises ``RuntimeError``."""
+        import ray
+
+        if self._closed:
+            raise RuntimeError("executor is shut down")
+        while (slot := next((s for s in self._slots if s.state == "idle"), None)) is None:
+            if not any(s.state != "dead" for s in self._slots):
+                raise RuntimeError(f"{target}: no workers left (every worker slot failed to start)")
+            self._advance(1.0)
+        slot.state = "reserved"
+        try:
+            return ray.get(slot.actor.call.remote(target, kwargs)), slot.label
+        except ray.exceptions.RayActorError as exc:
+            label = slot.label
+            self._replace(slot)  # a fresh actor takes the slot, as after a death mid-candidate
+            raise RuntimeError(f"{label} died while running {target}: {_death_cause(exc)}") from None
+        finally:
+            if slot.state == "reserved":
+                slot.state = "idle"
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` and hand it to an idle worker if there is one; returns at once."""

@@ -116,8 +116,9 @@ class Search:
         return SearchState(optimizer=optimizer)
 
     def _gradient_fit(self) -> Any:
-        """The gradient optimizer's fit, in this process, before anything is scored (a progress bar
-        per step when ``progress``)."""
+        """The gradient optimizer's fit, before anything is scored: on a Ray worker when the run has them
+        (its CPUs and GPU; a cluster's head need not have either), else in this process with a progress
+        bar per step."""
         from evomerge.search.genome import PSGenome
         from evomerge.search.gradient import DEFAULT_LR, DEFAULT_STEPS, fit_task_arithmetic
 
@@ -126,17 +127,30 @@ class Search:
         genome = self.genome
         if not isinstance(genome, PSGenome):
             raise ValueError("optimizer gradient: the search space must be kind: ps")
+        options: dict[str, Any] = {
+            "steps": steps,
+            "lr": opt.lr or DEFAULT_LR,
+            "points": min(self.budget, steps + 1),
+            "start": None if opt.x0 is None else [opt.x0] * genome.dim,
+            "scalarize": opt.scalarize,
+        }
+        on_worker = getattr(self.executor, "call_on_worker", None)
+        if callable(on_worker):
+            bar = _Progress(self.progress, 1, 0, f"fitting weights by gradient ({steps} steps) on a Ray worker")
+            try:
+                fit, worker = on_worker("evomerge.search.gradient:fit_run", {"run": self.run, **options})
+                bar.advance(f"fit loss {fit.losses[-1]:.4f} on {worker}")
+            finally:
+                bar.close()
+            fit.worker = worker
+            return fit
         bar = _Progress(self.progress, steps + 1, 0, "fitting weights by gradient")
         try:
             return fit_task_arithmetic(
                 self.run,
                 genome,
-                steps=steps,
-                lr=opt.lr or DEFAULT_LR,
-                points=min(self.budget, steps + 1),
-                start=None if opt.x0 is None else [opt.x0] * genome.dim,
-                scalarize=opt.scalarize,
                 progress=lambda step, loss: bar.advance(f"fit loss {loss:.4f}"),
+                **options,
             )
         finally:
             bar.close()

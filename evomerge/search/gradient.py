@@ -79,6 +79,8 @@ class Fit:
     """The whole fit; ``setup_seconds`` of it went to reading the sources and tokenizing the items."""
     setup_seconds: float = 0.0
     device: str = "cpu"
+    worker: str = "driver"
+    """Where the fit ran: the search driver's process, or a Ray worker (its label)."""
 
 
 def point_schedule(steps: int, points: int) -> list[int]:
@@ -259,6 +261,15 @@ def fit_task_arithmetic(
             genes.clamp_(0.0, 1.0)
     fit.seconds = time.perf_counter() - started
     return fit
+
+
+def fit_run(run: ResolvedRun, **options: Any) -> Fit:
+    """``fit_task_arithmetic`` over the run's own genome: what a Ray worker runs (``call_on_worker``)."""
+    from evomerge.search.genome import PSGenome, make_genome
+
+    genome = make_genome(run.space)
+    assert isinstance(genome, PSGenome)  # check_gradient_space refuses data-flow spaces
+    return fit_task_arithmetic(run, genome, **options)
 
 
 def _skeleton(plan: Any, device: str) -> torch.nn.Module:
@@ -451,6 +462,7 @@ class Gradient(FiniteOptimizer):
             "steps": self.fit.steps,
             "lr": self.fit.lr,
             "device": self.fit.device,
+            "worker": getattr(self.fit, "worker", "driver"),
             "fit_seconds": self.fit.seconds,
             "setup_seconds": getattr(self.fit, "setup_seconds", 0.0),
             "losses": self.fit.losses,
