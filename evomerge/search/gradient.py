@@ -14,8 +14,8 @@ construction), the negative log-likelihood of the reference continuation per tok
 tasks) or the cross-entropy of the gold choice among the choices' log-likelihoods (``multiple_choice``
 tasks, as lm-eval's ``acc`` ranks them), averaged over items; ``scalarize: worst`` combines objectives
 by a log-sum-exp (a smooth maximum), ``weighted_sum`` by their weighted sum. Adam on the genes, each step projected back into
-[0, 1]. The fit runs once, in the search driver's process (on CUDA when it sees one), before any
-candidate is scored; ``budget`` points evenly spaced along its trajectory (the start and the end
+[0, 1]. The fit runs once, before any candidate is scored, on one of the run's Ray workers (or in the driver's
+process with ``--workers 0``), on CUDA when it sees one; ``budget`` points evenly spaced along its trajectory (the start and the end
 included) are then scored like any candidates, tracked and exportable, and the optimizer's choice is
 the best scored one. The fit is part of the pickled optimizer state: a resumed run does not refit.
 
