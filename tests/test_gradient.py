@@ -212,6 +212,8 @@ def test_the_multiple_choice_loss_is_the_cross_entropy_of_the_gold_choice() -> N
     ll = torch.log_softmax(logits[:, 0], -1)[torch.arange(5), targets[:, 0]]
     expected = -torch.log_softmax(ll[:3], 0)[2] - torch.log_softmax(ll[3:], 0)[0]
     torch.testing.assert_close(items.loss_sum(logits), expected)
+    entropy = sum(-(p * p.log()).sum() for p in (ll[:3].softmax(0), ll[3:].softmax(0)))
+    torch.testing.assert_close(items.loss_sum(logits, "entropy"), entropy)  # over the choices, gold unread
     assert [c.count for c in items.chunks(batch_tokens=2)] == [1, 1]  # 1 row per chunk asked, whole items kept
 
 
@@ -230,3 +232,31 @@ def test_with_ray_workers_the_fit_runs_on_a_worker(zoo_dir, tmp_path, local_ray)
     found = json.loads((tmp_path / "run" / "optimizer.json").read_text())
     assert found["worker"].startswith("ray-actor-") and summary.evaluated == 3
     assert found["losses"][-1] < found["losses"][0]
+
+
+def test_the_entropy_loss_reads_no_answer_and_is_the_answer_distributions_entropy(zoo_dir, tmp_path) -> None:
+    from evomerge.search.gradient import _Items, fit_task_arithmetic
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 3, 5)
+    mask = torch.tensor([[False, True, True], [False, False, True], [False, True, True]])
+    items = _Items(
+        torch.zeros(3, 3, dtype=torch.long),
+        mask,
+        torch.zeros(3, 3, dtype=torch.long),
+        torch.arange(3),
+        torch.zeros(3, dtype=torch.long),
+        None,
+    )
+    first = logits[torch.arange(3), torch.tensor([1, 2, 1])]  # where each answer starts
+    expected = -(first.softmax(-1) * first.log_softmax(-1)).sum()
+    torch.testing.assert_close(items.loss_sum(logits, "entropy"), expected)
+    wrong = _Items(items.ids, mask, torch.randint(0, 5, (3, 3)), items.row_item, items.row_choice, None)
+    torch.testing.assert_close(wrong.loss_sum(logits, "entropy"), expected)  # the answers are not read
+
+    config = gradient_config(zoo_dir, loss="entropy")
+    run = resolve_run_config(config, base_dir=tmp_path)
+    fit = fit_task_arithmetic(run, make_genome(run.space), steps=3, lr=0.1, points=2, loss="entropy")
+    assert fit.loss == "entropy" and fit.losses[-1] < fit.losses[0]
+    with pytest.raises(ConfigError, match="optimizer.loss: only the gradient optimizer"):
+        resolve_run_config(gradient_config(zoo_dir, name="cma", loss="entropy", steps=None, lr=None), base_dir=tmp_path)

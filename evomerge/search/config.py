@@ -61,6 +61,9 @@ class OptimizerConfig(_Strict):
     """gradient: Adam steps of the fit (default 100)."""
     lr: float | None = Field(default=None, gt=0)
     """gradient: Adam's step size in gene units (default 0.05)."""
+    loss: Literal["nll", "entropy"] | None = None
+    """gradient: ``nll`` (default; supervised: the items' reference answers) or ``entropy``
+    (AdaMerging's unsupervised loss: the entropy of the model's answer distribution, no answers read)."""
     seed: int = 0
     mode: Literal["barrier", "async"] = "barrier"
     """barrier: a generation is asked, scored in parallel and told as a whole (same seed and scores, same
@@ -171,7 +174,7 @@ class ResolvedRun:
                 raise ConfigError(str(exc)) from None
         if optimizer.grid is not None and optimizer.name != "sweep":
             raise ConfigError(f"optimizer.grid: only the sweep optimizer takes a grid, not {optimizer.name}")
-        for key in ("steps", "lr"):
+        for key in ("steps", "lr", "loss"):
             if getattr(optimizer, key) is not None and optimizer.name != "gradient":
                 raise ConfigError(f"optimizer.{key}: only the gradient optimizer takes it, not {optimizer.name}")
         if optimizer.name == "gradient":

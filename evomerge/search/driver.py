@@ -133,6 +133,7 @@ class Search:
             "points": min(self.budget, steps + 1),
             "start": None if opt.x0 is None else [opt.x0] * genome.dim,
             "scalarize": opt.scalarize,
+            "loss": opt.loss or "nll",
         }
         on_worker = getattr(self.executor, "call_on_worker", None)
         if callable(on_worker):

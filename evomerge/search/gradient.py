@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 DEFAULT_STEPS = 100
 DEFAULT_LR = 0.05
 """Adam's step size, in gene units (a gene spans [0, 1] of its bounds)."""
+LOSSES = ("nll", "entropy")
+"""``nll``: supervised (the reference answers); ``entropy``: unsupervised, AdaMerging's own (only the
+inputs and, for multiple choice, the choices are read)."""
 
 
 def check_gradient_space(space: SearchSpace) -> None:
@@ -81,6 +84,7 @@ class Fit:
     device: str = "cpu"
     worker: str = "driver"
     """Where the fit ran: the search driver's process, or a Ray worker (its label)."""
+    loss: str = "nll"
 
 
 def point_schedule(steps: int, points: int) -> list[int]:
@@ -181,6 +185,7 @@ def fit_task_arithmetic(
     scalarize: str = "weighted_sum",
     progress: Callable[[int, float], None] | None = None,
     batch_tokens: int = 16384,
+    loss: str = "nll",
 ) -> Fit:
     """Fit the genes of a task-arithmetic space by gradient descent on the objectives' items.
 
@@ -205,7 +210,7 @@ def fit_task_arithmetic(
     weights = torch.tensor(run.weights, dtype=torch.float32, device=device)
 
     def chunk_sum(params: dict[str, torch.Tensor], chunk: _Items) -> torch.Tensor:
-        return chunk.loss_sum(functional_call(model, params, (chunk.ids,)).logits)
+        return chunk.loss_sum(functional_call(model, params, (chunk.ids,)).logits, loss)
 
     def combined(losses: torch.Tensor) -> torch.Tensor:
         if scalarize == "worst":
@@ -215,7 +220,9 @@ def fit_task_arithmetic(
     x0 = np.full(genome.dim, 0.5) if start is None else np.clip(np.asarray(start, dtype=float), 0, 1)
     genes = torch.tensor(x0, dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([genes], lr=lr)
-    fit = Fit(steps=steps, lr=lr, device=str(device))
+    if loss not in LOSSES:
+        raise ValueError(f"optimizer.loss: {loss!r} is not valid; use {', '.join(LOSSES)}")
+    fit = Fit(steps=steps, lr=lr, device=str(device), loss=loss)
     record_at = set(point_schedule(steps, points))
     one_pass = all(len(chunks) == 1 for chunks in chunked)
     fit.setup_seconds = time.perf_counter() - started
@@ -225,9 +232,9 @@ def fit_task_arithmetic(
         if one_pass:  # every objective in one chunk: one forward and backward
             with torch.set_grad_enabled(step < steps):
                 losses = torch.stack([chunk_sum(merged, c[0]) / n for c, n in zip(chunked, sizes)])
-                loss = combined(losses)
+                total = combined(losses)
                 if step < steps:
-                    loss.backward()
+                    total.backward()
         else:
             with torch.no_grad():
                 losses = torch.stack(
@@ -239,8 +246,8 @@ def fit_task_arithmetic(
                 for k, (chunks, n) in enumerate(zip(chunked, sizes)):
                     for chunk in chunks:
                         (chunk_sum(merged, chunk) * (share[k] / n)).backward()
-            loss = combined(losses)
-        value = float(loss.detach())
+            total = combined(losses)
+        value = float(total.detach())
         if not math.isfinite(value):
             raise ValueError(f"optimizer gradient: the loss is {value} at step {step}; lower optimizer.lr")
         fit.losses.append(value)
@@ -328,18 +335,27 @@ class _Items:
             first = last
         return out
 
-    def loss_sum(self, logits: Any) -> Any:
-        """Summed over items: the per-token NLL of the reference continuation (loglikelihood), or the
-        cross-entropy of the gold choice among the choices' log-likelihoods (multiple choice)."""
+    def loss_sum(self, logits: Any, loss: str = "nll") -> Any:
+        """Summed over items. ``nll`` (supervised): the per-token NLL of the reference continuation
+        (loglikelihood), or the cross-entropy of the gold choice among the choices' log-likelihoods
+        (multiple choice). ``entropy`` (AdaMerging's unsupervised loss: no answer is read): the entropy
+        of the next-token distribution where the answer starts, or of the distribution over the choices."""
         import torch
         import torch.nn.functional as F
 
+        if loss == "entropy" and self.gold is None:
+            first = self.mask.float().argmax(1)  # the position that predicts the first answer token
+            start = logits[torch.arange(len(logits), device=logits.device), first].float()
+            return -(F.softmax(start, -1) * F.log_softmax(start, -1)).sum()
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), self.targets, reduction="none")
         row_nll = (token_nll * self.mask).sum(1)
         if self.gold is None:
             return (row_nll / self.mask.sum(1).clamp(min=1)).sum()
         table = torch.full((self.count, int(self.row_choice.max()) + 1), -math.inf, device=logits.device)
         table = table.index_put((self.row_item, self.row_choice), -row_nll)
+        if loss == "entropy":
+            log_p = torch.log_softmax(table, dim=1)
+            return -torch.where(torch.isfinite(log_p), log_p.exp() * log_p, torch.zeros_like(log_p)).sum()
         gold_ll = table[torch.arange(self.count, device=logits.device), self.gold]
         return (torch.logsumexp(table, dim=1) - gold_ll).sum()
 
@@ -463,6 +479,7 @@ class Gradient(FiniteOptimizer):
             "lr": self.fit.lr,
             "device": self.fit.device,
             "worker": getattr(self.fit, "worker", "driver"),
+            "loss": getattr(self.fit, "loss", "nll"),
             "fit_seconds": self.fit.seconds,
             "setup_seconds": getattr(self.fit, "setup_seconds", 0.0),
             "losses": self.fit.losses,
