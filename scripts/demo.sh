@@ -35,8 +35,8 @@ cat "$out/pick.yaml"
 echo "== 5/7 the merged checkpoint on the held-out test items"
 "$evomerge" eval "$out/merged" --tasks "$tasks" --include-path "$zoo/tasks" --split test
 
-echo "== 6/7 the gradient baseline over the same space: weights fitted by Adam on the search items, 11 points scored"
-"$evomerge" search configs/zoo-ps-gradient.yaml --run-dir "$out/gradient"
+echo "== 6/7 the gradient baseline: task-arithmetic weights per layer and projection fitted by Adam on the search items, 11 points scored (in this process)"
+"$evomerge" search configs/zoo-ps-gradient.yaml --run-dir "$out/gradient" --workers 0
 "$evomerge" export "$out/gradient" --pick auto -o "$out/gradient.yaml"
 
 echo "== 7/7 held out: specialists, hand-set merges and the exported picks (pick: CMA-ES; gradient) side by side"
