@@ -119,19 +119,15 @@ class Search:
         """The gradient optimizer's fit, before anything is scored: on a Ray worker when the run has them
         (its CPUs and GPU; a cluster's head need not have either), else in this process with a progress
         bar per step."""
-        from evomerge.search.genome import PSGenome
-        from evomerge.search.gradient import DEFAULT_LR, DEFAULT_STEPS, fit_task_arithmetic
+        from evomerge.search.gradient import DEFAULT_LR, DEFAULT_STEPS, fit_run
 
         opt = self.run.config.optimizer
         steps = opt.steps or DEFAULT_STEPS
-        genome = self.genome
-        if not isinstance(genome, PSGenome):
-            raise ValueError("optimizer gradient: the search space must be kind: ps")
         options: dict[str, Any] = {
             "steps": steps,
             "lr": opt.lr or DEFAULT_LR,
             "points": min(self.budget, steps + 1),
-            "start": None if opt.x0 is None else [opt.x0] * genome.dim,
+            "start": None if opt.x0 is None else [opt.x0] * self.genome.dim,
             "scalarize": opt.scalarize,
             "loss": opt.loss or "nll",
         }
@@ -147,12 +143,7 @@ class Search:
             return fit
         bar = _Progress(self.progress, steps + 1, 0, "fitting weights by gradient")
         try:
-            return fit_task_arithmetic(
-                self.run,
-                genome,
-                progress=lambda step, loss: bar.advance(f"fit loss {loss:.4f}"),
-                **options,
-            )
+            return fit_run(self.run, progress=lambda step, loss: bar.advance(f"fit loss {loss:.4f}"), **options)
         finally:
             bar.close()
 

@@ -13,11 +13,11 @@ The loss is, per objective on its own items (the objectives' split and limit, by
 construction), the negative log-likelihood of the reference continuation per token (``loglikelihood``
 tasks) or the cross-entropy of the gold choice among the choices' log-likelihoods (``multiple_choice``
 tasks, as lm-eval's ``acc`` ranks them), averaged over items; ``scalarize: worst`` combines objectives
-by a log-sum-exp (a smooth maximum), ``weighted_sum`` by their weighted sum. Adam on the genes, each step projected back into
-[0, 1]. The fit runs once, before any candidate is scored, on one of the run's Ray workers (or in the driver's
-process with ``--workers 0``), on CUDA when it sees one; ``budget`` points evenly spaced along its trajectory (the start and the end
-included) are then scored like any candidates, tracked and exportable, and the optimizer's choice is
-the best scored one. The fit is part of the pickled optimizer state: a resumed run does not refit.
+by a log-sum-exp (a smooth maximum), ``weighted_sum`` by their weighted sum. Adam on the genes, each
+step projected back into [0, 1]. The fit runs once, before any candidate is scored, on one of the run's
+Ray workers (or in the driver's process with ``--workers 0``), on CUDA when it sees one; ``budget``
+points evenly spaced along its trajectory (the start and the end included) are then scored like any
+candidates, tracked and exportable, and the optimizer's choice is the best scored one. The fit is part of the pickled optimizer state: a resumed run does not refit.
 
 Needs every source task vector in memory at once (sources + 1 copies of the model, in float32, plus
 the merged tensors and their gradients) and tasks scored by log-likelihood (not generative ones).
@@ -75,7 +75,7 @@ class Fit:
     losses: list[float] = field(default_factory=list)
     """The loss before each step, and after the last (steps + 1 values)."""
     objective_losses: list[list[float]] = field(default_factory=list)
-    """Per recorded point, each objective's loss (per-token NLL) there."""
+    """Per recorded point, each objective's loss there (its NLL, or its entropy with ``loss: entropy``)."""
     point_steps: list[int] = field(default_factory=list)
     points: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0
@@ -200,6 +200,8 @@ def fit_task_arithmetic(
 
     from evomerge.eval.evaluator import resolve_device
 
+    if loss not in LOSSES:
+        raise ValueError(f"optimizer.loss: {loss!r} is not valid; use {', '.join(LOSSES)}")
     started = time.perf_counter()
     device = resolve_device(run.config.runtime.device)
     merge = DifferentiableMerge(run, genome, device)
@@ -220,15 +222,16 @@ def fit_task_arithmetic(
     x0 = np.full(genome.dim, 0.5) if start is None else np.clip(np.asarray(start, dtype=float), 0, 1)
     genes = torch.tensor(x0, dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([genes], lr=lr)
-    if loss not in LOSSES:
-        raise ValueError(f"optimizer.loss: {loss!r} is not valid; use {', '.join(LOSSES)}")
     fit = Fit(steps=steps, lr=lr, device=str(device), loss=loss)
     record_at = set(point_schedule(steps, points))
     one_pass = all(len(chunks) == 1 for chunks in chunked)
     fit.setup_seconds = time.perf_counter() - started
     for step in range(steps + 1):
-        with torch.no_grad():
-            merged = {name: t.requires_grad_(step < steps) for name, t in merge.params(genes).items()}
+        # the merge, recorded once per step; the model sees detached copies that collect the gradients
+        # of every chunk, which one backward through ``outputs`` then turns into the genes' gradient
+        with torch.set_grad_enabled(step < steps):
+            outputs = merge.params(genes)
+        merged = {name: t.detach().requires_grad_(step < steps) for name, t in outputs.items()}
         if one_pass:  # every objective in one chunk: one forward and backward
             with torch.set_grad_enabled(step < steps):
                 losses = torch.stack([chunk_sum(merged, c[0]) / n for c, n in zip(chunked, sizes)])
@@ -260,7 +263,6 @@ def fit_task_arithmetic(
         if step == steps:
             break
         optimizer.zero_grad()
-        outputs = merge.params(genes)  # the merge again, now recorded: gradients on the tensors -> genes
         names = [name for name in outputs if merged[name].grad is not None]
         torch.autograd.backward([outputs[n] for n in names], [merged[n].grad for n in names])
         optimizer.step()
@@ -271,7 +273,7 @@ def fit_task_arithmetic(
 
 
 def fit_run(run: ResolvedRun, **options: Any) -> Fit:
-    """``fit_task_arithmetic`` over the run's own genome: what a Ray worker runs (``call_on_worker``)."""
+    """``fit_task_arithmetic`` over the run's own genome: what the driver, or a Ray worker (``call_on_worker``), runs."""
     from evomerge.search.genome import PSGenome, make_genome
 
     genome = make_genome(run.space)
@@ -478,10 +480,10 @@ class Gradient(FiniteOptimizer):
             "steps": self.fit.steps,
             "lr": self.fit.lr,
             "device": self.fit.device,
-            "worker": getattr(self.fit, "worker", "driver"),
-            "loss": getattr(self.fit, "loss", "nll"),
+            "worker": self.fit.worker,
+            "loss": self.fit.loss,
             "fit_seconds": self.fit.seconds,
-            "setup_seconds": getattr(self.fit, "setup_seconds", 0.0),
+            "setup_seconds": self.fit.setup_seconds,
             "losses": self.fit.losses,
             "point_steps": self.fit.point_steps,
             "objective_losses": self.fit.objective_losses,
