@@ -74,6 +74,24 @@ def stop(process: subprocess.Popen) -> None:
             continue
 
 
+def agent_log_tail(temp: str, chars: int = 3000) -> str:
+    """The end of the head node's dashboard agent log(s), to say why a job found no agent."""
+    logs = sorted(Path(temp).glob("session_*/logs/dashboard_agent*.log"))
+    return "".join(f"\n--- {log}:\n{log.read_text(errors='replace')[-chars:]}" for log in logs)
+
+
+def submit_job(command: list[str], env: dict[str, str], tries: int = 6) -> subprocess.CompletedProcess:
+    """``ray job submit``, tried again while Ray answers "No available agent ... please try again later":
+    its job server waits only 10 s for the head node's dashboard agent, which under CI load can register
+    later than the nodes come up."""
+    for _ in range(tries):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
+            return done
+        time.sleep(10)
+    return done
+
+
 @pytest.mark.slow
 def test_a_search_joins_a_two_node_loopback_cluster(zoo_dir, tmp_path) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -135,23 +153,18 @@ def test_a_search_joins_a_two_node_loopback_cluster(zoo_dir, tmp_path) -> None:
         # the README's overnight command, submitted as a Ray job (the job's driver runs on the head node)
         job_dir = tmp_path / "job-run"
         excludes = '{"excludes": [".venv", ".git", "runs", "out", "*.db", "mlruns", "mlartifacts"]}'
-        submitted = subprocess.run(
-            [
-                sys.executable, "-m", "evomerge.runtime.loopback_cluster", "job", "submit",
-                "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-                "--runtime-env-json", excludes, "--",
-                sys.executable, "-m", "evomerge.cli", "search", "configs/zoo-ps-nsga2.yaml",
-                "--run-dir", str(job_dir), "--time-limit", "8h", "--set", "optimizer.mode=async",
-                "--budget", "4", "--workers", "2", "-q",
-                "--set", "objectives=[{task: zoo_latin, metric: acc, limit: 4}]",
-            ],
-            env={**env, "EVOMERGE_ZOO_DIR": str(zoo_dir)},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )  # fmt: skip
+        submit = [
+            sys.executable, "-m", "evomerge.runtime.loopback_cluster", "job", "submit",
+            "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
+            "--runtime-env-json", excludes, "--",
+            sys.executable, "-m", "evomerge.cli", "search", "configs/zoo-ps-nsga2.yaml",
+            "--run-dir", str(job_dir), "--time-limit", "8h", "--set", "optimizer.mode=async",
+            "--budget", "4", "--workers", "2", "-q",
+            "--set", "objectives=[{task: zoo_latin, metric: acc, limit: 4}]",
+        ]  # fmt: skip
+        submitted = submit_job(submit, {**env, "EVOMERGE_ZOO_DIR": str(zoo_dir)})
         assert submitted.returncode == 0 and "succeeded" in submitted.stdout + submitted.stderr, (
-            submitted.stdout[-3000:] + submitted.stderr[-3000:]
+            submitted.stdout[-3000:] + submitted.stderr[-3000:] + agent_log_tail(temp)
         )
         job_records = list(RunDir(job_dir).records())
         assert len(job_records) == 4 and all(r.ok for r in job_records), [r.reason for r in job_records]
