@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional, cast
+from typing import Annotated, Any, Literal, Optional, cast
 
 import typer
 from rich.console import Console
@@ -95,10 +95,22 @@ def merge(
             seed=seed,
             base_dir=Path.cwd(),
             progress=not quiet and sys.stderr.isatty(),
+            statistics=_statistics_provider(device, quiet),
         )
     except _user_errors() as exc:
         _fail(str(exc))
     err.print(f"merged {recipe} -> {out_dir} in {time.perf_counter() - start:.1f}s", highlight=False)
+
+
+def _statistics_provider(device: str, quiet: bool) -> Any:
+    """Statistics of data-aware recipes (fisher, regmean), computed with a line per model (cached after)."""
+    from evomerge.eval.statistics import statistics_provider
+
+    def progress(what: str, done: int, total: int) -> None:
+        if done == 1 and not quiet:
+            err.print(f"computing {what} statistics over {total} batches/items (cached afterwards)", highlight=False)
+
+    return statistics_provider(base_dir=Path.cwd(), device=device, progress=progress)
 
 
 @app.command("eval")

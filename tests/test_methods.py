@@ -12,6 +12,7 @@ import torch
 
 import evomerge.merge.methods as methods
 from evomerge.merge.methods import METHODS, REQUIRED, della_probabilities, get_method
+from evomerge.recipe import MERGEKIT_METHODS
 
 mergekit_methods = pytest.importorskip("mergekit.merge_methods")
 from mergekit.merge_methods.base import MISSING, BasePolicy, ParameterScope  # noqa: E402
@@ -377,7 +378,16 @@ def test_bind_and_get_method():
 # the registry against mergekit's
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+def test_data_aware_methods_are_the_ones_mergekit_lacks():
+    ours_only = [name for name in METHODS if name not in MERGEKIT_METHODS]
+    assert ours_only == ["fisher", "regmean"]
+    for name in ours_only:
+        assert METHODS[name].statistic is not None
+        with pytest.raises(RuntimeError, match="Unimplemented"):
+            mergekit_methods.get(name)
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name in MERGEKIT_METHODS])
 def test_spec_matches_mergekit_spec(name):
     ours_spec = METHODS[name]
     spec = mergekit_methods.get(name).spec

@@ -22,7 +22,9 @@ from evomerge.eval.scorer import FastScorer, LmEvalScorer, Scores, make_hflm
 from evomerge.eval.tasks import Objective, PreparedTask, prepare_tasks
 from evomerge.merge.engine import materialize_into
 from evomerge.merge.io import Checkpoint
+from evomerge.merge.methods import get_method
 from evomerge.merge.plan import MergePlan, PlanError, build_plan, open_checkpoints
+from evomerge.merge.statistics import StatisticsFile
 from evomerge.recipe import Recipe
 
 Backend = Literal["fast", "lm-eval"]
@@ -68,6 +70,7 @@ class CandidateEvaluator:
         self.objectives: list[Objective]
         self.prepared, self.objectives = prepare_tasks(objectives, include_paths)
         self._checkpoints: dict[str, Checkpoint] = {}
+        self._statistics_files: dict[Path, StatisticsFile] = {}
         self._models: dict[int, torch.nn.Module] = {}
         self._tokenizer: Any = None
         self._scorer: FastScorer | LmEvalScorer | None = None
@@ -123,7 +126,21 @@ class CandidateEvaluator:
             recipe, base_dir=self.base_dir, allow_pickle=self.allow_pickle, cache=self._checkpoints
         )
         self._checkpoints.update(checkpoints)
-        return build_plan(recipe, checkpoints)
+        return build_plan(recipe, checkpoints, self._statistics(recipe))
+
+    def _statistics(self, recipe: Recipe) -> dict[str, StatisticsFile] | None:
+        """A data-aware recipe's statistics files: computed (or read from the disk cache) once per worker."""
+        if get_method(recipe.merge_method).statistic is None:
+            return None
+        from evomerge.eval.statistics import statistics_provider
+
+        provide = statistics_provider(base_dir=self.base_dir, device=self.device, batch_tokens=self.batch_tokens)
+        opened = {}
+        for model, path in provide(recipe).items():
+            if path not in self._statistics_files:
+                self._statistics_files[path] = StatisticsFile(path)
+            opened[model] = self._statistics_files[path]
+        return opened
 
     def _resident_model(self, plan: MergePlan) -> torch.nn.Module:
         """One model per layer count, built once from the plan's output config and then reused."""

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from evomerge.merge.methods import (
     EXACT_SORT_MAX_NUMEL,
-    MethodFn,
+    TensorFn,
     combine_task_vectors,
     linear,
     model_stock,
@@ -150,7 +150,7 @@ class JobInputs:
 # element-wise methods
 
 
-def elementwise(fn: MethodFn) -> BlockKernel:
+def elementwise(fn: TensorFn) -> BlockKernel:
     """The block kernel of an element-wise method: the method's own function on each block."""
 
     def kernel(inputs: JobInputs, model_params, params, seed: int) -> Iterator[Block]:
@@ -201,7 +201,7 @@ def slerp_blocks(inputs: JobInputs, model_params, params, seed: int) -> Iterator
         yield rows, out.add_(x, alpha=coef_b)
 
 
-def _whole(inputs: JobInputs, fn: MethodFn, model_params, params) -> Iterator[Block]:
+def _whole(inputs: JobInputs, fn: TensorFn, model_params, params) -> Iterator[Block]:
     """A tensor the kernel cannot split (its vectors span every row): merged whole, by ``fn``."""
     xs, base = inputs.read(Ellipsis)
     yield Ellipsis, fn(xs, base, model_params, params, None)

@@ -20,7 +20,9 @@ from torch import nn
 from evomerge.atomic import replace_dir
 from evomerge.merge.blocks import BLOCK_KERNELS, WHOLE_TENSOR_MAX, Block, JobInputs
 from evomerge.merge.io import ShardedWriter, parse_size
+from evomerge.merge.methods import get_method
 from evomerge.merge.plan import MergePlan, PlanError, TensorJob, TensorRef, build_plan, open_checkpoints
+from evomerge.merge.statistics import StatisticsProvider
 from evomerge.recipe import Recipe, substitute_models
 
 TOKENIZER_FILES = (
@@ -95,7 +97,10 @@ def compute_blocks(
     if plan.method.randomized:
         generator = torch.Generator()  # CPU: masks are drawn there on every device (merge/methods.py)
         generator.manual_seed(job_seed)
-    yield everything, plan.method.fn(tensors, base, job.model_params, job.params, generator)
+    statistics = None
+    if plan.method.statistic is not None:  # data-aware: each input's statistic of this tensor
+        statistics = [plan.statistics[model].get(name) for model, name in job.inputs]
+    yield everything, plan.method.fn(tensors, base, job.model_params, job.params, generator, statistics)
 
 
 def compute_tensor(
@@ -148,9 +153,18 @@ def _progress(jobs: list[TensorJob], enabled: bool, label: str) -> Iterator[Tens
             bar.advance(task)
 
 
-def plan_recipe(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bool = False) -> MergePlan:
-    """Open the recipe's checkpoints and plan it (all validation happens here)."""
-    return build_plan(recipe, open_checkpoints(recipe, base_dir=base_dir, allow_pickle=allow_pickle))
+def plan_recipe(
+    recipe: Recipe,
+    *,
+    base_dir: Path | None = None,
+    allow_pickle: bool = False,
+    statistics: StatisticsProvider | None = None,
+) -> MergePlan:
+    """Open the recipe's checkpoints and plan it (all validation happens here). A data-aware recipe
+    (fisher, regmean) needs ``statistics``, which gives each model's statistics file."""
+    checkpoints = open_checkpoints(recipe, base_dir=base_dir, allow_pickle=allow_pickle)
+    needed = get_method(recipe.merge_method).statistic is not None and statistics is not None
+    return build_plan(recipe, checkpoints, statistics(recipe) if needed and statistics is not None else None)
 
 
 def merge_to_disk(
@@ -164,8 +178,9 @@ def merge_to_disk(
     seed: int = 0,
     base_dir: Path | None = None,
     progress: bool = False,
+    statistics: StatisticsProvider | None = None,
 ) -> Path:
-    """Materialize ``recipe`` as a Hugging Face checkpoint in ``out_dir``.
+    """Materialize ``recipe`` as a Hugging Face checkpoint in ``out_dir`` (``statistics``: see ``plan_recipe``).
 
     Written into a temporary sibling directory and renamed at the end, so a failed or interrupted
     merge never leaves something that looks like a model.
@@ -174,7 +189,7 @@ def merge_to_disk(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
     shard_bytes = parse_size(out_shard_size)
-    plan = plan_recipe(recipe, base_dir=base_dir, allow_pickle=allow_pickle)
+    plan = plan_recipe(recipe, base_dir=base_dir, allow_pickle=allow_pickle, statistics=statistics)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -54,7 +54,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -68,10 +68,26 @@ from evomerge.recipe.methods import (  # noqa: F401 (REQUIRED re-exported)
     check_count,
 )
 
-MethodFn = Callable[
+TensorFn = Callable[
     [Sequence[Tensor], Tensor | None, Sequence[Mapping[str, Any]], Mapping[str, Any], torch.Generator | None],
     Tensor,
 ]
+"""An algorithm's function on tensors (what block kernels call on pieces of inputs)."""
+
+
+class MethodFn(Protocol):
+    """The engine's call shape of every method (``statistics``: data-aware methods only)."""
+
+    def __call__(
+        self,
+        tensors: Sequence[Tensor],
+        base: Tensor | None,
+        model_params: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        statistics: Sequence[Tensor | None] | None = None,
+    ) -> Tensor: ...
+
 
 EXACT_SORT_MAX_NUMEL = 1 << 16
 """Magnitude selection sorts (as mergekit does) up to this many elements, else uses ``kthvalue``."""
@@ -614,10 +630,81 @@ def combine_task_vectors(
 
 
 # ----------------------------------------------------------------------------------------------
+# data-aware methods: each input comes with a statistic (``Statistic``), computed from data
+
+
+def _linear_fallback(tensors: Sequence[Tensor], model_params: Sequence[Mapping[str, Any]]) -> Tensor:
+    return linear(tensors, None, model_params, {"normalize": True})
+
+
+def fisher(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+    statistics: Sequence[Tensor | None] | None = None,
+) -> Tensor:
+    """Fisher merging: ``sum_i w_i (F_i + floor) theta_i / sum_i w_i (F_i + floor)`` per entry, with
+    ``F_i`` input i's diagonal Fisher (same shape as the tensor). A tensor with no Fisher for some input
+    (never touched by the loss's gradient, e.g. a tied head) is averaged with the weights alone."""
+    if statistics is None or any(f is None for f in statistics):
+        return _linear_fallback(tensors, model_params)
+    dtype = _accumulation_dtype(tensors[0].dtype)
+    floor = float(params["fisher_floor"])
+    numerator = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    denominator = torch.zeros_like(numerator)
+    for tensor, fisher_diag, p in zip(tensors, statistics, model_params):
+        assert fisher_diag is not None
+        if fisher_diag.shape != tensor.shape:
+            raise ValueError(
+                f"fisher: Fisher of shape {tuple(fisher_diag.shape)} for a tensor of shape {tuple(tensor.shape)}"
+            )
+        w = float(p["weight"]) * (fisher_diag.to(device=tensor.device, dtype=dtype) + floor)
+        numerator.addcmul_(w, tensor.to(dtype))
+        denominator.add_(w)
+    return numerator.div_(denominator).to(tensors[0].dtype)
+
+
+def regmean(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    model_params: Sequence[Mapping[str, Any]],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+    statistics: Sequence[Tensor | None] | None = None,
+) -> Tensor:
+    """RegMean: for a linear layer's weight ``W_i`` (out x in) with input Gram ``G_i`` (in x in), the
+    minimizer of ``sum_i w_i ||X_i W^T - X_i W_i^T||^2``: ``W = (sum_i w_i W_i G_i) (sum_i w_i G_i)^-1``,
+    each ``G_i``'s off-diagonal entries first scaled by ``alpha`` (alpha = 1: the exact regression;
+    alpha = 0: a per-input-feature weighted average). Tensors without a Gram (embeddings, norms,
+    biases) are averaged with the weights."""
+    if statistics is None or any(g is None for g in statistics) or tensors[0].dim() != 2:
+        return _linear_fallback(tensors, model_params)
+    alpha = float(params["alpha"])
+    columns = tensors[0].shape[1]
+    device = tensors[0].device
+    gram_sum = torch.zeros((columns, columns), dtype=torch.float64, device=device)
+    product_sum = torch.zeros((tensors[0].shape[0], columns), dtype=torch.float64, device=device)
+    for tensor, gram, p in zip(tensors, statistics, model_params):
+        assert gram is not None
+        if gram.shape != (columns, columns):
+            raise ValueError(f"regmean: Gram of shape {tuple(gram.shape)} for a weight of shape {tuple(tensor.shape)}")
+        g = gram.to(device=device, dtype=torch.float64)
+        g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+        w = float(p["weight"])
+        gram_sum.add_(g, alpha=w)
+        product_sum.add_(tensor.to(torch.float64) @ g, alpha=w)
+    # W gram_sum = product_sum, gram_sum symmetric: solve gram_sum W^T = product_sum^T
+    solved = torch.linalg.lstsq(gram_sum, product_sum.T).solution.T
+    return solved.to(tensors[0].dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # the registry: one function per declared method
 
 
-WHOLE_TENSOR: dict[Algorithm, Callable[[declared.MethodSpec], MethodFn]] = {
+WHOLE_TENSOR: dict[Algorithm, Callable[[declared.MethodSpec], Callable[..., Tensor]]] = {
     Algorithm.LINEAR: lambda spec: linear,
     Algorithm.PASSTHROUGH: lambda spec: passthrough,
     Algorithm.SLERP: lambda spec: slerp,
@@ -626,12 +713,15 @@ WHOLE_TENSOR: dict[Algorithm, Callable[[declared.MethodSpec], MethodFn]] = {
     Algorithm.TASK_ARITHMETIC: lambda spec: partial(
         generalized_task_arithmetic, name=spec.name, sparsification=spec.sparsification, consensus=spec.consensus
     ),
+    Algorithm.FISHER: lambda spec: fisher,
+    Algorithm.REGMEAN: lambda spec: regmean,
 }
 """Per algorithm: the (unchecked) whole-tensor function of a declared method."""
 
 
-def _checked(spec: declared.MethodSpec, compute: MethodFn) -> MethodFn:
-    """``compute`` behind the input checks its declaration implies (see ``_check``)."""
+def _checked(spec: declared.MethodSpec, compute: Callable[..., Tensor]) -> MethodFn:
+    """``compute`` behind the input checks its declaration implies (see ``_check``). Data-aware
+    methods also take ``statistics``: per input, its statistic for this tensor (or ``None``)."""
 
     def fn(
         tensors: Sequence[Tensor],
@@ -639,9 +729,14 @@ def _checked(spec: declared.MethodSpec, compute: MethodFn) -> MethodFn:
         model_params: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         generator: torch.Generator | None = None,
+        statistics: Sequence[Tensor | None] | None = None,
     ) -> Tensor:
         _check(spec, tensors, base, model_params)
-        return compute(tensors, base, model_params, params, generator)
+        if spec.statistic is None:
+            return compute(tensors, base, model_params, params, generator)
+        if statistics is not None and len(statistics) != len(tensors):
+            raise ValueError(f"{spec.name}: got {len(statistics)} statistics for {len(tensors)} tensors")
+        return compute(tensors, base, model_params, params, generator, statistics)
 
     fn.__name__ = fn.__qualname__ = spec.name
     fn.__doc__ = spec.summary

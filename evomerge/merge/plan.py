@@ -27,6 +27,7 @@ import torch
 
 from evomerge.merge.io import TORCH_DTYPES, Checkpoint, OutputTensor
 from evomerge.merge.methods import REQUIRED, MethodSpec, get_method
+from evomerge.merge.statistics import StatisticsFile
 from evomerge.recipe import OutputSlice, Parameters, Recipe, SliceSource, resolve
 
 LAYER_RE = re.compile(r"^(.*?\blayers\.)(\d+)(\..+)$")
@@ -64,6 +65,8 @@ class MergePlan:
     tokenizer_model: str
     layer_sources: list[tuple[str, int]] = field(default_factory=list)
     """For each output layer, the (model, layer) of its first source."""
+    statistics: dict[str, StatisticsFile] = field(default_factory=dict)
+    """Data-aware methods: each input model's statistics (``merge/statistics.py``)."""
 
     @property
     def num_layers(self) -> int:
@@ -122,10 +125,15 @@ def open_checkpoints(
     return opened
 
 
-def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
-    """Resolve the recipe against its checkpoints into per-tensor jobs; raise PlanError on any problem."""
+def build_plan(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint], statistics: Mapping[str, Path | StatisticsFile] | None = None
+) -> MergePlan:
+    """Resolve the recipe against its checkpoints into per-tensor jobs; raise PlanError on any problem.
+
+    A data-aware method (fisher, regmean) needs ``statistics``: per model reference, its statistics file."""
     method = get_method(recipe.merge_method)
     _check_compatible(recipe, checkpoints)
+    opened_statistics = _open_statistics(recipe, method, statistics)
     slices = _normalized_slices(recipe, checkpoints, method)
 
     first_model = slices[0].sources[0].model
@@ -156,7 +164,26 @@ def build_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     out_dtype = _output_dtype(recipe, checkpoints, jobs)
     config = _output_config(reference.config, len(layer_sources), out_dtype)
     tokenizer_model = _tokenizer_model(recipe, first_model)
-    return MergePlan(recipe, method, checkpoints, jobs, out_dtype, config, tokenizer_model, layer_sources)
+    return MergePlan(
+        recipe, method, checkpoints, jobs, out_dtype, config, tokenizer_model, layer_sources, opened_statistics
+    )
+
+
+def _open_statistics(
+    recipe: Recipe, method: MethodSpec, statistics: Mapping[str, Path | StatisticsFile] | None
+) -> dict[str, StatisticsFile]:
+    if method.statistic is None:
+        return {}
+    opened = {}
+    for model in recipe.referenced_models():
+        given = (statistics or {}).get(model)
+        if given is None:
+            raise PlanError(
+                f"merge_method {method.name!r}: no {method.statistic} statistics for model {model!r} "
+                "(they are computed from the recipe's data: items; evomerge merge and the search do it)"
+            )
+        opened[model] = given if isinstance(given, StatisticsFile) else StatisticsFile(given)
+    return opened
 
 
 # --- checks ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Everything ``evomerge.recipe`` exported when it was one module is re-exported he
 
 from evomerge.recipe.methods import (
     BOOL_PARAMS,
+    MERGEKIT_METHODS,
     PARAM_RANGES,
     REQUIRED,
     SPECS,
@@ -14,11 +15,14 @@ from evomerge.recipe.methods import (
     Consensus,
     MethodSpec,
     Sparsification,
+    Statistic,
     get_method,
 )
 from evomerge.recipe.schema import (
     DTYPES,
     ConditionalParameter,
+    DataItems,
+    DataSection,
     InputModel,
     OutputSlice,
     Parameters,
@@ -38,6 +42,7 @@ from evomerge.recipe.schema import (
 
 __all__ = [
     "BOOL_PARAMS",
+    "MERGEKIT_METHODS",
     "DTYPES",
     "PARAM_RANGES",
     "REQUIRED",
@@ -45,6 +50,8 @@ __all__ = [
     "Algorithm",
     "ConditionalParameter",
     "Consensus",
+    "DataItems",
+    "DataSection",
     "InputModel",
     "MethodSpec",
     "OutputSlice",
@@ -56,6 +63,7 @@ __all__ = [
     "ScalarOrGradient",
     "SliceSource",
     "Sparsification",
+    "Statistic",
     "chain_to_yaml",
     "evaluate_setting",
     "get_method",

@@ -19,6 +19,7 @@ import while a declared algorithm has no implementation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -39,6 +40,23 @@ class Algorithm(StrEnum):
     TASK_ARITHMETIC = "task_arithmetic"
     """mergekit's GeneralizedTaskArithmeticMerge: per input a task vector ``x - base``, sparsified,
     weighted; optionally a sign election; summed (and normalized), scaled, added to the base."""
+    FISHER = "fisher"
+    """Fisher-weighted averaging (Matena & Raffel 2022): per entry, inputs weighted by their diagonal Fisher."""
+    REGMEAN = "regmean"
+    """RegMean (Jin et al. 2023): per linear layer, the weights that best reproduce every input's outputs on
+    its own inputs (a closed form in the layers' input Gram matrices); other tensors averaged."""
+
+
+class Statistic(StrEnum):
+    """Data a data-aware method reads per input model, computed from a recipe's ``data:`` items."""
+
+    FISHER = "fisher"
+    """The diagonal of the empirical Fisher: per parameter, the mean over items of the squared gradient
+    of the item's log-likelihood (its reference continuation, or its gold choice), scaled to unit norm
+    over the model's parameters."""
+    GRAM = "gram"
+    """Per linear layer (``*.weight`` of an ``nn.Linear``), the Gram matrix ``X^T X / n`` of its inputs
+    over the items' tokens."""
 
 
 class Sparsification(StrEnum):
@@ -107,6 +125,9 @@ class MethodSpec:
     """Task-arithmetic family only: how each task vector is thinned (``None``: kept whole)."""
     consensus: Consensus | None = None
     """Task-arithmetic family only: the sign election (``None``: plain weighted sum)."""
+    statistic: Statistic | None = None
+    """Data-aware methods only: what they read per input model besides its weights (computed from the
+    recipe's ``data:`` section). mergekit has no such method: their recipes run in evomerge only."""
 
     def check_inputs(self, count: int, has_base: bool) -> None:
         """Raise ``ValueError`` unless ``count`` inputs (base excluded) and ``has_base`` suit the method."""
@@ -300,8 +321,31 @@ SPECS: dict[str, MethodSpec] = _by_name(
         normalize=False,
         rescale=True,
     ),
+    # data-aware methods (evomerge's own: no mergekit equivalent)
+    MethodSpec(
+        name="fisher",
+        algorithm=Algorithm.FISHER,
+        summary="Fisher merging: per entry, the inputs averaged with weights weight * (Fisher + fisher_floor).",
+        params={"fisher_floor": 1e-6},
+        model_params={"weight": 1.0},
+        min_inputs=1,
+        statistic=Statistic.FISHER,
+    ),
+    MethodSpec(
+        name="regmean",
+        algorithm=Algorithm.REGMEAN,
+        summary="RegMean: linear layers solved from the inputs' Gram matrices (off-diagonals times alpha); the rest averaged.",
+        params={"alpha": 0.9},
+        model_params={"weight": 1.0},
+        min_inputs=1,
+        statistic=Statistic.GRAM,
+    ),
 )
-"""The registry: method name -> declaration. Names and parameters are mergekit's."""
+"""The registry: method name -> declaration. Names and parameters are mergekit's, but for the
+data-aware methods (``statistic`` set), which mergekit does not have."""
+
+MERGEKIT_METHODS = frozenset(name for name, spec in SPECS.items() if spec.statistic is None)
+"""Methods mergekit runs too (a recipe of one of them is a mergekit recipe)."""
 
 del _magnitude, _random, _outliers, _della, _sum
 
@@ -333,5 +377,7 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "density": (0.0, 1.0),
     "gamma": (0.0, 1.0),
     "epsilon": (0.0, 1.0),
+    "alpha": (0.0, 1.0),
+    "fisher_floor": (0.0, math.inf),
 }
 """Closed ranges of bounded numeric parameters; the others (weight, lambda, scale) take any finite value."""

@@ -84,6 +84,36 @@ class OutputSlice(_Strict):
         return end - start
 
 
+class DataItems(_Strict):
+    """Items of one lm-eval task that data-aware methods compute their statistics on."""
+
+    task: str
+    split: str = "search"
+    limit: int | None = Field(default=None, gt=0)
+    subset_seed: int | None = None
+    """With ``limit``: a seeded random subset of that many items instead of the first ``limit``."""
+    models: list[str] | None = None
+    """Only these input models' statistics use these items (default: every input model's). RegMean
+    and Fisher merging as published compute each model's statistics on its own task's data."""
+
+
+class DataSection(_Strict):
+    """``data:`` (evomerge's, not mergekit's): the items a data-aware method (fisher, regmean) reads."""
+
+    items: list[DataItems] = Field(min_length=1)
+    include_path: list[str] = Field(default_factory=list)
+    """Directories of lm-eval task YAMLs (relative paths resolve against the working directory)."""
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def items_for(self, model: str) -> list[DataItems]:
+        """The items ``model``'s statistics are computed on."""
+        return [item for item in self.items if item.models is None or model in item.models]
+
+
 class Recipe(_Strict):
     """A mergekit merge configuration (``models:`` or ``slices:`` form)."""
 
@@ -97,6 +127,8 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     name: str | None = None
     """A stage name in a multi-stage recipe (mergekit-multi's ``name``); later stages use it as a model."""
+    data: DataSection | None = None
+    """Data-aware methods only (evomerge's extension; mergekit has no such field)."""
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -118,7 +150,29 @@ class Recipe(_Strict):
                 _check_setting(f"{where}.{name}", name, setting)
         if spec.uses_base and not self.base_model and not (self.slices and all(s.base_model for s in self.slices)):
             raise ValueError(f"base_model: merge_method {self.merge_method!r} needs a base_model")
+        self._check_data(spec.statistic is not None)
         return self
+
+    def _check_data(self, data_aware: bool) -> None:
+        if data_aware and self.data is None:
+            raise ValueError(
+                f"data: merge_method {self.merge_method!r} computes statistics from data; give data: "
+                "{items: [{task: TASK, split: search, limit: N}], include_path: [TASK_DIR]}"
+            )
+        if not data_aware and self.data is not None:
+            raise ValueError(f"data: only data-aware methods (fisher, regmean) read data, not {self.merge_method!r}")
+        if self.data is None:
+            return
+        models = self.referenced_models()
+        for i, item in enumerate(self.data.items):
+            unknown = [m for m in item.models or [] if m not in models]
+            if unknown:
+                raise ValueError(f"data.items[{i}].models: {unknown[0]!r} is not a model of this recipe ({models})")
+        without = [m for m in models if not self.data.items_for(m)]
+        if without:
+            raise ValueError(
+                f"data.items: no items for model {without[0]!r} (an item without models: serves every model)"
+            )
 
     def _parameter_blocks(self) -> Iterator[tuple[str, Parameters]]:
         if self.parameters:
@@ -236,6 +290,9 @@ def substitute_models(recipe: Recipe, mapping: Mapping[str, str]) -> Recipe:
             out_slice["base_model"] = rename(out_slice["base_model"])
         for source in out_slice["sources"]:
             source["model"] = rename(source["model"])
+    for item in (data.get("data") or {}).get("items", []):
+        if item.get("models"):
+            item["models"] = [rename(m) for m in item["models"]]
     return Recipe.from_dict(data)
 
 

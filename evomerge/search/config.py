@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.eval.tasks import Objective, TaskError, objective_directions
-from evomerge.recipe import Recipe
-from evomerge.search.space import SearchSpace, SpaceError, load_space
+from evomerge.recipe import DataItems, DataSection, Recipe
+from evomerge.search.space import ParameterSpace, SearchSpace, SpaceError, load_space
 from evomerge.search.stages import StageError, materialize_stage, stage_checkpoint, stage_recipe
 
 
@@ -153,10 +153,21 @@ class ResolvedRun:
             self.space: SearchSpace = load_space(self.space_data, source=space_source)
         except SpaceError as exc:
             raise ConfigError(str(exc)) from None
-        self._check_optimizer_fits()
         self.objectives = list(config.objectives)
+        if isinstance(self.space, ParameterSpace) and self.space.data_aware and self.space.data is None:
+            self.space = self.space.model_copy(update={"data": self._objective_data()})
+        self._check_optimizer_fits()
         self.weights = [o.weight for o in self.objectives]
         self._directions: list[str] | None = None
+
+    def _objective_data(self) -> DataSection:
+        """The objectives' items as a data section: what data-aware methods compute statistics on by default."""
+        items = [
+            DataItems(task=o.task, split=o.split, limit=o.limit, subset_seed=o.subset_seed) for o in self.objectives
+        ]
+        return DataSection(
+            items=list({i.model_dump_json(): i for i in items}.values()), include_path=self.include_paths
+        )
 
     def _check_optimizer_fits(self) -> None:
         from evomerge.search.registry import FINITE, SOUPS
@@ -221,6 +232,19 @@ class ResolvedRun:
 
         if "models" in data:
             data["models"] = [resolve(m) for m in data["models"]]
+        if isinstance(data.get("data"), Mapping):  # a data-aware space's items: zoo names and relative paths
+            section = dict(data["data"])
+            paths = section.get("include_path") or []
+            section["include_path"] = [
+                str(_path(p, self.base_dir)) for p in ([paths] if isinstance(paths, str) else paths)
+            ] or list(self.include_paths)  # default: the run's task directories (the zoo's)
+            section["items"] = [
+                {**item, "models": [resolve(m) for m in item["models"]]}
+                if isinstance(item, Mapping) and item.get("models")
+                else item
+                for item in section.get("items") or []
+            ]
+            data["data"] = section
         if data.get("base_model"):
             data["base_model"] = resolve(data["base_model"])
         return data

@@ -157,6 +157,8 @@ class PSGenome(_Genes):
             recipe["base_model"] = space.base_model
         if top:
             recipe["parameters"] = top
+        if spec.statistic is not None and space.data is not None:
+            recipe["data"] = space.data.model_dump(mode="json", exclude_none=True)
         return Recipe.from_dict(recipe, source="genome")
 
     def _method_of(self, x: np.ndarray) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.recipe import BOOL_PARAMS
+from evomerge.recipe import BOOL_PARAMS, DataSection
 from evomerge.recipe.methods import REQUIRED, get_method
 
 
@@ -74,6 +74,9 @@ class ParameterSpace(_Strict):
     normalize: Union[bool, Literal["search"], None] = None
     """Fixed true/false, ``search`` (a gene), or unset (the method's default)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    data: DataSection | None = None
+    """Data-aware methods (fisher, regmean): the items their statistics come from, as a recipe's
+    ``data:``; default: the run's objectives (their tasks, splits and item limits)."""
 
     @model_validator(mode="after")
     def _check(self) -> "ParameterSpace":
@@ -99,7 +102,14 @@ class ParameterSpace(_Strict):
                 raise ValueError(f"parameters.{key}: a true/false parameter cannot have bounds")
             if key == "normalize":
                 raise ValueError("parameters.normalize: use the top-level 'normalize' field (true, false or search)")
+        if self.data is not None and not self.data_aware:
+            raise ValueError(f"data: only data-aware methods (fisher, regmean) read data, not {', '.join(methods)}")
         return self
+
+    @property
+    def data_aware(self) -> bool:
+        """Whether some method of the space reads statistics computed from data."""
+        return any(get_method(m).statistic is not None for m in self.methods)
 
     @property
     def methods(self) -> list[str]:
