@@ -293,23 +293,45 @@ def export(
     front_dir: Annotated[
         Optional[Path], typer.Option(help="Write every front member's recipe here, plus index.json.")
     ] = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(help="Also materialize the picked recipe as a checkpoint here (as `evomerge merge` would)."),
+    ] = None,
 ) -> None:
-    """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run."""
+    """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run.
+
+    Recipes of evomerge's data-aware methods (fisher, regmean) run in evomerge only: the file starts with
+    a comment that says so, and --checkpoint materializes one directly."""
     from evomerge.atomic import write_text
+    from evomerge.recipe import MERGEKIT_METHODS
     from evomerge.search.export import export_front, export_yaml
-    from evomerge.search.picks import PickError
+    from evomerge.search.picks import PickError, recipe_of
     from evomerge.search.picks import pick as pick_record
     from evomerge.search.report import RunReport
+    from evomerge.search.stages import chain_of
 
-    if output is None and front_dir is None:
-        _fail("give -o FILE (one picked recipe) and/or --front-dir DIR (every front member)")
+    if output is None and front_dir is None and checkpoint is None:
+        _fail("give -o FILE (one picked recipe), --checkpoint DIR and/or --front-dir DIR (every front member)")
     try:
         report = RunReport.load(run_dir)
-        if output is not None:
+        if output is not None or checkpoint is not None:
             record = pick_record(report, pick)
-            write_text(output, export_yaml(record))
             values = ", ".join(f"{k}={_number(v)}" for k, v in record.objectives.items())
+            chain = chain_of(recipe_of(record))
+            if chain[-1].merge_method not in MERGEKIT_METHODS:
+                err.print(
+                    f"note: merge_method {chain[-1].merge_method} is evomerge's own (data-aware); mergekit has no "
+                    "equivalent, so only `evomerge merge` runs this recipe",
+                    highlight=False,
+                )
+        if output is not None:
+            write_text(output, export_yaml(record))
             err.print(f"candidate {record.id} ({values}) -> {output}", highlight=False)
+        if checkpoint is not None:
+            from evomerge.merge.engine import merge_chain_to_disk
+
+            merge_chain_to_disk(chain, checkpoint, base_dir=Path.cwd(), statistics=_statistics_provider("cpu", False))
+            err.print(f"candidate {record.id} ({values}) materialized -> {checkpoint}", highlight=False)
         if front_dir is not None:
             files = export_front(report, front_dir)
             err.print(f"{len(files)} front recipes -> {front_dir} (index.json lists them)", highlight=False)

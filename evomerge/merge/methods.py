@@ -695,9 +695,13 @@ def regmean(
         w = float(p["weight"])
         gram_sum.add_(g, alpha=w)
         product_sum.add_(tensor.to(torch.float64) @ g, alpha=w)
-    # W gram_sum = product_sum, gram_sum symmetric: solve gram_sum W^T = product_sum^T
-    solved = torch.linalg.lstsq(gram_sum, product_sum.T).solution.T
-    return solved.to(tensors[0].dtype)
+    # W gram_sum = product_sum, gram_sum symmetric: solve gram_sum W^T = product_sum^T (LU: deterministic,
+    # unlike lstsq, so a recipe merges to the same bits every time); a singular Gram (an input feature
+    # no item ever excites) falls back to the pseudo-inverse
+    solved, info = torch.linalg.solve_ex(gram_sum, product_sum.T)
+    if int(info) != 0:
+        solved = torch.linalg.pinv(gram_sum, hermitian=True) @ product_sum.T
+    return solved.T.to(tensors[0].dtype)
 
 
 # ----------------------------------------------------------------------------------------------

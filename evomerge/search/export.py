@@ -1,4 +1,5 @@
-"""Export picked candidates' recipes as YAML that ``evomerge merge`` and mergekit's ``mergekit-yaml`` run.
+"""Export picked candidates' recipes as YAML that ``evomerge merge`` and mergekit's ``mergekit-yaml`` run
+(``evomerge merge`` only, for the data-aware methods fisher and regmean: the file says so).
 
 A candidate that reads an earlier stage's checkpoint (PS+DFS) is exported as the whole chain: the
 stage as a named document, then the recipe naming it (``mergekit-multi``'s form). Picks: ``picks.py``.
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.atomic import staging_dir
-from evomerge.recipe import chain_to_yaml
+from evomerge.recipe import MERGEKIT_METHODS, chain_to_yaml
 from evomerge.search.picks import PickError, knee, recipe_of
 from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
@@ -19,8 +20,21 @@ from evomerge.search.stages import chain_of
 
 
 def export_yaml(record: CandidateRecord) -> str:
-    """The candidate's recipe as YAML; with earlier stages (PS+DFS) as a multi-document chain."""
-    return chain_to_yaml(chain_of(recipe_of(record)))
+    """The candidate's recipe as YAML; with earlier stages (PS+DFS) as a multi-document chain. A recipe
+    of a data-aware method (fisher, regmean) starts with a comment saying mergekit cannot run it."""
+    chain = chain_of(recipe_of(record))
+    return "".join(evomerge_only_note(r.merge_method) for r in chain[-1:]) + chain_to_yaml(chain)
+
+
+def evomerge_only_note(method: str) -> str:
+    """A YAML comment for a method mergekit does not have ('' for the others)."""
+    if method in MERGEKIT_METHODS:
+        return ""
+    return (
+        f"# merge_method {method} is evomerge's own data-aware method: mergekit has no equivalent, so\n"
+        "# mergekit-yaml cannot run this recipe. `evomerge merge THIS.yaml OUT_DIR` materializes it (computing\n"
+        "# each model's statistics from the data: items first), or `evomerge export --checkpoint OUT_DIR`.\n"
+    )
 
 
 def export_front(report: RunReport, out_dir: str | Path) -> list[Path]:
