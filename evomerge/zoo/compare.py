@@ -42,7 +42,9 @@ class Comparison:
             "tasks": self.tasks,
             "scores": self.scores,
             "gain_retention": {r: self.retention(r) for r in self.scores if r != "base"},
-            "best_hand_set": self.best_hand_set(),
+            "best_hand_set": self.best_hand_set()
+            if any(label in self.scores for label, *_ in HAND_SET_MERGES)
+            else None,
         }
 
 
