@@ -58,8 +58,8 @@ def _user_errors():
 
 @app.command()
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="mergekit-style recipe YAML.")],
-    out_dir: Annotated[Path, typer.Argument(help="Directory to write the merged checkpoint to.")],
+    recipe: Annotated[Path, typer.Argument(help="mergekit-style recipe YAML (or an adapter_merge: YAML).")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the merged checkpoint (or adapter) to.")],
     device: Annotated[str, typer.Option(help="Where to compute: cpu or cuda.")] = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Maximum size of one output shard, e.g. 2GB or 500MB.")] = "5GB",
     allow_pickle: Annotated[
@@ -71,7 +71,10 @@ def merge(
 ) -> None:
     """Materialize a recipe as a Hugging Face checkpoint (streaming, sharded safetensors).
 
-    A multi-document YAML of named stages (mergekit-multi's form) is merged stage by stage."""
+    A multi-document YAML of named stages (mergekit-multi's form) is merged stage by stage. A model may be
+    BASE+ADAPTER (a PEFT LoRA adapter merged into its base). An adapter merge (a YAML with adapter_merge:,
+    PEFT's add_weighted_adapter combinations) writes a PEFT adapter instead. Recipes of fisher/regmean
+    compute each model's statistics from their data: items first (cached)."""
     from evomerge.merge.engine import merge_chain_to_disk
     from evomerge.recipe import load_recipe_chain
 
@@ -83,6 +86,20 @@ def merge(
         if not torch.cuda.is_available():
             _fail("--device cuda: no CUDA device is available on this machine")
     start = time.perf_counter()
+    from evomerge.recipe.adapters import is_adapter_merge
+
+    if is_adapter_merge(recipe):  # adapters in, one PEFT adapter out (not a mergekit recipe)
+        from evomerge.merge.adapters import merge_adapters_to_disk
+        from evomerge.recipe.adapters import AdapterMerge
+
+        try:
+            if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+                _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+            merge_adapters_to_disk(AdapterMerge.load(recipe), out_dir, base_dir=Path.cwd(), seed=seed)
+        except _user_errors() as exc:
+            _fail(str(exc))
+        err.print(f"merged adapters {recipe} -> {out_dir} (a PEFT adapter) in {time.perf_counter() - start:.1f}s")
+        return
     try:
         chain = load_recipe_chain(recipe)
         merge_chain_to_disk(

@@ -125,7 +125,7 @@ def stored_copy(plan: MergePlan, job: TensorJob) -> tuple[Path, int, int] | None
         return None
     model, name = job.inputs[0]
     checkpoint = plan.checkpoints.get(model)
-    if checkpoint is None or checkpoint.pickled:
+    if checkpoint is None or checkpoint.pickled or not checkpoint.stored(name):
         return None
     info = checkpoint.tensors[name]
     if info.dtype != plan.out_dtype or info.shape != job.shape:

@@ -162,6 +162,11 @@ class Checkpoint:
         return self._pickled is not None
 
     # --- tensors --------------------------------------------------------------------------------
+    def stored(self, name: str) -> bool:
+        """Whether ``get(name)`` is the bytes stored in the file (a disk merge may then copy them as they
+        are); not so for an adapted weight of a ``BASE+ADAPTER`` checkpoint (``merge/adapters.py``)."""
+        return True
+
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         if self._pickled is not None:

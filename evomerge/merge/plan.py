@@ -29,6 +29,7 @@ from evomerge.merge.io import TORCH_DTYPES, Checkpoint, OutputTensor
 from evomerge.merge.methods import REQUIRED, MethodSpec, get_method
 from evomerge.merge.statistics import StatisticsFile
 from evomerge.recipe import OutputSlice, Parameters, Recipe, SliceSource, resolve
+from evomerge.recipe.adapters import split_adapter_ref
 
 LAYER_RE = re.compile(r"^(.*?\blayers\.)(\d+)(\..+)$")
 
@@ -116,13 +117,29 @@ def open_checkpoints(
         if cache is not None and ref in cache:
             opened[ref] = cache[ref]
             continue
-        path = Path(ref)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        if not path.exists():
-            raise PlanError(f"model {ref!r}: {path} does not exist (models must be local checkpoint directories)")
-        opened[ref] = Checkpoint(path, allow_pickle=allow_pickle)
+
+        adapted = split_adapter_ref(ref)
+        if adapted is not None:  # mergekit's BASE+ADAPTER: the base with a LoRA adapter merged in
+            from evomerge.merge.adapters import AdapterCheckpoint
+
+            base, adapter = (_local(part, ref, base_dir) for part in adapted)
+            opened[ref] = AdapterCheckpoint(base, adapter, allow_pickle=allow_pickle)
+            continue
+        opened[ref] = Checkpoint(_local(ref, ref, base_dir), allow_pickle=allow_pickle)
     return opened
+
+
+def _local(part: str, ref: str, base_dir: Path | None) -> Path:
+    """A local directory of model reference ``ref`` (relative ones resolve against ``base_dir``)."""
+    path = Path(part)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.exists():
+        raise PlanError(
+            f"model {ref!r}: {path} does not exist (models must be local checkpoint directories, "
+            "or BASE+ADAPTER for a PEFT LoRA adapter)"
+        )
+    return path
 
 
 def build_plan(
