@@ -225,3 +225,25 @@ def test_adapters_that_cannot_be_read_are_refused_with_the_reason(family, tmp_pa
     )
     with pytest.raises(ValueError, match="same rank"):
         merge_adapters(spec, [LoraAdapter(family["a"]), LoraAdapter(family["c"])], module_order(family["base"]))
+
+
+def test_base_plus_adapter_recipes_equal_mergekit(family, tmp_path) -> None:
+    """mergekit reads BASE+ADAPTER too (it merges the adapter with PEFT first): same tensors."""
+    from test_mergekit_parity import assert_same_model, run_mergekit
+
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.recipe import Recipe
+
+    base = str(family["base"])
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": f"{base}+{family['a']}", "parameters": {"weight": 0.8}},
+            {"model": f"{base}+{family['rs']}", "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    ours = merge_to_disk(Recipe.from_dict(recipe), tmp_path / "ours")
+    theirs = run_mergekit(recipe, tmp_path / "mergekit", lora_merge_cache=str(tmp_path / "lora-cache"))
+    assert_same_model(ours, theirs, atol=1e-6)

@@ -155,13 +155,13 @@ def deterministic_recipes(f: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-def run_mergekit(recipe: dict, out: Path) -> Path:
+def run_mergekit(recipe: dict, out: Path, **options: Any) -> Path:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(yaml.safe_load(Recipe.from_dict(recipe).to_yaml()))
-    run_merge(config, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True))
+    run_merge(config, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True, **options))
     return out
 
 
