@@ -3,13 +3,15 @@
 Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directory)::
 
     zoo.json              {"base", "models": {skill: dir}, "tasks": {skill: task}, "include_path", "seed",
-                           "synergy": {"task", "skills": [a, b]}, "soups": {skill: [dirs]}}
+                           "synergy": {"task", "skills": [a, b]}, "soups": {skill: [dirs]},
+                           "adapters": {skill: dir}}
     zoo_report.json       test-split exact match of every model and hand-set merge, gain retention,
                           task-vector sizes and cosines, the soup against its ingredients
     tokenizer/            the shared tokenizer (also copied into every model dir)
     models/base/          LlamaForCausalLM + tokenizer files, float32 safetensors
     models/<skill>/       the specialist fine-tuned from base on <skill>
     models/<skill>-soup<i>/  more fine-tunes of the soup skill that differ only in data order
+    adapters/<skill>/     a PEFT LoRA adapter of base for <skill> (same data and steps; use as base+adapter)
     tasks/zoo_<name>.yaml, tasks/zoo.yaml (group), tasks/data/<name>.{search,test}.jsonl
     .zoo-stamp.json       seed + recipe version + config fingerprint, written last
 
@@ -66,7 +68,7 @@ from evomerge.zoo.skills import (
 
 #: Bump whenever a change to this module or to ``skills.py`` changes what a build produces; cached
 #: zoos with another version are rebuilt.
-RECIPE_VERSION = "zoo-recipe-3"
+RECIPE_VERSION = "zoo-recipe-4"
 
 STAMP_NAME = ".zoo-stamp.json"
 ZOO_JSON = "zoo.json"
@@ -113,6 +115,10 @@ class ZooConfig:
     batch_size: int = 64
     warmup_frac: float = 0.05
     weight_decay: float = 0.0
+    #: LoRA specialists (PEFT adapters of the base, one per skill; zoo.json ``adapters``): the same data
+    #: and steps as the full fine-tunes, rank ``lora_rank`` on every linear layer of the decoder
+    lora_rank: int = 8
+    lora_lr: float = 5e-3
     # task items per skill
     n_search: int = 100
     n_test: int = 200
@@ -181,6 +187,7 @@ def load_zoo(zoo_json: Path) -> dict[str, Any]:
         "models": {k: root / v for k, v in meta["models"].items()},
         "include_path": root / meta["include_path"],
         "soups": {k: [root / p for p in v] for k, v in meta.get("soups", {}).items()},
+        "adapters": {k: root / v for k, v in meta.get("adapters", {}).items()},
     }
 
 
@@ -431,6 +438,19 @@ def _train(
     return sum(recent) / max(len(recent), 1)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_model(base: Any, config: ZooConfig) -> Any:
+    """A PEFT LoRA model over a copy of ``base`` (the base itself stays untouched: it is the teacher)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
+    )
+    return get_peft_model(copy.deepcopy(base), lora)
+
+
 def _known(skill: Skill, config: ZooConfig, seed: int) -> Skill:
     """``skill`` on the letters the base is shown (both alphabets' known letters for a mixed skill)."""
     alphabets = [skill.alphabet] + ([skill.mixed_with] if skill.mixed_with else [])
@@ -577,6 +597,7 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
         "include_path": "tasks",
         "seed": seed,
         "synergy": {"name": synergy.name, "task": f"zoo_{synergy.name}", "skills": list(SYNERGY_SKILLS)},
+        "adapters": {s.name: f"adapters/{s.name}" for s in skills},
         "soups": {
             config.soup_skill: [f"models/{config.soup_skill}"]
             + [f"models/{config.soup_skill}-soup{i}" for i in range(1, config.soup_size)]
@@ -628,6 +649,25 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
             finetuned[name] = _state_dict(model)
             log(f"{name} fine-tuned ({time.perf_counter() - t0:.0f}s, loss {losses[name]:.3f})")
 
+        # LoRA specialists: the same skills, data and steps, adapters of the base (after every full
+        # fine-tune, each from its own seed, so the models above do not depend on them)
+        for skill in skills:
+            name, tag = f"lora-{skill.name}", f"lora/{skill.name}"
+            torch.manual_seed(_sub_seed(seed, tag))
+            adapted = _lora_model(base, config)
+            mixture, replay = _ft_mixture(skill, config, seed)
+            batches = _batches(
+                tok, mixture, seed, tag, exclude, target_only=True, batch_size=config.batch_size, replay=replay
+            )
+            losses[name] = _train(
+                adapted, batches, steps=config.ft_steps, lr=config.lora_lr, config=config, desc=f"zoo {name}",
+                progress=progress, teacher=base,
+            )  # fmt: skip
+            adapted.save_pretrained(str(tmp / meta["adapters"][skill.name]))
+            log(
+                f"{name} (LoRA r={config.lora_rank}) trained ({time.perf_counter() - t0:.0f}s, loss {losses[name]:.3f})"
+            )
+
         report: dict[str, Any] = {"seed": seed, "recipe": RECIPE_VERSION, "split": "test", "final_train_loss": losses}
         if config.report:
             report.update(_quality_report(tmp, base, tok_dir, finetuned, meta, items, config))
@@ -653,8 +693,9 @@ def _quality_report(
     items: dict[str, dict[str, list[dict[str, str]]]],
     config: ZooConfig,
 ) -> dict[str, Any]:
-    """``zoo_report.json``'s measurements: test exact match of every model and hand-set merge on every
-    task, gain retention per skill, task-vector sizes and pairwise cosines, the soup vs its ingredients."""
+    """``zoo_report.json``'s measurements: test exact match of every model (LoRA specialists too) and
+    hand-set merge on every task, gain retention per skill, task-vector sizes and pairwise cosines, the
+    soup vs its ingredients."""
     from transformers import PreTrainedTokenizerFast
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), pad_token=PAD)
@@ -666,6 +707,9 @@ def _quality_report(
     rows: dict[str, Any] = {"base": base_sd}
     rows.update({f"specialist {s}": finetuned[s] for s in skills})
     rows.update({f"soup ingredient {p.name}": finetuned[p.name] for p in soup_dirs[1:]})
+    for skill, adapter in meta.get("adapters", {}).items():  # base+adapter, merged by evomerge's engine
+        lora = {"model": f"{root / meta['base']}+{root / adapter}", "parameters": {"weight": 1.0}}
+        rows[f"lora specialist {skill}"] = {"merge_method": "linear", "models": [lora], "dtype": "float32"}
     rows.update(quality.hand_set_recipes(str(root / meta["base"]), [str(root / meta["models"][s]) for s in skills]))
     soup_label = f"uniform soup ({soup_skill} x{len(soup_dirs)})"
     rows[soup_label] = {
