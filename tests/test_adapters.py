@@ -247,3 +247,43 @@ def test_base_plus_adapter_recipes_equal_mergekit(family, tmp_path) -> None:
     ours = merge_to_disk(Recipe.from_dict(recipe), tmp_path / "ours")
     theirs = run_mergekit(recipe, tmp_path / "mergekit", lora_merge_cache=str(tmp_path / "lora-cache"))
     assert_same_model(ours, theirs, atol=1e-6)
+
+
+def test_a_search_over_the_zoo_lora_specialists(zoo_dir, tmp_path) -> None:
+    """The zoo names its LoRA specialists lora-<skill> (BASE+ADAPTER); a search merges them like models."""
+    from evomerge.runtime import make_executor
+    from evomerge.search.config import resolve_run_config
+    from evomerge.search.driver import Search
+    from evomerge.search.rundir import RunDir
+
+    config = {
+        "name": "lora",
+        "zoo": str(zoo_dir),
+        "search_space": {
+            "kind": "ps",
+            "models": ["lora-latin", "base+adapters/greek"],
+            "base_model": "base",
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0.0, "high": 2.0}},
+        },
+        "objectives": [
+            {"task": "zoo_latin", "metric": "acc", "limit": 6},
+            {"task": "zoo_greek", "metric": "acc", "limit": 6},
+        ],
+        "optimizer": {"name": "cma", "population": 4, "budget": 4, "seed": 0},
+        "runtime": {"workers": 0},
+    }
+    with pytest.raises(Exception, match="neither a zoo name nor an existing directory"):
+        resolve_run_config(config, base_dir=tmp_path)  # adapters/greek is relative to the config, not the zoo
+    config["search_space"]["models"][1] = f"base+{zoo_dir / 'adapters' / 'greek'}"
+    run = resolve_run_config(config, base_dir=tmp_path)
+    base = str(zoo_dir / "models" / "base")
+    assert run.space.models == [f"{base}+{zoo_dir / 'adapters' / 'latin'}", f"{base}+{zoo_dir / 'adapters' / 'greek'}"]
+    executor = make_executor(run)
+    try:
+        Search(run, RunDir(tmp_path / "run"), executor).execute()
+    finally:
+        executor.shutdown()
+    records = list(RunDir(tmp_path / "run").records())
+    assert len(records) == 4 and all(r.ok for r in records), [r.reason for r in records]
+    assert max(r.objectives["zoo_latin/acc"] for r in records) > 0.5  # the LoRA skill survives the merge

@@ -195,14 +195,15 @@ def test_a_multiple_choice_objective_is_fitted_by_the_gold_choices_cross_entropy
 
 
 def test_the_multiple_choice_loss_is_the_cross_entropy_of_the_gold_choice() -> None:
-    from evomerge.search.gradient import _Items
+    from evomerge.eval.items import TokenItems
 
     torch.manual_seed(0)
     logits = torch.randn(5, 2, 7)  # two items: 3 choices, then 2; each choice one scored token
     targets = torch.tensor([[1, 0], [2, 0], [3, 0], [4, 0], [5, 0]])
     mask = torch.tensor([[True, False]] * 5)
-    items = _Items(
+    items = TokenItems(
         torch.zeros(5, 2, dtype=torch.long),
+        torch.full((5,), 2),
         mask,
         targets,
         torch.tensor([0, 0, 0, 1, 1]),
@@ -235,13 +236,15 @@ def test_with_ray_workers_the_fit_runs_on_a_worker(zoo_dir, tmp_path, local_ray)
 
 
 def test_the_entropy_loss_reads_no_answer_and_is_the_answer_distributions_entropy(zoo_dir, tmp_path) -> None:
-    from evomerge.search.gradient import _Items, fit_task_arithmetic
+    from evomerge.eval.items import TokenItems
+    from evomerge.search.gradient import fit_task_arithmetic
 
     torch.manual_seed(1)
     logits = torch.randn(3, 3, 5)
     mask = torch.tensor([[False, True, True], [False, False, True], [False, True, True]])
-    items = _Items(
+    items = TokenItems(
         torch.zeros(3, 3, dtype=torch.long),
+        torch.full((3,), 3),
         mask,
         torch.zeros(3, 3, dtype=torch.long),
         torch.arange(3),
@@ -251,7 +254,9 @@ def test_the_entropy_loss_reads_no_answer_and_is_the_answer_distributions_entrop
     first = logits[torch.arange(3), torch.tensor([1, 2, 1])]  # where each answer starts
     expected = -(first.softmax(-1) * first.log_softmax(-1)).sum()
     torch.testing.assert_close(items.loss_sum(logits, "entropy"), expected)
-    wrong = _Items(items.ids, mask, torch.randint(0, 5, (3, 3)), items.row_item, items.row_choice, None)
+    wrong = TokenItems(
+        items.ids, items.lengths, mask, torch.randint(0, 5, (3, 3)), items.row_item, items.row_choice, None
+    )
     torch.testing.assert_close(wrong.loss_sum(logits, "entropy"), expected)  # the answers are not read
 
     config = gradient_config(zoo_dir, loss="entropy")

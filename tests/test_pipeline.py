@@ -102,5 +102,5 @@ def test_shipped_configs_load_on_the_zoo(zoo_dir, monkeypatch, config) -> None:
     run.materialize_stages()
     genome = make_genome(run.space)
     recipe = genome.decode(np.full(genome.dim, 0.5))
-    assert recipe.merge_method in ("ties", "passthrough", "task_arithmetic", "linear")
+    assert recipe.merge_method in ("ties", "passthrough", "task_arithmetic", "linear", "regmean")
     assert run.objectives

@@ -62,7 +62,10 @@ def _tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 def _check_zoo_json(zoo: Path, seed: int) -> dict:
     raw = json.loads((zoo / "zoo.json").read_text())
-    assert set(raw) == {"base", "models", "tasks", "include_path", "seed", "synergy", "soups"}
+    assert set(raw) == {"base", "models", "tasks", "include_path", "seed", "synergy", "soups", "adapters"}
+    assert set(raw["adapters"]) == set(raw["models"])
+    for rel in raw["adapters"].values():  # PEFT LoRA adapters of the base, read as BASE+ADAPTER
+        assert (zoo / rel / "adapter_config.json").is_file() and (zoo / rel / "adapter_model.safetensors").is_file()
     assert raw["seed"] == seed
     assert len(raw["models"]) >= 3 and set(raw["models"]) == set(raw["tasks"])
     for skill, task in raw["tasks"].items():
@@ -158,6 +161,8 @@ def test_report_bands(zoo_built: Path) -> None:
     skills = list(meta["models"])
     for s in skills:
         assert table[f"specialist {s}"][s] >= 0.95, (s, table[f"specialist {s}"])
+        # the LoRA specialists learn their skill too (rank 8 of a 128-wide model), if less completely
+        assert table[f"lora specialist {s}"][s] >= table["base"][s] + 0.5, (s, table[f"lora specialist {s}"])
         assert table[f"specialist {s}"][s] >= table["base"][s] + 0.25  # a real gain over the base
     # hand-set merges keep part of the gains, not none and not all: there is something to search for
     best = report["best_hand_set_merge"]
@@ -277,6 +282,8 @@ def test_tiny_build_zoo_json_and_report(tmp_path: Path) -> None:
     assert report["best_hand_set_merge"]["row"] in {label for label, *_ in HAND_SET_MERGES}
     assert set(report["task_vectors"]["relative_size"]) == set(raw["models"])
     assert len(report["task_vectors"]["cosine"]) == 3
+    for s in raw["models"]:
+        assert set(rows[f"lora specialist {s}"]) == set(tasks)
     assert set(report["soup"]["ingredients"]) == {
         "specialist greek",
         "soup ingredient greek-soup1",
@@ -498,3 +505,14 @@ def test_the_build_log_table_keeps_long_column_names_apart() -> None:
     header, *rows = text.splitlines()
     assert header.split() == ["cyrillic", "latin_cyrillic"]
     assert rows[1].split()[-2:] == ["1.000", "0.220"] and len({len(line) for line in text.splitlines()}) == 1
+
+
+def test_default_zoo_dir_never_points_a_seed_at_another_seeds_zoo(tmp_path: Path, monkeypatch) -> None:
+    from evomerge.zoo.build import default_zoo_dir
+
+    zoo = build_zoo(tmp_path / "z", 3, progress=False, config=TINY).parent
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(zoo))
+    assert default_zoo_dir(3) == zoo
+    assert default_zoo_dir(4) == Path.home() / ".cache" / "evomerge" / "zoo-seed4"  # not a rebuild over seed 3's
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path / "empty"))
+    assert default_zoo_dir(4) == tmp_path / "empty"

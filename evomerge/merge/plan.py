@@ -118,15 +118,20 @@ def open_checkpoints(
             opened[ref] = cache[ref]
             continue
 
-        adapted = split_adapter_ref(ref)
-        if adapted is not None:  # mergekit's BASE+ADAPTER: the base with a LoRA adapter merged in
-            from evomerge.merge.adapters import AdapterCheckpoint
-
-            base, adapter = (_local(part, ref, base_dir) for part in adapted)
-            opened[ref] = AdapterCheckpoint(base, adapter, allow_pickle=allow_pickle)
-            continue
-        opened[ref] = Checkpoint(_local(ref, ref, base_dir), allow_pickle=allow_pickle)
+        opened[ref] = open_checkpoint(ref, base_dir=base_dir, allow_pickle=allow_pickle)
     return opened
+
+
+def open_checkpoint(ref: str, *, base_dir: Path | None = None, allow_pickle: bool = False) -> Checkpoint:
+    """One model reference: a checkpoint directory, or mergekit's ``BASE+ADAPTER`` (the base with a PEFT
+    LoRA adapter merged in; ``merge/adapters.py``). Relative paths resolve against ``base_dir``."""
+    adapted = split_adapter_ref(ref)
+    if adapted is not None:
+        from evomerge.merge.adapters import AdapterCheckpoint
+
+        base, adapter = (_local(part, ref, base_dir) for part in adapted)
+        return AdapterCheckpoint(base, adapter, allow_pickle=allow_pickle)
+    return Checkpoint(_local(ref, ref, base_dir), allow_pickle=allow_pickle)
 
 
 def _local(part: str, ref: str, base_dir: Path | None) -> Path:

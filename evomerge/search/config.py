@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from evomerge.eval.tasks import Objective, TaskError, objective_directions
 from evomerge.recipe import DataItems, DataSection, Recipe
+from evomerge.recipe.adapters import split_adapter_ref
 from evomerge.search.space import ParameterSpace, SearchSpace, SpaceError, load_space
 from evomerge.search.stages import StageError, materialize_stage, stage_checkpoint, stage_recipe
 
@@ -132,6 +133,8 @@ class ResolvedRun:
         if zoo is not None:
             self.names = {"base": str(self.zoo_dir / zoo["base"])}
             self.names.update({k: str(self.zoo_dir / v) for k, v in zoo["models"].items()})
+            for skill, adapter in (zoo.get("adapters") or {}).items():  # LoRA specialists: lora-latin, ...
+                self.names[f"lora-{skill}"] = f"{self.names['base']}+{self.zoo_dir / adapter}"
             for members in (zoo.get("soups") or {}).values():  # the soup group by directory name: greek-soup1, ...
                 self.names.update(
                     {Path(m).name: str(self.zoo_dir / m) for m in members if Path(m).name not in self.names}
@@ -220,6 +223,9 @@ class ResolvedRun:
                 return checkpoint
             if ref in self.names:
                 return self.names[ref]
+            adapted = split_adapter_ref(ref)
+            if adapted is not None:  # BASE+ADAPTER, each part a zoo name or a directory
+                return "+".join(resolve(part) for part in adapted)
             path = _path(ref, self.base_dir)
             if not path.exists():
                 known = (

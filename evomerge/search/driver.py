@@ -205,18 +205,17 @@ class Search:
         """Open every source checkpoint a candidate may read (headers, and file sizes against them) before
         anything is scored or written: a truncated or corrupted file is one error naming it, not a run of
         failed candidates."""
-        from pathlib import Path
 
-        from evomerge.merge.io import Checkpoint, CheckpointError
+        from evomerge.merge.io import CheckpointError
+        from evomerge.merge.plan import PlanError, open_checkpoint
 
         base = getattr(self.run.space, "base_model", None)
         refs: list[str] = [*self.run.space.models, *([str(base)] if base else [])]
         refs += [str(r) for r in self.genome.decode(np.full(self.genome.dim, 0.5)).referenced_models() if r]
         for ref in dict.fromkeys(refs):
-            path = Path(ref) if Path(ref).is_absolute() else self.run.base_dir / ref
             try:
-                Checkpoint(path).close()
-            except CheckpointError as exc:
+                open_checkpoint(ref, base_dir=self.run.base_dir).close()
+            except (CheckpointError, PlanError) as exc:
                 raise SearchError(f"source model {ref}: {exc}") from None
 
     # --- the loop ------------------------------------------------------------------------------------

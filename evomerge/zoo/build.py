@@ -132,10 +132,17 @@ class ZooConfig:
 
 
 def default_zoo_dir(seed: int = 0) -> Path:
-    """Cache location outside the repo: ``$EVOMERGE_ZOO_DIR`` if set, else ``~/.cache/evomerge/zoo-seed{seed}``."""
+    """Cache location outside the repo: ``$EVOMERGE_ZOO_DIR`` if set (and not a zoo of another seed),
+    else ``~/.cache/evomerge/zoo-seed{seed}``.
+
+    A zoo of another seed there is left alone: building seed N into it would replace the user's zoo
+    (benchmarks over several seeds set the variable for one seed, then ask for the next)."""
     env = os.environ.get("EVOMERGE_ZOO_DIR")
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        stamp = _read_stamp(path)
+        if stamp is None or stamp.get("seed") == seed:
+            return path
     return Path.home() / ".cache" / "evomerge" / f"zoo-seed{seed}"
 
 
