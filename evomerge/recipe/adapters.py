@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-COMBINATIONS = (
+Combination = Literal[
     "linear",
     "cat",
     "svd",
@@ -39,7 +39,8 @@ COMBINATIONS = (
     "dare_ties_svd",
     "magnitude_prune",
     "magnitude_prune_svd",
-)
+]
+COMBINATIONS: tuple[str, ...] = get_args(Combination)
 """PEFT's ``add_weighted_adapter`` combination types."""
 
 NEEDS_DENSITY = frozenset(c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude_prune")))
@@ -61,19 +62,7 @@ class WeightedAdapter(_Strict):
 class AdapterMerge(_Strict):
     """``adapter_merge:`` YAML: which adapters, how combined (PEFT's ``add_weighted_adapter`` arguments)."""
 
-    adapter_merge: Literal[
-        "linear",
-        "cat",
-        "svd",
-        "ties",
-        "ties_svd",
-        "dare_linear",
-        "dare_ties",
-        "dare_linear_svd",
-        "dare_ties_svd",
-        "magnitude_prune",
-        "magnitude_prune_svd",
-    ]
+    adapter_merge: Combination
     base_model: str
     """The model every adapter was trained on (its module names and shapes)."""
     adapters: list[WeightedAdapter] = Field(min_length=1)
