@@ -182,7 +182,14 @@ class CandidateEvaluator:
             for item in self.prepared
             for label in item.objective_labels
         }
-        return CandidateResult(key, "ok", objectives=values, metrics=metrics)
+        per_item = getattr(self._scorer, "item_values", {})
+        items = {
+            label: per_item[item.key][str(by_label[label].metric)]
+            for item in self.prepared
+            for label in item.objective_labels
+            if str(by_label[label].metric) in per_item.get(item.key, {})
+        }
+        return CandidateResult(key, "ok", objectives=values, metrics=metrics, items=items)
 
 
 def _check_finite(model: torch.nn.Module) -> None:

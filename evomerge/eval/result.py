@@ -20,6 +20,9 @@ class CandidateResult:
     """Objective label -> value (only when ok)."""
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """``task@split`` -> every metric the task reports."""
+    items: dict[str, list[float]] = field(default_factory=dict)
+    """Objective label -> its metric's value on each item (e.g. 0/1 for ``acc``), in the objective's item
+    order: the per-item responses a run dir keeps (``responses.jsonl``)."""
     seconds: float = 0.0
     materialize_seconds: float = 0.0
     score_seconds: float = 0.0

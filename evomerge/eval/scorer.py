@@ -42,8 +42,15 @@ def make_hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int = 64) -> A
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def aggregate(item: PreparedTask, responses: Sequence[Sequence[Any]]) -> dict[str, float]:
-    """Per-document responses -> the task's metrics, through lm-eval's filters and aggregations."""
+ItemValues = dict[TaskKey, dict[str, list[float]]]
+"""Per selection and metric, each item's value (in the selection's order): what ``aggregate`` averages."""
+
+
+def aggregate(
+    item: PreparedTask, responses: Sequence[Sequence[Any]], items: dict[str, list[float]] | None = None
+) -> dict[str, float]:
+    """Per-document responses -> the task's metrics, through lm-eval's filters and aggregations. With
+    ``items``, each numeric metric's per-document values (e.g. 0/1 for ``acc``) are put there too."""
     task = item.task
     for instances, values in zip(item.instances_by_doc, responses):
         for instance, value in zip(instances, values):
@@ -59,6 +66,10 @@ def aggregate(item: PreparedTask, responses: Sequence[Sequence[Any]]) -> dict[st
             for metric, value in metrics.items():
                 raw[metric if filter_key == "none" else f"{metric},{filter_key}"].append(value)
     aggregations = task.aggregation()
+    if items is not None:
+        for name, values in raw.items():
+            if all(isinstance(v, (bool, int, float)) for v in values):
+                items[name] = [float(v) for v in values]
     return {name: float(aggregations[name.split(",")[0]](values)) for name, values in raw.items()}
 
 
@@ -75,6 +86,8 @@ class FastScorer:
         self.prepared = list(prepared)
         self.batch_tokens = batch_tokens
         self.max_length = int(lm.max_length)
+        self.item_values: ItemValues = {}
+        """The last ``score``'s per-item values (per selection and metric)."""
         # per task, per document, per instance: the list of (input, target) windows it sums over
         self._windows: list[list[list[list[_Sequence]]]] = []
         for item in self.prepared:
@@ -115,9 +128,11 @@ class FastScorer:
         return [_Sequence((c + t)[-(self.max_length + 1) :][:-1], list(t)) for c, t in windows]
 
     def score(self, model: torch.nn.Module) -> Scores:
+        """Every selection's metrics; ``item_values`` then holds each item's value of each metric."""
         flat = [seq for task in self._windows for doc in task for inst in doc for seq in inst]
         results = self._loglikelihoods(model, flat)
         scores: Scores = {}
+        self.item_values = {}
         cursor = 0
         for item, task_windows in zip(self.prepared, self._windows):
             responses = []
@@ -131,7 +146,8 @@ class FastScorer:
                     else:
                         doc_responses.append(values[0])
                 responses.append(doc_responses)
-            scores[item.key] = aggregate(item, responses)
+            self.item_values[item.key] = {}
+            scores[item.key] = aggregate(item, responses, self.item_values[item.key])
         return scores
 
     @torch.no_grad()
@@ -183,6 +199,8 @@ class LmEvalScorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self._lms: dict[int, Any] = {}
+        self.item_values: ItemValues = {}
+        """The last ``score``'s per-item values, from lm-eval's logged samples."""
 
     def score(self, model: torch.nn.Module) -> Scores:
         import logging
@@ -194,6 +212,7 @@ class LmEvalScorer:
         if lm is None:
             lm = self._lms[id(model)] = make_hflm(model, self.tokenizer, self.batch_size)
         scores: Scores = {}
+        self.item_values = {}
         # tasks sharing a name (same task, different splits) go in separate calls
         batches: dict[int, list[PreparedTask]] = defaultdict(list)
         for item in self.prepared:
@@ -206,10 +225,11 @@ class LmEvalScorer:
                 samples={i.name: i.doc_ids for i in items},
                 task_manager=items[0].manager,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=True,
                 verbosity="ERROR",
             )
             for item in items:
+                self.item_values[item.key] = _sample_values(item, result.get("samples", {}).get(item.name, []))
                 values = result["results"][item.name]
                 scores[item.key] = {
                     k.removesuffix(",none"): float(v)
@@ -221,3 +241,17 @@ class LmEvalScorer:
                 if isinstance(value, float) and math.isnan(value):
                     raise ScoringError(f"metric {name} is NaN")
         return scores
+
+
+def _sample_values(item: PreparedTask, samples: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """lm-eval's logged samples -> each numeric metric's per-item values in the selection's order."""
+    by_doc = {sample.get("doc_id"): sample for sample in samples}
+    if sorted(by_doc, key=str) != sorted(item.doc_ids, key=str):
+        return {}
+    ordered = [by_doc[doc_id] for doc_id in item.doc_ids]
+    out: dict[str, list[float]] = {}
+    for metric in item.metrics:
+        values = [sample.get(metric) for sample in ordered]
+        if all(isinstance(v, (bool, int, float)) for v in values):
+            out[metric] = [float(v) for v in values]  # type: ignore[arg-type]  # checked just above
+    return out

@@ -488,6 +488,9 @@ class _InFlight:
         cid = outcome.job.candidate_id
         x, digest, recipe_dict = self.in_flight.pop(cid)
         record = self.search._make_record(cid, self.state, x, digest, recipe_dict, outcome)
+        items = getattr(outcome.result, "items", None)
+        if record.ok and items:  # per-item responses first: a recorded candidate always has them
+            self.search.run_dir.append_responses(cid, digest, items)
         self.keep(record)
         for other, other_x in self.waiting.pop(digest, []):
             if record.ok:

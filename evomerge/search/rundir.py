@@ -2,6 +2,7 @@
 
     RUN_DIR/run.yaml             the resolved run config (paths absolute), written at the start
     RUN_DIR/evaluations.jsonl    one line per scored candidate, appended and fsync'ed as it arrives
+    RUN_DIR/responses.jsonl      per scored candidate, each objective's value on each item (written first)
     RUN_DIR/state                the optimizer and the pending generation, pickled atomically after
                                  every ask and every tell
 
@@ -26,6 +27,7 @@ from evomerge.atomic import write_bytes
 from evomerge.search.record import CandidateRecord
 
 EVALUATIONS = "evaluations.jsonl"
+RESPONSES = "responses.jsonl"
 STATE = "state"
 OPTIMIZER_SUMMARY = "optimizer.json"
 """What a finite optimizer (sweep, soups) found, rewritten after each of its steps."""
@@ -90,15 +92,48 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def repair(self) -> None:
-        """Cut a torn last line (a kill in the middle of a write) so appends start on a fresh line."""
-        path = self.evaluations_path
+    def append_responses(self, candidate_id: int, recipe_hash: str, items: dict[str, list[float]]) -> None:
+        """A scored candidate's per-item values per objective (``responses.jsonl``), durable before this
+        returns; written before its record, so a recorded candidate always has them."""
+        line = json.dumps({"id": candidate_id, "recipe_hash": recipe_hash, "items": items}, separators=(",", ":"))
+        with open(self.path / RESPONSES, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def responses(self) -> dict[int, dict[str, list[float]]]:
+        """Candidate id -> objective label -> its per-item values (a candidate scored twice, after a kill
+        between its responses and its record: the last). Cached candidates (an identical recipe scored
+        earlier) have none of their own: ``responses_by_hash`` finds them by recipe."""
+        return {int(e["id"]): e["items"] for e in self._response_lines()}
+
+    def responses_by_hash(self) -> dict[str, dict[str, list[float]]]:
+        """Recipe hash -> objective label -> per-item values."""
+        return {str(e["recipe_hash"]): e["items"] for e in self._response_lines()}
+
+    def _response_lines(self) -> Iterator[dict[str, Any]]:
+        path = self.path / RESPONSES
         if not path.exists():
             return
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        with open(path) as f:
+            for number, line in enumerate(f, start=1):
+                if not line.endswith("\n"):
+                    break  # a torn last line
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise RunDirError(f"{path}:{number}: not a responses line; restore or delete it") from None
+
+    def repair(self) -> None:
+        """Cut a torn last line (a kill in the middle of a write) so appends start on a fresh line."""
+        for path in (self.evaluations_path, self.path / RESPONSES):
+            if not path.exists():
+                continue
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
 
     def records(self) -> Iterator[CandidateRecord]:
         """Every complete record. A torn last line (a kill in the middle of a write) is skipped; any other
