@@ -225,3 +225,43 @@ def test_matches_plain_lm_eval_cli(zoo, tmp_path) -> None:
     for task in zoo["tasks"].values():
         assert ours[f"{task}/acc"] == theirs[task]["acc,none"]
         assert ours[f"{task}/perplexity"] == pytest.approx(theirs[task]["perplexity,none"], rel=1e-4)
+
+
+def test_the_scoring_dtype_is_a_choice(zoo_dir) -> None:
+    """runtime.score_dtype: the resident model in bfloat16 scores (about) as in float32; auto is float32 on CPU."""
+    import json
+
+    import torch
+
+    from evomerge.eval.evaluator import CandidateEvaluator, resolve_score_dtype
+    from evomerge.eval.tasks import Objective
+    from evomerge.recipe import Recipe
+
+    assert resolve_score_dtype("auto", "cpu") == torch.float32
+    assert resolve_score_dtype("auto", "cuda:0") == torch.bfloat16
+    with pytest.raises(ValueError, match="runtime.score_dtype: 'int8'"):
+        resolve_score_dtype("int8", "cpu")
+    meta = json.loads((zoo_dir / "zoo.json").read_text())
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(zoo_dir / meta["base"]),
+            "models": [
+                {"model": str(zoo_dir / meta["models"][s]), "parameters": {"weight": 0.7}} for s in ("latin", "greek")
+            ],
+        }
+    )
+    objectives = [
+        Objective(task="zoo_latin", metric="acc", limit=40),
+        Objective(task="zoo_greek", metric="acc", limit=40),
+    ]
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        evaluator = CandidateEvaluator(objectives, include_paths=[str(zoo_dir / "tasks")], score_dtype=dtype)
+        result = evaluator.evaluate(recipe)
+        assert result.ok, result.reason
+        model = next(iter(evaluator._models.values()))
+        assert next(model.parameters()).dtype == getattr(torch, dtype)
+        scores[dtype] = result.objectives
+    for label, value in scores["float32"].items():
+        assert abs(scores["bfloat16"][label] - value) <= 0.1, scores  # bfloat16 rounding moves a few items at most

@@ -25,6 +25,7 @@ def make_executor(run: Any, *, address: str | None = None, evaluator_factory: st
         include_paths=list(run.include_paths),
         backend=runtime.backend,
         device=runtime.device,
+        score_dtype=runtime.score_dtype,
         base_dir=str(run.base_dir),
         factory=evaluator_factory,
     )

@@ -33,6 +33,8 @@ class EvaluatorSpec:
     backend: str = "fast"
     device: str | None = None
     """``None``: CUDA when the worker sees a GPU, else CPU."""
+    score_dtype: str = "auto"
+    """The resident model's dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
     threads: int | None = None
     """``torch.set_num_threads`` in the worker; ``None``: the CPUs reserved per worker (Ray) or
@@ -57,6 +59,7 @@ class EvaluatorSpec:
             include_paths=list(self.include_paths),
             backend=self.backend,  # type: ignore[arg-type]
             device=self.device,
+            score_dtype=self.score_dtype,
             seed=self.seed,
             base_dir=Path(self.base_dir) if self.base_dir else None,
         )

@@ -85,6 +85,8 @@ class RuntimeConfig(_Strict):
     """Wall-clock bound for the whole run, e.g. 8h, 90m, 3600s."""
     backend: Literal["fast", "lm-eval"] = "fast"
     device: str | None = None
+    score_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype candidates are merged into and scored in; ``auto``: bfloat16 on CUDA, float32 on CPU."""
 
     @model_validator(mode="before")
     @classmethod
