@@ -71,10 +71,13 @@ def merge(
 ) -> None:
     """Materialize a recipe as a Hugging Face checkpoint (streaming, sharded safetensors).
 
-    A multi-document YAML of named stages (mergekit-multi's form) is merged stage by stage. A model may be
-    BASE+ADAPTER (a PEFT LoRA adapter merged into its base). An adapter merge (a YAML with adapter_merge:,
-    PEFT's add_weighted_adapter combinations) writes a PEFT adapter instead. Recipes of fisher/regmean
-    compute each model's statistics from their data: items first (cached)."""
+    A multi-document YAML of named stages (mergekit-multi's form) is merged stage by stage.
+
+    A model may be BASE+ADAPTER: a PEFT LoRA adapter merged into its base.
+
+    An adapter merge (a YAML with adapter_merge:, PEFT's combinations) writes a PEFT adapter instead.
+
+    fisher / regmean recipes first compute each model's statistics from their data: items (cached)."""
     from evomerge.merge.engine import merge_chain_to_disk
     from evomerge.recipe import load_recipe_chain
 
@@ -317,8 +320,9 @@ def export(
 ) -> None:
     """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run.
 
-    Recipes of evomerge's data-aware methods (fisher, regmean) run in evomerge only: the file starts with
-    a comment that says so, and --checkpoint materializes one directly."""
+    Recipes of the data-aware methods (fisher, regmean) run in evomerge only; the file's first lines say so.
+
+    --checkpoint DIR materializes the picked recipe as well."""
     from evomerge.atomic import write_text
     from evomerge.recipe import MERGEKIT_METHODS
     from evomerge.search.export import export_front, export_yaml
