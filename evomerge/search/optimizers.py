@@ -102,7 +102,10 @@ def check_scalarization(how: str) -> str:
 
 def value_note(how: str) -> str:
     """What a scalar value in a finite optimizer's summary means."""
-    return f"objectives weighted and combined by {how}, to minimize (maximized objectives negated)"
+    note = f"objectives weighted and combined by {how}, to minimize (maximized objectives negated)"
+    if how == "worst":
+        note += f"; ties broken by {WORST_TIE_BREAK:g} x the mean"
+    return note
 
 
 #: With ``scalarize: worst``, candidates whose worst objective ties are ranked by their mean, this much
