@@ -85,7 +85,8 @@ class CandidateEvaluator:
         self.objectives: list[Objective]
         self.prepared, self.objectives = prepare_tasks(objectives, include_paths)
         self._checkpoints: dict[str, Checkpoint] = {}
-        self._statistics_files: dict[Path, StatisticsFile] = {}
+        self._statistics_files: dict[tuple[str, str, str], StatisticsFile] = {}
+        """(statistic, model reference, data section) -> that model's statistics file."""
         self._models: dict[int, torch.nn.Module] = {}
         self._tokenizer: Any = None
         self._scorer: FastScorer | LmEvalScorer | None = None
@@ -144,18 +145,20 @@ class CandidateEvaluator:
         return build_plan(recipe, checkpoints, self._statistics(recipe))
 
     def _statistics(self, recipe: Recipe) -> dict[str, StatisticsFile] | None:
-        """A data-aware recipe's statistics files: computed (or read from the disk cache) once per worker."""
-        if get_method(recipe.merge_method).statistic is None:
+        """A data-aware recipe's statistics files: looked up (disk cache) or computed once per worker and
+        data section, so later candidates neither fingerprint files nor reopen them."""
+        statistic = get_method(recipe.merge_method).statistic
+        if statistic is None or recipe.data is None:
             return None
-        from evomerge.eval.statistics import statistics_provider
+        data = recipe.data.model_dump_json()
+        keys = {model: (str(statistic), model, data) for model in recipe.referenced_models()}
+        if any(key not in self._statistics_files for key in keys.values()):
+            from evomerge.eval.statistics import statistics_provider
 
-        provide = statistics_provider(base_dir=self.base_dir, device=self.device, batch_tokens=self.batch_tokens)
-        opened = {}
-        for model, path in provide(recipe).items():
-            if path not in self._statistics_files:
-                self._statistics_files[path] = StatisticsFile(path)
-            opened[model] = self._statistics_files[path]
-        return opened
+            provide = statistics_provider(base_dir=self.base_dir, device=self.device, batch_tokens=self.batch_tokens)
+            for model, path in provide(recipe).items():
+                self._statistics_files[keys[model]] = StatisticsFile(path)
+        return {model: self._statistics_files[key] for model, key in keys.items()}
 
     def _resident_model(self, plan: MergePlan) -> torch.nn.Module:
         """One model per layer count, built once from the plan's output config and then reused."""
