@@ -54,6 +54,12 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.A.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The adapted weight's shape (what ``delta()`` returns), without computing the delta."""
+        rows, cols = int(self.B.shape[0]), int(self.A.shape[1])
+        return (cols, rows) if self.transposed else (rows, cols)
+
     def delta(self) -> torch.Tensor:
         product = self.B @ self.A
         return (product.T if self.transposed else product) * self.scaling
@@ -129,9 +135,9 @@ class AdapterCheckpoint(Checkpoint):
             info = self.tensors.get(name)
             if info is None:
                 raise CheckpointError(f"{self.adapter.path}: adapts {name}, which {self.path} does not have")
-            if tuple(lora.delta().shape) != info.shape:
+            if lora.shape != info.shape:
                 raise CheckpointError(
-                    f"{self.adapter.path}: its delta for {name} is {list(lora.delta().shape)}, "
+                    f"{self.adapter.path}: its delta for {name} is {list(lora.shape)}, "
                     f"the base's weight {list(info.shape)} (an adapter of another model?)"
                 )
 

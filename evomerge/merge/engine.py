@@ -163,8 +163,8 @@ def plan_recipe(
     """Open the recipe's checkpoints and plan it (all validation happens here). A data-aware recipe
     (fisher, regmean) needs ``statistics``, which gives each model's statistics file."""
     checkpoints = open_checkpoints(recipe, base_dir=base_dir, allow_pickle=allow_pickle)
-    needed = get_method(recipe.merge_method).statistic is not None and statistics is not None
-    return build_plan(recipe, checkpoints, statistics(recipe) if needed and statistics is not None else None)
+    data_aware = get_method(recipe.merge_method).statistic is not None
+    return build_plan(recipe, checkpoints, statistics(recipe) if data_aware and statistics is not None else None)
 
 
 def merge_to_disk(
