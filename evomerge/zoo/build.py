@@ -640,18 +640,23 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
         runs = [(s, s.name, f"ft/{s.name}") for s in skills]
         soup = get_skill(config.soup_skill)
         runs += [(soup, f"{soup.name}-soup{i}", f"ft/{soup.name}/order{i}") for i in range(1, config.soup_size)]
-        model = copy.deepcopy(base)
-        for skill, name, tag in runs:
-            model.load_state_dict(base.state_dict())
-            torch.manual_seed(_sub_seed(seed, tag))
+
+        def fine_tune(model: Any, skill: Skill, name: str, tag: str, lr: float) -> None:
+            """``ft_steps`` on ``skill`` (its replay mixture, held to the base), the loss into ``losses``."""
             mixture, replay = _ft_mixture(skill, config, seed)
             batches = _batches(
                 tok, mixture, seed, tag, exclude, target_only=True, batch_size=config.batch_size, replay=replay
             )
             losses[name] = _train(
-                model, batches, steps=config.ft_steps, lr=config.ft_lr, config=config, desc=f"zoo {name}",
+                model, batches, steps=config.ft_steps, lr=lr, config=config, desc=f"zoo {name}",
                 progress=progress, teacher=base,
             )  # fmt: skip
+
+        model = copy.deepcopy(base)
+        for skill, name, tag in runs:
+            model.load_state_dict(base.state_dict())
+            torch.manual_seed(_sub_seed(seed, tag))
+            fine_tune(model, skill, name, tag, config.ft_lr)
             _save_model(model, tmp / "models" / name, tok_dir)
             finetuned[name] = _state_dict(model)
             log(f"{name} fine-tuned ({time.perf_counter() - t0:.0f}s, loss {losses[name]:.3f})")
@@ -662,14 +667,7 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
             name, tag = f"lora-{skill.name}", f"lora/{skill.name}"
             torch.manual_seed(_sub_seed(seed, tag))
             adapted = _lora_model(base, config)
-            mixture, replay = _ft_mixture(skill, config, seed)
-            batches = _batches(
-                tok, mixture, seed, tag, exclude, target_only=True, batch_size=config.batch_size, replay=replay
-            )
-            losses[name] = _train(
-                adapted, batches, steps=config.ft_steps, lr=config.lora_lr, config=config, desc=f"zoo {name}",
-                progress=progress, teacher=base,
-            )  # fmt: skip
+            fine_tune(adapted, skill, name, tag, config.lora_lr)
             adapted.save_pretrained(str(tmp / meta["adapters"][skill.name]))
             log(
                 f"{name} (LoRA r={config.lora_rank}) trained ({time.perf_counter() - t0:.0f}s, loss {losses[name]:.3f})"
