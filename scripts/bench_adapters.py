@@ -22,11 +22,7 @@ are the reference here), in-process, every number measured in this run:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,11 +34,10 @@ sys.path.insert(0, str(ROOT))
 from evomerge.merge.adapters import merge_adapters_to_disk  # noqa: E402
 from evomerge.recipe.adapters import AdapterMerge  # noqa: E402
 from evomerge.search.picks import pick  # noqa: E402
-from evomerge.zoo.build import build_zoo, default_zoo_dir  # noqa: E402
 from evomerge.zoo.compare import compare  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_methods import run, weakest_skill_pick  # noqa: E402
+from bench_methods import over_zoo_seeds, run, weakest_skill_pick  # noqa: E402
 
 SKILLS = ("latin", "greek", "cyrillic")
 ADAPTER_MERGES = [
@@ -109,7 +104,7 @@ def one_seed(zoo: Path, manifest: dict, work: Path, budget: int) -> dict:
         report, wall = run(config, work / f"run-{len(cost)}", overrides)
         recipes[label] = weakest_skill_pick(report) if "CMA" in label else dict(pick(report, "optimizer").recipe or {})
         cost[label] = (report.count, wall)
-    comparison = compare(zoo / "zoo.json", recipes)
+    comparison = compare(zoo / "zoo.json", recipes, hand_set=False)
     return {"test": comparison.to_dict(), "cost": cost}
 
 
@@ -124,11 +119,7 @@ def print_table(seed: int, result: dict) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row, values in scores.items():
-        if (
-            row.startswith("specialist")
-            or row in ("linear (uniform)",)
-            or row.startswith(("task arithmetic (", "TIES (", "DARE"))
-        ):
+        if row.startswith("specialist"):  # the full fine-tunes: their own-skill line below
             continue
         kept = {s: (values[s] - base[s]) / (reference[s] - base[s]) for s in SKILLS} if row != "base" else None
         cells = [f"{values[s]:.3f}" for s in SKILLS]
@@ -147,20 +138,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=200)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results: dict = {}
-    for seed in args.zoo_seeds:
-        print(f"zoo seed {seed}", file=sys.stderr, flush=True)
-        zoo = build_zoo(default_zoo_dir(seed), seed, progress=False).parent
-        os.environ["EVOMERGE_ZOO_DIR"] = str(zoo)
-        manifest = json.loads((zoo / "zoo.json").read_text())
-        work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
-        try:
-            results[seed] = one_seed(zoo, manifest, work, args.budget)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        print_table(seed, results[seed])
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+    one = lambda zoo, manifest, work: one_seed(zoo, manifest, work, args.budget)  # noqa: E731
+    over_zoo_seeds(args.zoo_seeds, "bench-adapters-", one, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,7 @@ search ranks by. Target (issue 12): tau >= 0.8 at a fraction of the items.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.search.rundir import RunDir  # noqa: E402
-from evomerge.zoo.build import build_zoo, default_zoo_dir  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_methods import run  # noqa: E402
+from bench_methods import over_zoo_seeds, run  # noqa: E402
 
 
 def fidelity(run_dir: Path, sizes: list[int], draws: int = 20) -> dict:
@@ -56,34 +51,30 @@ def fidelity(run_dir: Path, sizes: list[int], draws: int = 20) -> dict:
     return out
 
 
+def print_table(seed: int, r: dict) -> None:
+    labels = list(next(iter(r["sizes"].values())))
+    print(
+        f"\n#### zoo seed {seed}: Kendall tau-b of the k-item score vs the {r['items']}-item score, {r['candidates']} candidates\n"
+    )
+    print("| k items (share) | " + " | ".join(labels) + " |")
+    print("|---|" + "---:|" * len(labels))
+    for k, taus in r["sizes"].items():
+        cells = [f"{m:.2f} ± {s:.2f}" for m, s in taus.values()]
+        print(f"| {k} ({k / r['items']:.0%}) | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20, 40])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = {}
-    for seed in args.zoo_seeds:
-        zoo = build_zoo(default_zoo_dir(seed), seed, progress=False).parent
-        os.environ["EVOMERGE_ZOO_DIR"] = str(zoo)
-        work = Path(tempfile.mkdtemp(prefix="bench-fitness-"))
-        try:
-            run("zoo-ps-cma.yaml", work / "run", [])
-            results[seed] = fidelity(work / "run", args.sizes)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        r = results[seed]
-        labels = list(next(iter(r["sizes"].values())))
-        print(
-            f"\n#### zoo seed {seed}: Kendall tau-b of the k-item score vs the {r['items']}-item score, {r['candidates']} candidates\n"
-        )
-        print("| k items (share) | " + " | ".join(labels) + " |")
-        print("|---|" + "---:|" * len(labels))
-        for k, taus in r["sizes"].items():
-            cells = [f"{m:.2f} ± {s:.2f}" for m, s in taus.values()]
-            print(f"| {k} ({k / r['items']:.0%}) | " + " | ".join(cells) + " |")
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+
+    def one(zoo: Path, manifest: dict, work: Path) -> dict:
+        run("zoo-ps-cma.yaml", work / "run", [])
+        return fidelity(work / "run", args.sizes)
+
+    over_zoo_seeds(args.zoo_seeds, "bench-fitness-", one, print_table, args.json)
 
 
 if __name__ == "__main__":

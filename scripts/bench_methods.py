@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -211,26 +212,34 @@ def print_table(seed: int, result: dict) -> None:
         print(f"| {row} | " + " | ".join(cells + kept_cells + ["", str(n), f"{wall:.0f}"]) + " |")
 
 
+def over_zoo_seeds(seeds: list[int], prefix: str, one: Any, show: Any, json_path: Path | None) -> dict:
+    """``one(zoo, manifest, work)`` per zoo seed (built or reused; a temporary work dir), then ``show(seed,
+    result)``; the results so far written to ``json_path`` after each seed."""
+    results: dict = {}
+    for seed in seeds:
+        print(f"zoo seed {seed}", file=sys.stderr, flush=True)
+        zoo = build_zoo(default_zoo_dir(seed), seed, progress=False).parent
+        os.environ["EVOMERGE_ZOO_DIR"] = str(zoo)
+        manifest = json.loads((zoo / "zoo.json").read_text())
+        work = Path(tempfile.mkdtemp(prefix=prefix))
+        try:
+            results[seed] = one(zoo, manifest, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        show(seed, results[seed])
+        if json_path:
+            json_path.write_text(json.dumps(results, indent=2))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budget", type=int, default=200)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results: dict = {}
-    for seed in args.zoo_seeds:
-        print(f"zoo seed {seed}", file=sys.stderr, flush=True)
-        zoo = build_zoo(default_zoo_dir(seed), seed, progress=False).parent
-        os.environ["EVOMERGE_ZOO_DIR"] = str(zoo)
-        manifest = json.loads((zoo / "zoo.json").read_text())
-        work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
-        try:
-            results[seed] = one_seed(zoo, manifest, work, args.budget)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        print_table(seed, results[seed])
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+    one = lambda zoo, manifest, work: one_seed(zoo, manifest, work, args.budget)  # noqa: E731
+    over_zoo_seeds(args.zoo_seeds, "bench-methods-", one, print_table, args.json)
 
 
 if __name__ == "__main__":
