@@ -260,8 +260,9 @@ def search(
     except (*_user_errors(), ConfigError, SearchError) as exc:
         _fail(str(exc))
     summary, directory = launched.summary, launched.run_dir
+    promoted = f"; {summary.promoted} of them screened candidates scored in full" if summary.promoted else ""
     err.print(
-        f"{summary.stopped}: {summary.evaluated} candidates ({summary.failed} failed, {summary.cached} cached) "
+        f"{summary.stopped}: {summary.evaluated} candidates ({summary.failed} failed, {summary.cached} cached{promoted}) "
         f"in {summary.seconds:.0f}s · run dir {directory}",
         highlight=False,
     )

@@ -71,7 +71,7 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> tuple[RunReport, fl
 
 def weakest_skill_pick(report: RunReport) -> dict:
     """The recipe of the candidate with the best weakest-skill search accuracy (ties: best mean)."""
-    ok = [r for r in report.records if r.ok and r.objectives]
+    ok = report.ok  # full-fidelity records only (a multi-fidelity run also has screened ones)
     best = max(ok, key=lambda r: (min(r.objectives.values()), sum(r.objectives.values())))
     return dict(best.recipe or {})
 

@@ -37,6 +37,36 @@ def run_config(family, tmp_path, **overrides) -> dict:
     return config
 
 
+def zoo_pair_config(zoo_dir: Path, objectives: list[dict], **optimizer) -> dict:
+    """A run over the zoo's latin and greek specialists (task arithmetic, one weight each in 0-2),
+    in-process, CMA-ES with a population of 4 unless ``optimizer`` says otherwise."""
+    return {
+        "name": "zoo-pair",
+        "zoo": str(zoo_dir),
+        "search_space": {
+            "kind": "ps",
+            "models": ["latin", "greek"],
+            "base_model": "base",
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0.0, "high": 2.0}},
+        },
+        "objectives": objectives,
+        "optimizer": {"name": "cma", "population": 4, "budget": 4, "seed": 0, **optimizer},
+        "runtime": {"workers": 0},
+    }
+
+
+def search_zoo(config: dict, run_dir: Path, *, budget: int, resume: bool = False, workers: int = 0) -> None:
+    """Run ``config`` (``zoo_pair_config``) to ``budget`` candidates in ``run_dir`` (Ray with ``workers``)."""
+    data = {**config, "optimizer": {**config["optimizer"], "budget": budget}, "runtime": {"workers": workers}}
+    run = resolve_run_config(data, base_dir=run_dir.parent)
+    executor = make_executor(run)
+    try:
+        Search(run, RunDir(run_dir), executor).execute(resume=resume)
+    finally:
+        executor.shutdown()
+
+
 def search(
     family, tmp_path, run_dir: Path, resume: bool = False, budget: int | None = None, on_record=None, **overrides
 ):

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from search_support import search_zoo, zoo_pair_config
 
 from evomerge.eval.evaluator import CandidateEvaluator
 from evomerge.eval.tasks import Objective
 from evomerge.recipe import Recipe
-from evomerge.runtime import make_executor
-from evomerge.search.config import resolve_run_config
-from evomerge.search.driver import Search
 from evomerge.search.rundir import RunDir
 
 
@@ -46,31 +44,13 @@ def test_item_values_average_to_the_objective_on_both_backends(zoo_dir) -> None:
 
 
 def test_a_search_keeps_every_candidates_responses_and_a_resume_adds_only_new_ones(zoo_dir, tmp_path) -> None:
-    config = {
-        "name": "responses",
-        "zoo": str(zoo_dir),
-        "search_space": {
-            "kind": "ps",
-            "models": ["latin", "greek"],
-            "base_model": "base",
-            "method": "task_arithmetic",
-            "parameters": {"weight": {"low": 0.0, "high": 2.0}},
-        },
-        "objectives": [
-            {"task": "zoo_latin", "metric": "acc", "limit": 8},
-            {"task": "zoo_greek", "metric": "acc", "limit": 8},
-        ],
-        "optimizer": {"name": "cma", "population": 4, "budget": 4, "seed": 0},
-        "runtime": {"workers": 0},
-    }
+    config = zoo_pair_config(
+        zoo_dir,
+        [{"task": "zoo_latin", "metric": "acc", "limit": 8}, {"task": "zoo_greek", "metric": "acc", "limit": 8}],
+    )
 
     def search(budget: int, resume: bool) -> None:
-        run = resolve_run_config({**config, "optimizer": {**config["optimizer"], "budget": budget}}, base_dir=tmp_path)
-        executor = make_executor(run)
-        try:
-            Search(run, RunDir(tmp_path / "run"), executor).execute(resume=resume)
-        finally:
-            executor.shutdown()
+        search_zoo(config, tmp_path / "run", budget=budget, resume=resume)
 
     search(4, resume=False)
     run_dir = RunDir(tmp_path / "run")

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 
-from evomerge.eval.result import CandidateResult
+from evomerge.eval.result import FIDELITIES, CandidateResult, Fidelity
 from evomerge.eval.scorer import FastScorer, LmEvalScorer, Scores, make_hflm
-from evomerge.eval.tasks import Objective, PreparedTask, prepare_tasks
+from evomerge.eval.tasks import Objective, PreparedTask, prepare_tasks, screened
 from evomerge.merge.engine import materialize_into
 from evomerge.merge.io import Checkpoint
 from evomerge.merge.methods import get_method
@@ -89,15 +89,18 @@ class CandidateEvaluator:
         """(statistic, model reference, data section) -> that model's statistics file."""
         self._models: dict[int, torch.nn.Module] = {}
         self._tokenizer: Any = None
-        self._scorer: FastScorer | LmEvalScorer | None = None
-        self._cache: dict[str, CandidateResult] = {}
+        self._scorers: dict[Fidelity, FastScorer | LmEvalScorer] = {}
+        self._cache: dict[tuple[str, Fidelity], CandidateResult] = {}
 
     # --- public ------------------------------------------------------------------------------------
-    def evaluate(self, recipe: Recipe) -> CandidateResult:
-        """Merge ``recipe`` into the resident model and score it; failures are results, not exceptions."""
+    def evaluate(self, recipe: Recipe, fidelity: Fidelity = "full") -> CandidateResult:
+        """Merge ``recipe`` into the resident model and score it on every configured item (``full``) or
+        on the screened subsets (``screen``, see ``Objective.screen``); failures are results, not exceptions."""
+        if fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity {fidelity!r}: expected one of {', '.join(FIDELITIES)}")
         key = recipe.content_hash()
-        if key in self._cache:
-            return dataclasses.replace(self._cache[key], cached=True, seconds=0.0)
+        if (key, fidelity) in self._cache:
+            return dataclasses.replace(self._cache[key, fidelity], cached=True, seconds=0.0)
         start = time.perf_counter()
         try:
             plan = self._plan(recipe)
@@ -105,15 +108,26 @@ class CandidateEvaluator:
             materialize_into(model, plan, seed=self.seed)
             _check_finite(model)
             merged = time.perf_counter()
-            scores = self._score(model, self._tokenizer_dir(plan))
-            result = self._result(key, scores)
+            scores = self._score(model, self._tokenizer_dir(plan), fidelity)
+            result = self._result(key, scores, fidelity)
             result.materialize_seconds = merged - start
             result.score_seconds = time.perf_counter() - merged
         except Exception as exc:  # a bad candidate must not take the search down
-            result = CandidateResult(key, "failed", reason=f"{type(exc).__name__}: {exc}")
+            result = CandidateResult(key, "failed", reason=f"{type(exc).__name__}: {exc}", fidelity=fidelity)
         result.seconds = time.perf_counter() - start
-        self._cache[key] = result
+        self._cache[key, fidelity] = result
         return result
+
+    def selections(self, fidelity: Fidelity = "full") -> list[PreparedTask]:
+        """The item selections scored at ``fidelity``: all of them, or each screened objective's subset."""
+        if fidelity == "full":
+            return self.prepared
+        sizes = {o.label: o.screen for o in self.objectives if o.screen}
+        out = []
+        for item in self.prepared:
+            screens = [sizes[label] for label in item.objective_labels if label in sizes]
+            out.append(screened(item, min(screens)) if screens else item)
+        return out
 
     def evaluate_checkpoint(self, path: str | Path) -> CandidateResult:
         """Score a saved checkpoint directory as it is (no merge)."""
@@ -124,7 +138,7 @@ class CandidateEvaluator:
         Checkpoint(path, allow_pickle=self.allow_pickle)  # clear errors for non-checkpoints, pickle refusal
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.score_dtype).to(self.device).eval()  # type: ignore[arg-type]  # transformers' typed .to wrapper
         loaded = time.perf_counter()
-        result = self._result(str(path), self._score(model, path))
+        result = self._result(str(path), self._score(model, path, "full"), "full")
         result.materialize_seconds = loaded - start
         result.score_seconds = time.perf_counter() - loaded
         result.seconds = time.perf_counter() - start
@@ -179,35 +193,38 @@ class CandidateEvaluator:
         ckpt = plan.checkpoints.get(plan.tokenizer_model)
         return ckpt.path if ckpt is not None else Path(plan.tokenizer_model)
 
-    def _score(self, model: torch.nn.Module, tokenizer_dir: Path) -> Scores:
+    def _score(self, model: torch.nn.Module, tokenizer_dir: Path, fidelity: Fidelity) -> Scores:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if self._scorer is None:
+        scorer = self._scorers.get(fidelity)
+        if scorer is None:
             if self.backend == "fast":
                 lm = make_hflm(model, self._tokenizer)
-                self._scorer = FastScorer(self.prepared, lm, batch_tokens=self.batch_tokens)
+                scorer = FastScorer(self.selections(fidelity), lm, batch_tokens=self.batch_tokens)
             else:
-                self._scorer = LmEvalScorer(self.prepared, self._tokenizer)
-        return self._scorer.score(model)
+                scorer = LmEvalScorer(self.selections(fidelity), self._tokenizer)
+            self._scorers[fidelity] = scorer
+        return scorer.score(model)
 
-    def _result(self, key: str, scores: Scores) -> CandidateResult:
-        metrics = {f"{item.name}@{item.split}": scores[item.key] for item in self.prepared}
+    def _result(self, key: str, scores: Scores, fidelity: Fidelity) -> CandidateResult:
+        selections = self.selections(fidelity)
+        metrics = {f"{item.name}@{item.split}": scores[item.key] for item in selections}
         by_label = {o.label: o for o in self.objectives}
         values = {
             label: scores[item.key][str(by_label[label].metric)]
-            for item in self.prepared
+            for item in selections
             for label in item.objective_labels
         }
-        per_item = getattr(self._scorer, "item_values", {})
+        per_item = self._scorers[fidelity].item_values
         items = {
             label: per_item[item.key][str(by_label[label].metric)]
-            for item in self.prepared
+            for item in selections
             for label in item.objective_labels
             if str(by_label[label].metric) in per_item.get(item.key, {})
         }
-        return CandidateResult(key, "ok", objectives=values, metrics=metrics, items=items)
+        return CandidateResult(key, "ok", objectives=values, metrics=metrics, items=items, fidelity=fidelity)
 
 
 def _check_finite(model: torch.nn.Module) -> None:

@@ -7,7 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CandidateResult"]
+__all__ = ["FIDELITIES", "CandidateResult", "Fidelity"]
+
+Fidelity = Literal["screen", "full"]
+"""What a candidate was scored on: ``screen``, each screened objective's fixed item subset (the others
+in full), or ``full``, every configured item (see ``Objective.screen``)."""
+FIDELITIES: tuple[Fidelity, ...] = ("screen", "full")
 
 
 @dataclass
@@ -28,6 +33,7 @@ class CandidateResult:
     score_seconds: float = 0.0
     cached: bool = False
     reason: str | None = None
+    fidelity: Fidelity = "full"
 
     @property
     def ok(self) -> bool:

@@ -9,6 +9,7 @@ every candidate afterwards only runs forward passes (see ``scorer.py``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -44,6 +45,11 @@ class Objective(BaseModel):
     """Hypervolume reference value (default: 0 for maximized metrics, the worst seen for minimized)."""
     name: str | None = None
     """Label in tables and logs; default ``task/metric``."""
+    screen: int | None = Field(default=None, gt=0)
+    """Multi-fidelity search (off by default): every candidate is scored first on this many of the
+    objective's items (a fixed seeded subset, the same for the whole run), and only the best share of
+    each generation (``optimizer.promote``) on all of them. A value from the subset is never told,
+    reported or exported as if it were a full score."""
 
     @property
     def label(self) -> str:
@@ -145,6 +151,8 @@ def objective_directions(objectives: Sequence[Objective], include_paths: Sequenc
             )
         higher = declared[objective.task]
         metric = objective.metric or next(iter(higher), None)
+        if metric is not None and "," in metric and metric.split(",")[0] in higher:
+            metric = metric.split(",")[0]  # metric,filter (a task with named filters): the metric's direction
         if metric not in higher:
             raise TaskError(
                 f"{objective.label}: task {objective.task} has no metric {metric!r} (valid: {', '.join(higher)})"
@@ -182,12 +190,12 @@ def prepare_tasks(
             objective.task, objective.split, task, doc_ids, dict(task.higher_is_better()), manager=manager
         )
         if objective.metric is None:
-            objective = objective.model_copy(update={"metric": item.metrics[0]})
+            objective = objective.model_copy(update={"metric": metric_names(item.task)[0]})
         resolved.append(objective)
-        if objective.metric not in item.metrics:
+        if objective.metric not in metric_names(item.task):
             raise TaskError(
                 f"{objective.label}: task {objective.task} has no metric {objective.metric!r} "
-                f"(valid: {', '.join(item.metrics)})"
+                f"(valid: {', '.join(metric_names(item.task))})"
             )
         if item.key not in prepared:
             _build_requests(item)
@@ -198,6 +206,15 @@ def prepare_tasks(
     if duplicates:
         raise TaskError(f"objectives: duplicate label(s) {', '.join(duplicates)}; give each a distinct name")
     return list(prepared.values()), resolved
+
+
+def metric_names(task: Any) -> list[str]:
+    """The names a task's scores go by: each metric, or ``metric,filter`` for each of its named filters
+    (lm-eval's naming: a task with a ``filter_list`` scores every metric once per filter, e.g.
+    ``exact_match,strict-match``); a task without one (its filter is ``none``) by the metric alone."""
+    filters = [str(getattr(f, "name", "none")) for f in getattr(task, "_filters", [])] or ["none"]
+    metrics = list(task.aggregation())
+    return [m if f == "none" else f"{m},{f}" for f in filters for m in metrics]
 
 
 def _for_split(task: Any, objective: Objective) -> Any:
@@ -224,6 +241,25 @@ def _select(task: Any, objective: Objective) -> list[int]:
     if objective.subset_seed is None:
         return list(range(objective.limit))
     return sorted(random.Random(objective.subset_seed).sample(range(total), objective.limit))
+
+
+SCREEN_SEED = 0
+"""The seed of every screened subset: fixed, so a run (and a resumed run, and every worker) screens
+every candidate on the same items."""
+
+
+def screened(item: PreparedTask, size: int) -> PreparedTask:
+    """``size`` of a selection's items (a fixed seeded draw, kept in the selection's order), sharing its
+    task and built requests: what a candidate is first scored on when its objective has a ``screen``."""
+    if size >= len(item.doc_ids):
+        return item
+    keep = sorted(random.Random(SCREEN_SEED).sample(range(len(item.doc_ids)), size))
+    return dataclasses.replace(
+        item,
+        doc_ids=[item.doc_ids[i] for i in keep],
+        instances_by_doc=[item.instances_by_doc[i] for i in keep],
+        objective_labels=list(item.objective_labels),
+    )
 
 
 def _build_requests(item: PreparedTask) -> None:

@@ -85,6 +85,8 @@ class Job:
     recipe: dict
     """``Recipe.to_dict()``; the worker rebuilds the ``Recipe``."""
     attempt: int = 0
+    fidelity: str = "full"
+    """``full`` (every configured item) or ``screen`` (each screened objective's subset)."""
 
 
 @dataclass
@@ -143,9 +145,17 @@ def run_job(evaluator: Any, job: Job) -> CandidateResult:
     try:
         recipe = Recipe.from_dict(job.recipe, source=f"candidate {job.candidate_id}")
     except RecipeError as exc:
-        return CandidateResult(recipe_hash(job.recipe), "failed", reason=str(exc), seconds=time.perf_counter() - start)
+        return CandidateResult(
+            recipe_hash(job.recipe),
+            "failed",
+            reason=str(exc),
+            seconds=time.perf_counter() - start,
+            fidelity="screen" if job.fidelity == "screen" else "full",
+        )
     try:
-        return evaluator.evaluate(recipe)
+        if job.fidelity == "full":  # the plain call: evaluators without fidelities (tests' fakes) still work
+            return evaluator.evaluate(recipe)
+        return evaluator.evaluate(recipe, fidelity=job.fidelity)
     except Exception as exc:  # evaluators should not raise; if one does, it is this candidate's failure
         last = traceback.extract_tb(exc.__traceback__)[-1:]
         where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
@@ -154,4 +164,5 @@ def run_job(evaluator: Any, job: Job) -> CandidateResult:
             "failed",
             reason=f"{type(exc).__name__}: {exc}{where}",
             seconds=time.perf_counter() - start,
+            fidelity="screen" if job.fidelity == "screen" else "full",
         )

@@ -30,6 +30,11 @@ class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the field."""
 
 
+SCREENING_OPTIMIZERS = ("cma", "nsga2", "random")
+"""The optimizers a multi-fidelity run (``Objective.screen``) can drive: open-ended, generation by generation."""
+DEFAULT_PROMOTE = 0.25
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,6 +70,10 @@ class OptimizerConfig(_Strict):
     loss: Literal["nll", "entropy"] | None = None
     """gradient: ``nll`` (default; supervised: the items' reference answers) or ``entropy``
     (AdaMerging's unsupervised loss: the entropy of the model's answer distribution, no answers read)."""
+    promote: float | None = Field(default=None, gt=0, le=1)
+    """Multi-fidelity runs (an objective with ``screen``): the share of each generation, best first by the
+    optimizer's own ranking of the screen scores, that is then scored on every item (default 0.25,
+    at least one candidate)."""
     seed: int = 0
     mode: Literal["barrier", "async"] = "barrier"
     """barrier: a generation is asked, scored in parallel and told as a whole (same seed and scores, same
@@ -183,6 +192,7 @@ class ResolvedRun:
             raise ConfigError(
                 f"optimizer.mode: {optimizer.name} runs in barrier mode only (each step needs the previous one)"
             )
+        self._check_screens()
         if optimizer.name in SOUPS:
             try:
                 check_soup_space(self.space, optimizer.name)
@@ -200,6 +210,41 @@ class ResolvedRun:
                 check_gradient_space(self.space)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+
+    @property
+    def screening(self) -> bool:
+        """A multi-fidelity run: some objective is scored first on a screen of its items."""
+        return any(o.screen for o in self.objectives)
+
+    def _check_screens(self) -> None:
+        optimizer = self.config.optimizer
+        if not self.screening:
+            if optimizer.promote is not None:
+                raise ConfigError(
+                    "optimizer.promote: only a multi-fidelity run promotes; give an objective a screen "
+                    "(e.g. screen: 20, the items each candidate is scored on first)"
+                )
+            return
+        if optimizer.name not in SCREENING_OPTIMIZERS or optimizer.mode != "barrier":
+            raise ConfigError(
+                f"objectives[].screen: multi-fidelity scoring needs a generation to rank before promoting, so it "
+                f"runs with optimizer.name {' / '.join(SCREENING_OPTIMIZERS)} in optimizer.mode barrier "
+                f"(not {optimizer.name}, {optimizer.mode})"
+            )
+        selections: dict[tuple[Any, ...], tuple[str, int | None]] = {}
+        for o in self.objectives:
+            key = (o.task, o.split, o.limit, o.subset_seed)
+            if key in selections and selections[key][1] != o.screen:
+                raise ConfigError(
+                    f"objectives: {o.label} and {selections[key][0]} score the same items of {o.task} "
+                    f"({o.split}), so they take the same screen (now {o.screen} and {selections[key][1]})"
+                )
+            selections.setdefault(key, (o.label, o.screen))
+            if o.screen and o.limit and o.screen >= o.limit:
+                raise ConfigError(
+                    f"objectives: {o.label}: screen {o.screen} is not fewer than its limit {o.limit}; "
+                    "a screen is a subset of the objective's items"
+                )
 
     @property
     def directions(self) -> list[str]:

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from evomerge.search.config import ResolvedRun
-from evomerge.search.front import to_minimize, weighted_score
+from evomerge.search.front import pareto_indices, to_minimize, weighted_score
 from evomerge.search.genome import DFSGenome, PSGenome, make_genome
+from evomerge.search.optimizers import screened_below_full
 from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.registry import make_optimizer
 from evomerge.search.report import RunReport, legacy_direction
@@ -52,6 +53,8 @@ class RunSummary:
     seconds: float
     best: CandidateRecord | None
     front: list[CandidateRecord] = field(default_factory=list)
+    promoted: int = 0
+    """Multi-fidelity runs: screened candidates also scored on every item (records of their own)."""
 
 
 class Search:
@@ -165,6 +168,7 @@ class Search:
             now = self.run.to_dict()
             for objective in saved.get("objectives") or []:  # round-1 run dirs saved no direction
                 objective["direction"] = objective.get("direction") or legacy_direction(objective.get("metric"))
+            saved["objectives"] = [_objective_with_defaults(o) for o in saved.get("objectives") or []]
             saved["search_space"] = _with_defaults(saved.get("search_space"))  # fields added since it was saved
             for key in ("search_space", "objectives"):
                 if saved.get(key) != now.get(key):
@@ -226,10 +230,10 @@ class Search:
         started = time.monotonic()
         deadline = started + self.time_limit if self.time_limit else math.inf
         records = {r.id: r for r in self.run_dir.records()}
-        by_hash = {r.recipe_hash: r for r in records.values() if r.ok}
+        by_hash = {(r.recipe_hash, r.fidelity): r for r in records.values() if r.ok}
         self._best = self.report(records).best()
         stopped = "budget"
-        bar = _Progress(self.progress, self.budget, len(records), self._best_text())
+        bar = _Progress(self.progress, self.budget, self._proposals(records), self._best_text())
         loop = self._steady_loop if self.run.config.optimizer.mode == "async" else self._generation_loop
         try:
             stopped = loop(state, records, by_hash, bar, deadline)
@@ -252,47 +256,147 @@ class Search:
         self,
         state: SearchState,
         records: dict[int, CandidateRecord],
-        by_hash: dict[str, CandidateRecord],
+        by_hash: dict[tuple[str, str], CandidateRecord],
         bar: _Progress,
         deadline: float,
     ) -> str:
-        """Barrier mode: ask a population, score it in parallel, tell it whole."""
+        """Barrier mode: ask a population, score it in parallel, tell it whole.
+
+        A multi-fidelity run (``Objective.screen``) scores the generation on its screens first, then
+        promotes the best share of it (by the optimizer's own ranking) to full scoring, and tells the
+        optimizer both kinds of values apart (``screened_below_full``); when the run stops at its budget,
+        screened candidates on the front are scored in full too (``_promote_front``)."""
         flight = _InFlight(self, state, by_hash, lambda record: self._record(records, by_hash, record, bar))
-        in_flight, waiting = flight.in_flight, flight.waiting
+        screening = self.run.screening
+        first = "screen" if screening else "full"
         while True:
             if state.pending_X is None:
                 if state.optimizer.finished:
                     return "done"
-                if len(records) >= self.budget:
-                    return "budget"
+                if self._proposals(records) >= self.budget:
+                    return self._promote_front(state, records, flight, deadline) or "budget"
                 X = state.optimizer.ask()
                 state.pending_X = X
                 state.pending_ids = list(range(state.next_id, state.next_id + len(X)))
+                state.promotions = None
                 state.next_id += len(X)
                 self.run_dir.save_state(state)
             # dispatch what the pending generation still needs, up to the executor's capacity
-            for cid, x in zip(state.pending_ids, state.pending_X):
-                if cid in records or cid in in_flight or any(cid == w for ws in waiting.values() for w, _ in ws):
+            X_by_id = dict(zip(state.pending_ids, state.pending_X))
+            jobs: list[tuple[int, int, str, int | None]] = [(cid, cid, first, None) for cid in state.pending_ids]
+            jobs += [(fid, sid, "full", sid) for sid, fid in (state.promotions or {}).items()]
+            for cid, source, fidelity, promoted_from in jobs:
+                if cid in records or flight.busy(cid):
                     continue
-                if len(records) + len(in_flight) + sum(map(len, waiting.values())) >= self.budget:
+                if promoted_from is None and self._proposals(records) + flight.proposals() >= self.budget:
                     break
-                if time.monotonic() >= deadline or len(in_flight) >= self.executor.capacity:
+                if time.monotonic() >= deadline or len(flight.in_flight) >= self.executor.capacity:
                     break
-                flight.dispatch(cid, x)
-            if not in_flight:
-                if all(cid in records for cid in state.pending_ids):
-                    self._tell(state, records)
+                flight.dispatch(cid, X_by_id[source], fidelity, promoted_from)
+            if not flight.in_flight:
+                if not all(cid in records for cid, *_ in jobs):  # stopped part-way through the generation
+                    if time.monotonic() >= deadline:
+                        return "time limit"
+                    return self._promote_front(state, records, flight, deadline) or "budget"
+                if screening and state.promotions is None:
+                    state.promotions = self._promotions(state, records)
+                    self.run_dir.save_state(state)
                     continue
-                return "time limit" if time.monotonic() >= deadline else "budget"
+                self._tell(state, records)
+                continue
             outcome = self.executor.next_outcome(timeout=1.0)
             if outcome is not None:
                 flight.take(outcome)
+
+    def _proposals(self, records: dict[int, CandidateRecord]) -> int:
+        """Candidates spent of the budget: every asked candidate scored, not its promotion to full scoring."""
+        return sum(1 for r in records.values() if r.promoted_from is None)
+
+    def _promotions(self, state: SearchState, records: dict[int, CandidateRecord]) -> dict[int, int]:
+        """The screened generation's best share (``optimizer.promote``, at least one), by the optimizer's
+        own ranking of the screen scores, each given the id its full-fidelity record will have."""
+        from evomerge.search.config import DEFAULT_PROMOTE
+
+        ok = [cid for cid in state.pending_ids if records[cid].ok]
+        if not ok:
+            return {}
+        F = to_minimize(
+            [[records[cid].objectives.get(label, math.nan) for label in self.labels] for cid in ok],
+            self.run.directions,
+        )
+        share = self.run.config.optimizer.promote or DEFAULT_PROMOTE
+        count = max(1, math.ceil(share * len(state.pending_ids)))
+        chosen = sorted(ok[i] for i in state.optimizer.promotion_order(F)[:count])
+        promotions = {cid: state.next_id + i for i, cid in enumerate(chosen)}
+        state.next_id += len(chosen)
+        return promotions
+
+    def _promote_front(
+        self, state: SearchState, records: dict[int, CandidateRecord], flight: _InFlight, deadline: float
+    ) -> str | None:
+        """At the end of a multi-fidelity run: screened candidates that, by their screen scores, sit on the
+        front of every candidate's best-known scores (or are the optimizer's best there) are scored in
+        full, round after round until none is left there, at most a population of them in all; so
+        nothing is reported on screen scores alone and no promising candidate is left unreported.
+        Returns a stop reason if the time limit cut it short."""
+        if not self.run.screening:
+            return None
+        allowed = self.run.config.optimizer.population
+        while allowed > 0:
+            chosen = self._screened_on_front(state, records)[:allowed]
+            if not chosen:
+                return None
+            allowed -= len(chosen)
+            jobs = {cid: state.next_id + i for i, cid in enumerate(chosen)}
+            state.next_id += len(jobs)
+            self.run_dir.save_state(state)
+            for sid, fid in jobs.items():
+                while len(flight.in_flight) >= self.executor.capacity:
+                    outcome = self.executor.next_outcome(timeout=1.0)
+                    if outcome is not None:
+                        flight.take(outcome)
+                if time.monotonic() >= deadline:
+                    break
+                screen = records[sid]  # its recipe as scored (genes in records are rounded)
+                flight.dispatch(
+                    fid,
+                    np.asarray(screen.genome, dtype=float),
+                    "full",
+                    sid,
+                    dict(screen.recipe or {}),
+                    screen.generation,
+                )
+            while flight.in_flight:
+                outcome = self.executor.next_outcome(timeout=1.0)
+                if outcome is not None:
+                    flight.take(outcome)
+            if time.monotonic() >= deadline:
+                return "time limit"
+        return None
+
+    def _screened_on_front(self, state: SearchState, records: dict[int, CandidateRecord]) -> list[int]:
+        """Screened, never promoted candidates on the front of every candidate's best-known scores (full
+        where scored in full) or first by the optimizer's ranking there, best first."""
+        promoted = {r.promoted_from for r in records.values() if r.promoted_from is not None}
+        pool = [r for r in records.values() if r.has_all(self.labels)]
+        pool += [
+            r
+            for r in records.values()
+            if r.ok and not r.full and r.id not in promoted and all(k in r.objectives for k in self.labels)
+        ]
+        if not pool:
+            return []
+        pool.sort(key=lambda r: r.id)  # ties go by id, not by the order results arrived in
+        F = to_minimize([[r.objectives[k] for k in self.labels] for r in pool], self.run.directions)
+        order = [int(i) for i in state.optimizer.promotion_order(F)]
+        wanted = {int(i) for i in pareto_indices(F)} | {order[0]}
+        return [pool[i].id for i in order if i in wanted and not pool[i].full]
 
     def _steady_loop(
         self,
         state: SearchState,
         records: dict[int, CandidateRecord],
-        by_hash: dict[str, CandidateRecord],
+        by_hash: dict[tuple[str, str], CandidateRecord],
         bar: _Progress,
         deadline: float,
     ) -> str:
@@ -352,14 +456,18 @@ class Search:
             self.on_generation(generation)
 
     def _tell(self, state: SearchState, records: dict[int, CandidateRecord]) -> None:
-        rows = []
+        """Tell the pending generation: each candidate's full score where it has one, else its screen
+        score, the two kinds kept apart (``screened_below_full``)."""
+        rows, full = [], []
         for cid in state.pending_ids:
-            record = records[cid]
+            promoted = (state.promotions or {}).get(cid)
+            record = records[promoted] if promoted is not None and promoted in records else records[cid]
+            full.append(record.full)
             if not record.ok:
                 rows.append([math.nan] * len(self.labels))
             else:
                 rows.append([record.objectives.get(label, math.nan) for label in self.labels])
-        F = to_minimize(rows, self.run.directions)
+        F = screened_below_full(to_minimize(rows, self.run.directions), np.asarray(full))
         state.optimizer.tell(np.asarray(state.pending_X), F)
         generation = state.generation
         state.pending_X = None
@@ -374,18 +482,16 @@ class Search:
         if self.on_generation is not None:
             self.on_generation(generation)
 
-    def _make_record(
-        self, cid: int, state: SearchState, x: np.ndarray, digest: str, recipe: dict[str, Any], outcome: Any
-    ) -> CandidateRecord:
+    def _make_record(self, flying: _Flying, state: SearchState, outcome: Any) -> CandidateRecord:
         result = outcome.result
         return CandidateRecord(
-            id=cid,
-            generation=state.generation,
+            id=flying.cid,
+            generation=state.generation if flying.generation is None else flying.generation,
             status=CandidateStatus(result.status),
             objectives=dict(result.objectives),
-            genome=_genes(x),
-            recipe_hash=digest,
-            recipe=recipe,
+            genome=_genes(flying.x),
+            recipe_hash=flying.digest,
+            recipe=flying.recipe,
             reason=result.reason,
             worker=outcome.worker,
             seconds=round(result.seconds, 4),
@@ -394,13 +500,16 @@ class Search:
             cached=bool(result.cached),
             attempts=outcome.job.attempt + 1,
             time=time.time(),
+            fidelity=flying.fidelity,
+            promoted_from=flying.promoted_from,
         )
 
-    def _cached(self, original: CandidateRecord, cid: int, state: SearchState, x: np.ndarray) -> CandidateRecord:
+    def _cached(self, original: CandidateRecord, flying: _Flying, state: SearchState) -> CandidateRecord:
         return original.replace(
-            id=cid,
-            generation=state.generation,
-            genome=_genes(x),
+            id=flying.cid,
+            generation=state.generation if flying.generation is None else flying.generation,
+            genome=_genes(flying.x),
+            promoted_from=flying.promoted_from,
             cached=True,
             seconds=0.0,
             materialize_seconds=0.0,
@@ -412,18 +521,21 @@ class Search:
     def _record(
         self,
         records: dict[int, CandidateRecord],
-        by_hash: dict[str, CandidateRecord],
+        by_hash: dict[tuple[str, str], CandidateRecord],
         record: CandidateRecord,
         bar: _Progress,
     ) -> None:
         self.run_dir.append(record)
         records[record.id] = record
         if record.ok:
-            by_hash.setdefault(record.recipe_hash, record)
+            by_hash.setdefault((record.recipe_hash, record.fidelity), record)
             self._best = self._better(self._best, record)
         if self.on_record is not None:
             self.on_record(record)
-        bar.advance(self._best_text())
+        if record.promoted_from is None:  # the bar counts the budget's candidates, not promotions
+            bar.advance(self._best_text())
+        else:
+            bar.update(self._best_text())
 
     def _better(self, best: CandidateRecord | None, record: CandidateRecord) -> CandidateRecord | None:
         """The best so far, kept as records arrive (the report's rule, without rebuilding a report each time)."""
@@ -446,6 +558,7 @@ class Search:
     def _summary(self, records: dict[int, CandidateRecord], stopped: str, seconds: float) -> RunSummary:
         report = self.report(records)
         return RunSummary(
+            promoted=sum(1 for r in records.values() if r.promoted_from is not None),
             evaluated=len(records),
             failed=sum(1 for r in records.values() if not r.ok),
             cached=sum(1 for r in records.values() if r.cached),
@@ -457,50 +570,91 @@ class Search:
 
 
 class _InFlight:
-    """The candidates being scored, shared by both loops: a recipe already scored is answered from the
-    cache, one being scored waits for its twin, anything else goes to the executor; ``keep`` is what
-    the loop does with each finished record (record it; in async mode also tell it)."""
+    """The candidates being scored, shared by both loops: a recipe already scored (at the same fidelity)
+    is answered from the cache, one being scored waits for its twin, anything else goes to the
+    executor; ``keep`` is what the loop does with each finished record (record it; in async mode also
+    tell it)."""
 
     def __init__(
         self,
         search: Search,
         state: SearchState,
-        by_hash: dict[str, CandidateRecord],
+        by_hash: dict[tuple[str, str], CandidateRecord],
         keep: Callable[[CandidateRecord], None],
     ):
         from evomerge.runtime.jobs import Job  # the runtime (and torch) only once a search runs
 
         self.search, self.state, self.by_hash, self.keep, self.job = search, state, by_hash, keep, Job
-        self.in_flight: dict[int, tuple[np.ndarray, str, dict[str, Any]]] = {}
-        self.waiting: dict[str, list[tuple[int, np.ndarray]]] = {}
+        self.in_flight: dict[int, _Flying] = {}
+        self.waiting: dict[tuple[str, str], list[_Flying]] = {}
 
-    def dispatch(self, cid: int, x: np.ndarray) -> None:
-        recipe = self.search.genome.decode(x)
-        digest = recipe.content_hash()
-        if digest in self.by_hash:
-            self.keep(self.search._cached(self.by_hash[digest], cid, self.state, x))
-        elif any(h == digest for _, h, _ in self.in_flight.values()):
-            self.waiting.setdefault(digest, []).append((cid, x))
+    def busy(self, cid: int) -> bool:
+        """Being scored, or waiting for its twin."""
+        return cid in self.in_flight or any(cid == w.cid for ws in self.waiting.values() for w in ws)
+
+    def proposals(self) -> int:
+        """Asked candidates being scored or waiting (promotions to full scoring not counted)."""
+        flying = [*self.in_flight.values(), *(w for ws in self.waiting.values() for w in ws)]
+        return sum(1 for f in flying if f.promoted_from is None)
+
+    def dispatch(
+        self,
+        cid: int,
+        x: np.ndarray,
+        fidelity: str = "full",
+        promoted_from: int | None = None,
+        recipe: dict[str, Any] | None = None,
+        generation: int | None = None,
+    ) -> None:
+        """Score candidate ``cid`` (genes ``x``; ``recipe``: the recipe they decode to, when known;
+        ``generation``: the one it was asked in, when not the current one)."""
+        if recipe is None:
+            decoded = self.search.genome.decode(x)
+            digest, recipe = decoded.content_hash(), decoded.to_dict()
         else:
-            self._submit(cid, x, digest, recipe.to_dict())
+            from evomerge.runtime.jobs import recipe_hash
+
+            digest = recipe_hash(recipe)
+        flying = _Flying(cid, x, digest, recipe, fidelity, promoted_from, generation)
+        key = (digest, fidelity)
+        if key in self.by_hash:
+            self.keep(self.search._cached(self.by_hash[key], flying, self.state))
+        elif any((f.digest, f.fidelity) == key for f in self.in_flight.values()):
+            self.waiting.setdefault(key, []).append(flying)
+        else:
+            self._submit(flying)
 
     def take(self, outcome: Any) -> None:
-        cid = outcome.job.candidate_id
-        x, digest, recipe_dict = self.in_flight.pop(cid)
-        record = self.search._make_record(cid, self.state, x, digest, recipe_dict, outcome)
+        flying = self.in_flight.pop(outcome.job.candidate_id)
+        record = self.search._make_record(flying, self.state, outcome)
         items = getattr(outcome.result, "items", None)
         if record.ok and items:  # per-item responses first: a recorded candidate always has them
-            self.search.run_dir.append_responses(cid, digest, items)
+            self.search.run_dir.append_responses(flying.cid, flying.digest, items)
         self.keep(record)
-        for other, other_x in self.waiting.pop(digest, []):
+        for other in self.waiting.pop((flying.digest, flying.fidelity), []):
             if record.ok:
-                self.keep(self.search._cached(record, other, self.state, other_x))
+                self.keep(self.search._cached(record, other, self.state))
             else:  # the original failed: score the duplicate itself
-                self._submit(other, other_x, digest, recipe_dict)
+                self._submit(other)
 
-    def _submit(self, cid: int, x: np.ndarray, digest: str, recipe: dict[str, Any]) -> None:
-        self.search.executor.submit(self.job(candidate_id=cid, recipe=recipe))
-        self.in_flight[cid] = (x, digest, recipe)
+    def _submit(self, flying: _Flying) -> None:
+        job = self.job(candidate_id=flying.cid, recipe=flying.recipe, fidelity=flying.fidelity)
+        self.search.executor.submit(job)
+        self.in_flight[flying.cid] = flying
+
+
+@dataclass
+class _Flying:
+    """A candidate handed to the executor (or waiting for its twin): what its record will say."""
+
+    cid: int
+    x: np.ndarray
+    digest: str
+    recipe: dict[str, Any]
+    fidelity: str = "full"
+    promoted_from: int | None = None
+    generation: int | None = None
+    """The generation it was asked in; None: the current one."""
 
 
 def _with_defaults(space: Any) -> Any:
@@ -514,6 +668,16 @@ def _with_defaults(space: Any) -> Any:
         return load_space(space).model_dump(mode="json")
     except SpaceError:
         return space
+
+
+def _objective_with_defaults(objective: Any) -> Any:
+    """A saved objective as it validates today (fields added since, such as ``screen``, at their defaults)."""
+    from evomerge.eval.tasks import Objective
+
+    try:
+        return Objective.model_validate(objective).model_dump(mode="json")
+    except ValueError:
+        return objective
 
 
 def _record_with_genes(records: dict[int, CandidateRecord], genes: list[float] | None) -> int | None:
@@ -563,6 +727,10 @@ class _Progress:
     def advance(self, text: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, best=text)
+
+    def update(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, best=text)
 
     def close(self) -> None:
         if self.bar is not None:

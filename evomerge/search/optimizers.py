@@ -79,6 +79,18 @@ class Optimizer(ABC):
         """What a finite optimizer found (its fit, its picks), JSON-ready; None for the open-ended ones."""
         return None
 
+    def promotion_order(self, F: np.ndarray) -> np.ndarray:
+        """Row indices of ``F`` best first, as this optimizer ranks candidates: the order in which a
+        screened generation is promoted to full scoring (multi-fidelity runs). Here: Pareto rank
+        (non-dominated sorting), then the weighted sum, then the row."""
+        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+        P = self._penalize(np.atleast_2d(F))
+        rank = np.empty(len(P))
+        for level, members in enumerate(NonDominatedSorting().do(P)):
+            rank[members] = level
+        return np.lexsort((np.arange(len(P)), (P * self.weights).sum(axis=1), rank))
+
     @staticmethod
     def _penalize(F: np.ndarray) -> np.ndarray:
         """Failed candidates (NaN/Inf rows) get a value worse than every finite one in the batch."""
@@ -89,6 +101,26 @@ class Optimizer(ABC):
             worst = column.max() + 1.0 + abs(column.max()) if column.size else 1e6
             F[~finite[:, j], j] = worst
         return F
+
+
+def screened_below_full(F: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """The values to tell for a generation scored at two fidelities (multi-fidelity runs): rows scored in
+    full as they are; every screened row (``full`` False) moved, objective by objective, to just worse
+    than the worst full row, keeping the screened rows' order among themselves. So no optimizer ever
+    compares a screen score with a full score as if they were equal: it sees the promoted candidates
+    ranked by their full scores, then the rest by their screen scores. Failed rows (NaN) stay NaN."""
+    F = np.array(F, dtype=float, copy=True)
+    full = np.asarray(full, dtype=bool)
+    if full.all() or not full.any():
+        return F
+    for j in range(F.shape[1]):
+        top = F[full, j][np.isfinite(F[full, j])]
+        screened = ~full & np.isfinite(F[:, j])
+        if not top.size or not screened.any():
+            continue
+        margin = 1e-6 * (1.0 + abs(top.max()))
+        F[screened, j] += max(0.0, top.max() - F[screened, j].min()) + margin
+    return F
 
 
 SCALARIZATIONS = ("weighted_sum", "worst")
@@ -178,6 +210,11 @@ class CMAES(Optimizer):
     def tell(self, X: np.ndarray, F: np.ndarray) -> None:
         scalar = self.scalar(F)
         self.es.tell([np.asarray(x) for x in X], scalar.tolist())
+
+    def promotion_order(self, F: np.ndarray) -> np.ndarray:
+        """Best first by the value CMA-ES ranks on (its scalarization), then the row."""
+        scalar = self.scalar(np.atleast_2d(F))
+        return np.lexsort((np.arange(len(scalar)), scalar))
 
     def ask_one(self) -> np.ndarray:
         if not self._queue:

@@ -44,6 +44,11 @@ class CandidateRecord:
     attempts: int = 1
     time: float = 0.0
     """Unix time at which the record was written."""
+    fidelity: str = "full"
+    """``full``: scored on every configured item; ``screen``: on the screened objectives' item subsets
+    only (multi-fidelity runs): such values are never ranked, reported or exported with full ones."""
+    promoted_from: int | None = None
+    """A full-fidelity score of a screened candidate: the id of its screen record."""
 
     @property
     def ok(self) -> bool:
@@ -53,9 +58,15 @@ class CandidateRecord:
     def method(self) -> str:
         return str((self.recipe or {}).get("merge_method", ""))
 
+    @property
+    def full(self) -> bool:
+        """Scored on every configured item (not only a screen)."""
+        return self.fidelity == "full"
+
     def has_all(self, labels: list[str]) -> bool:
-        """Scored on every one of ``labels`` (a run's objectives)."""
-        return self.ok and all(label in self.objectives for label in labels)
+        """Scored at full fidelity on every one of ``labels`` (a run's objectives): what the front, the
+        best candidate, the export and the leaderboard's ranking read."""
+        return self.ok and self.full and all(label in self.objectives for label in labels)
 
     def replace(self, **changes: Any) -> CandidateRecord:
         return dataclasses.replace(self, **changes)
@@ -82,6 +93,8 @@ class CandidateRecord:
             "cached": self.cached,
             "attempts": self.attempts,
             "time": self.time,
+            **({"fidelity": self.fidelity} if not self.full else {}),
+            **({"promoted_from": self.promoted_from} if self.promoted_from is not None else {}),
         }
 
     @classmethod
@@ -108,6 +121,8 @@ class CandidateRecord:
             cached=bool(data.get("cached", False)),
             attempts=int(data.get("attempts") or 1),
             time=float(data.get("time") or 0.0),
+            fidelity=str(data.get("fidelity") or "full"),
+            promoted_from=None if data.get("promoted_from") is None else int(data["promoted_from"]),
         )
 
 

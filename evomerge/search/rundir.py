@@ -48,12 +48,15 @@ class SearchState:
     """The asked-but-not-told generation (saved right after ask, so a resumed run tells the same X)."""
     asked: dict[int, np.ndarray] = field(default_factory=dict)
     """Async mode: candidates asked one at a time and not yet told (saved before each is dispatched)."""
+    promotions: dict[int, int] | None = None
+    """Multi-fidelity runs: the pending generation's promoted candidates (screen record id -> the id of
+    its full-fidelity record), chosen once every screen record of the generation is in; None before."""
     told: list[int] = field(default_factory=list)
     """Async mode: candidate ids in the order the optimizer was told them (the order of evaluations.jsonl,
     by construction); a resumed run tells the recorded ones missing here, in file order, before anything else."""
 
     def __setstate__(self, data: dict[str, Any]) -> None:
-        self.__dict__.update({"asked": {}, "told": [], **data})  # states saved before async mode existed
+        self.__dict__.update({"asked": {}, "told": [], "promotions": None, **data})  # states saved before those existed
 
 
 class RunDir:

@@ -51,7 +51,7 @@ def leaderboard_view(
     columns = [column("metrics", key) for key in metric_keys]
     if len(metric_keys) > 1:
         columns.append(column("metrics", SCORE_METRIC))
-    columns += [column("tags", "pareto"), column("tags", "status")]
+    columns += [column("tags", "pareto"), column("tags", "status"), column("tags", "fidelity")]
     columns += [column("params", key) for key in params]
     columns += [column("metrics", "generation"), column("metrics", "seconds")]
     return {

@@ -535,7 +535,10 @@ class Tracker:
             "pareto": "true" if on_front else "false",
             "recipe_hash": record.recipe_hash,
             "worker": record.worker,
+            "fidelity": record.fidelity,
         }
+        if record.promoted_from is not None:
+            tags["promoted_from"] = str(record.promoted_from)
         if record.reason:
             tags["reason"] = str(record.reason)[:MAX_TAG_LENGTH]
             tags["mlflow.note.content"] = f"failed: {tags['reason']}"
@@ -548,8 +551,9 @@ class Tracker:
             self._incomplete[cid] = run_id
             tags = {}  # given to create_run; a reused run (begun, never finished) gets them below
         stamp = int(ended * 1000)
+        prefix = "" if record.full else f"{record.fidelity}."  # screen scores never share a column with full ones
         metrics = [
-            Metric(self.metric_keys[label], float(value), stamp, 0)
+            Metric(prefix + self.metric_keys[label], float(value), stamp, 0)
             for label, value in record.objectives.items()
             if label in self.metric_keys and _number(value)
         ]
