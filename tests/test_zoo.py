@@ -62,7 +62,12 @@ def _tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 def _check_zoo_json(zoo: Path, seed: int) -> dict:
     raw = json.loads((zoo / "zoo.json").read_text())
-    assert set(raw) == {"base", "models", "tasks", "include_path", "seed", "synergy", "soups", "adapters"}
+    assert set(raw) == {
+        "base", "models", "tasks", "generative_tasks", "include_path", "seed", "synergy", "soups", "adapters"
+    }  # fmt: skip
+    assert raw["generative_tasks"] == {skill: f"zoo_{skill}_gen" for skill in raw["models"]}
+    for task in raw["generative_tasks"].values():
+        assert (zoo / raw["include_path"] / f"{task}.yaml").is_file()
     assert set(raw["adapters"]) == set(raw["models"])
     for rel in raw["adapters"].values():  # PEFT LoRA adapters of the base, read as BASE+ADAPTER
         assert (zoo / rel / "adapter_config.json").is_file() and (zoo / rel / "adapter_model.safetensors").is_file()
@@ -257,6 +262,7 @@ def test_tiny_build_is_deterministic(tmp_path: Path) -> None:
     a = build_zoo(tmp_path / "a", 3, progress=False, config=TINY).parent
     b = build_zoo(tmp_path / "b", 3, progress=False, config=TINY).parent
     skip = (zoo_build.STAMP_NAME, zoo_build.REPORT_JSON) + tuple(f"zoo_{s}.yaml" for s in [*SKILLS, SYNERGY])
+    skip += tuple(f"zoo_{s}_gen.yaml" for s in SKILLS)  # absolute data paths, like the others
     da, db = _tree_digest(a, skip), _tree_digest(b, skip)
     assert any(k.endswith("model.safetensors") for k in da)
     assert da == db
@@ -303,6 +309,24 @@ def test_tiny_build_layout_and_lm_eval_paths(tmp_path: Path) -> None:
         for f in files.values():
             assert Path(f).is_absolute() and Path(f).is_file() and Path(f).parent.parent.parent == out
     assert sorted(p.name for p in tmp_path.iterdir()) == [".zoo.lock", "zoo"], "temp dirs left behind"
+
+
+def test_a_zoo_built_before_the_generative_tasks_gets_them_without_a_rebuild(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "zoo"
+    build_zoo(out, 0, progress=False, config=TINY)
+    raw = json.loads((out / "zoo.json").read_text())
+    for task in raw.pop("generative_tasks").values():
+        (out / "tasks" / f"{task}.yaml").unlink()
+    (out / "zoo.json").write_text(json.dumps(raw))
+    weights = {p: p.read_bytes() for p in out.rglob("*.safetensors")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the models are current: only task files are written")
+
+    monkeypatch.setattr(zoo_build, "_build_into", no_training)
+    build_zoo(out, 0, progress=False, config=TINY)
+    _check_zoo_json(out, 0)
+    assert {p: p.read_bytes() for p in out.rglob("*.safetensors")} == weights
 
 
 def test_rebuild_on_seed_or_recipe_change(tmp_path: Path) -> None:

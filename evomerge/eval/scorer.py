@@ -26,6 +26,7 @@ TaskKey = tuple[str, str, tuple[int, ...]]
 Scores = dict[TaskKey, dict[str, float]]
 
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+GENERATION_TYPES = ("generate_until",)
 
 
 class ScoringError(RuntimeError):
@@ -80,23 +81,39 @@ class _Sequence:
 
 
 class FastScorer:
-    """Batched log-likelihood over pre-tokenized lm-eval requests."""
+    """Pre-tokenized lm-eval requests: batched log-likelihood, and batched greedy generation with a KV
+    cache for ``generate_until`` tasks (``generation.py``)."""
 
     def __init__(self, prepared: Sequence[PreparedTask], lm: Any, *, batch_tokens: int = 16384):
+        from evomerge.eval.generation import GenerationRequest, encode_generation
+
         self.prepared = list(prepared)
         self.batch_tokens = batch_tokens
         self.max_length = int(lm.max_length)
         self.item_values: ItemValues = {}
         """The last ``score``'s per-item values (per selection and metric)."""
-        # per task, per document, per instance: the list of (input, target) windows it sums over
+        self._decode = lm.tok_decode
+        pad = lm.tokenizer.pad_token_id
+        self._pad = int(pad if pad is not None else lm.eot_token_id)
+        # per task, per document, per instance: the list of (input, target) windows it sums over (log-
+        # likelihood tasks), or its generation request (generate_until tasks; no windows)
         self._windows: list[list[list[list[_Sequence]]]] = []
+        self._generations: list[list[list[GenerationRequest]] | None] = []
         for item in self.prepared:
+            if item.output_type in GENERATION_TYPES:
+                self._windows.append([[[] for _ in group] for group in item.instances_by_doc])
+                self._generations.append(
+                    [[encode_generation(lm, inst, item.name) for inst in group] for group in item.instances_by_doc]
+                )
+                continue
             if item.output_type not in LOGLIKELIHOOD_TYPES:
+                supported = ", ".join((*LOGLIKELIHOOD_TYPES, *GENERATION_TYPES))
                 raise ValueError(
                     f"task {item.name}: output_type {item.output_type!r} is not supported by the fast backend "
-                    f"(supported: {', '.join(LOGLIKELIHOOD_TYPES)}); use --backend lm-eval"
+                    f"(supported: {supported}); use --backend lm-eval"
                 )
             self._windows.append([[self._encode(lm, inst) for inst in group] for group in item.instances_by_doc])
+            self._generations.append(None)
 
     @property
     def windows(self) -> list[list[list[list[_Sequence]]]]:
@@ -129,13 +146,27 @@ class FastScorer:
 
     def score(self, model: torch.nn.Module) -> Scores:
         """Every selection's metrics; ``item_values`` then holds each item's value of each metric."""
+        from evomerge.eval.generation import greedy_generate
+
         flat = [seq for task in self._windows for doc in task for inst in doc for seq in inst]
-        results = self._loglikelihoods(model, flat)
+        results = self._loglikelihoods(model, flat) if flat else []
+        requests = [r for task in self._generations if task is not None for doc in task for r in doc]
+        texts = (
+            greedy_generate(model, requests, self._decode, pad_token_id=self._pad, batch_tokens=self.batch_tokens)
+            if requests
+            else []
+        )
         scores: Scores = {}
         self.item_values = {}
         cursor = 0
-        for item, task_windows in zip(self.prepared, self._windows):
+        generated = iter(texts)
+        for item, task_windows, generations in zip(self.prepared, self._windows, self._generations):
             responses = []
+            if generations is not None:  # one text per instance, in the same order
+                responses = [[next(generated) for _ in doc] for doc in generations]
+                self.item_values[item.key] = {}
+                scores[item.key] = aggregate(item, responses, self.item_values[item.key])
+                continue
             for doc, group in zip(task_windows, item.instances_by_doc):
                 doc_responses: list[Any] = []
                 for inst, instance in zip(doc, group):
@@ -244,14 +275,19 @@ class LmEvalScorer:
 
 
 def _sample_values(item: PreparedTask, samples: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
-    """lm-eval's logged samples -> each numeric metric's per-item values in the selection's order."""
-    by_doc = {sample.get("doc_id"): sample for sample in samples}
-    if sorted(by_doc, key=str) != sorted(item.doc_ids, key=str):
-        return {}
-    ordered = [by_doc[doc_id] for doc_id in item.doc_ids]
+    """lm-eval's logged samples (one per item and filter) -> each numeric metric's per-item values in the
+    selection's order, named as the scores are (``metric``, or ``metric,filter`` for a named filter)."""
+    by_filter: dict[str, dict[Any, dict[str, Any]]] = defaultdict(dict)
+    for sample in samples:
+        by_filter[str(sample.get("filter", "none"))][sample.get("doc_id")] = sample
     out: dict[str, list[float]] = {}
-    for metric in item.metrics:
-        values = [sample.get(metric) for sample in ordered]
-        if all(isinstance(v, (bool, int, float)) for v in values):
-            out[metric] = [float(v) for v in values]  # type: ignore[arg-type]  # checked just above
+    for filter_key, by_doc in by_filter.items():
+        if sorted(by_doc, key=str) != sorted(item.doc_ids, key=str):
+            continue
+        ordered = [by_doc[doc_id] for doc_id in item.doc_ids]
+        for metric in item.metrics:
+            values = [sample.get(metric) for sample in ordered]
+            if all(isinstance(v, (bool, int, float)) for v in values):
+                name = metric if filter_key == "none" else f"{metric},{filter_key}"
+                out[name] = [float(v) for v in values]  # type: ignore[arg-type]  # checked just above
     return out

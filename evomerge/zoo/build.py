@@ -2,7 +2,8 @@
 
 Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directory)::
 
-    zoo.json              {"base", "models": {skill: dir}, "tasks": {skill: task}, "include_path", "seed",
+    zoo.json              {"base", "models": {skill: dir}, "tasks": {skill: task}, "generative_tasks":
+                           {skill: task}, "include_path", "seed",
                            "synergy": {"task", "skills": [a, b]}, "soups": {skill: [dirs]},
                            "adapters": {skill: dir}}
     zoo_report.json       test-split exact match of every model and hand-set merge, gain retention,
@@ -13,6 +14,8 @@ Layout of a built zoo (all paths in ``zoo.json`` are relative to the zoo directo
     models/<skill>-soup<i>/  more fine-tunes of the soup skill that differ only in data order
     adapters/<skill>/     a PEFT LoRA adapter of base for <skill> (same data and steps; use as base+adapter)
     tasks/zoo_<name>.yaml, tasks/zoo.yaml (group), tasks/data/<name>.{search,test}.jsonl
+    tasks/zoo_<skill>_gen.yaml  the same items answered by greedy generation (exact match of the text
+                          up to its first full stop: a regex filter), for generative scoring
     .zoo-stamp.json       seed + recipe version + config fingerprint, written last
 
 Recipe (``ZooConfig``; why, in ``skills.py``): the base is pretrained on a broad mixture, copying in
@@ -52,7 +55,7 @@ import torch
 import yaml
 
 import evomerge.zoo.quality as quality
-from evomerge.atomic import replace_dir
+from evomerge.atomic import replace_dir, write_bytes
 from evomerge.zoo.skills import (
     ALPHABET,
     ALPHABETS,
@@ -243,14 +246,25 @@ def _lock(out_dir: Path) -> Iterator[None]:
 
 
 def _retarget_if_moved(out_dir: Path) -> None:
-    """Task YAMLs hold absolute data paths; if the zoo was moved, point them at the new place."""
+    """Task YAMLs hold absolute data paths; if the zoo was moved, point them at the new place. A zoo
+    built before the generative tasks existed gets them here (task files only: the models are the same)."""
     stamp = _read_stamp(out_dir)
-    if stamp is None or stamp.get("path") == str(out_dir):
-        return
     meta = json.loads((out_dir / ZOO_JSON).read_text())
-    _write_task_yamls(out_dir / meta["include_path"], out_dir / meta["include_path"], _task_names(meta))
+    if stamp is None or (stamp.get("path") == str(out_dir) and "generative_tasks" in meta):
+        return
+    if "generative_tasks" not in meta:
+        meta["generative_tasks"] = _generative_names(meta["tasks"])
+        write_bytes(out_dir / ZOO_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+    _write_task_yamls(
+        out_dir / meta["include_path"], out_dir / meta["include_path"], _task_names(meta), meta["generative_tasks"]
+    )
     stamp["path"] = str(out_dir)
     _write_json(out_dir / STAMP_NAME, stamp)
+
+
+def _generative_names(tasks: dict[str, str]) -> dict[str, str]:
+    """Each skill's generative task: the same items, answered by greedy generation (``<task>_gen``)."""
+    return {skill: f"{task}_gen" for skill, task in tasks.items()}
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -522,18 +536,45 @@ def _torch_settings(threads: int) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------- tasks
 
 
-def _write_task_yamls(tasks_dir: Path, final_tasks_dir: Path, tasks: dict[str, str]) -> None:
-    """One lm-eval task per skill (absolute data paths under ``final_tasks_dir``) and a ``zoo`` group."""
-    for skill, task in tasks.items():
+def _write_task_yamls(
+    tasks_dir: Path, final_tasks_dir: Path, tasks: dict[str, str], generative: dict[str, str] | None = None
+) -> None:
+    """One lm-eval task per skill (absolute data paths under ``final_tasks_dir``), a ``zoo`` group, and
+    the ``generative`` tasks (skill -> task name) over the same items. Each file is replaced atomically:
+    a moved zoo's tasks are rewritten while runs may be reading them."""
+
+    def items(task: str, skill: str, output_type: str) -> dict[str, Any]:
+        """A task over a skill's items: its name, data files (search and test splits) and output type."""
         data = {split: str(final_tasks_dir / "data" / f"{skill}.{split}.jsonl") for split in ("search", "test")}
-        cfg = {
+        return {
             "task": task,
             "dataset_path": "json",
             "dataset_kwargs": {"data_files": data},
             "test_split": "test",
-            "output_type": "loglikelihood",
+            "output_type": output_type,
             "doc_to_text": "query",
             "doc_to_target": "target",
+        }
+
+    for skill, task in (generative or {}).items():
+        cfg = {
+            **items(task, skill, "generate_until"),
+            # greedy, at most 10 tokens (the longest answer is 7), stopped by a newline or the end of text
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 10, "do_sample": False},
+            # the answer is the text up to its first full stop (what follows it, if anything, is not read)
+            "filter_list": [
+                {
+                    "name": "answer",
+                    "filter": [{"function": "regex", "regex_pattern": r"^\s*([^\s.]*\.)"}, {"function": "take_first"}],
+                }
+            ],
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0, "skill": skill, "description": f"{get_skill(skill).description}; generated"},
+        }
+        write_bytes(tasks_dir / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+    for skill, task in tasks.items():
+        cfg = {
+            **items(task, skill, "loglikelihood"),
             # The target carries its own leading space: the scored string is exactly query + target.
             "target_delimiter": "",
             "metric_list": [
@@ -542,14 +583,14 @@ def _write_task_yamls(tasks_dir: Path, final_tasks_dir: Path, tasks: dict[str, s
             ],
             "metadata": {"version": 1.0, "skill": skill, "description": get_skill(skill).description},
         }
-        (tasks_dir / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_bytes(tasks_dir / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
     group = {
         "group": "zoo",
         "task": list(tasks.values()),
         "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
         "metadata": {"version": 1.0},
     }
-    (tasks_dir / "zoo.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
+    write_bytes(tasks_dir / "zoo.yaml", yaml.safe_dump(group, sort_keys=False).encode())
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -601,6 +642,7 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
         "base": "models/base",
         "models": {s.name: f"models/{s.name}" for s in skills},
         "tasks": task_names,
+        "generative_tasks": _generative_names(task_names),
         "include_path": "tasks",
         "seed": seed,
         "synergy": {"name": synergy.name, "task": f"zoo_{synergy.name}", "skills": list(SYNERGY_SKILLS)},
@@ -610,7 +652,7 @@ def _build_into(tmp: Path, final: Path, seed: int, config: ZooConfig, progress: 
             + [f"models/{config.soup_skill}-soup{i}" for i in range(1, config.soup_size)]
         },
     }
-    _write_task_yamls(tasks_dir, final / "tasks", _task_names(meta))
+    _write_task_yamls(tasks_dir, final / "tasks", _task_names(meta), meta["generative_tasks"])
 
     tok = make_tokenizer(config.max_positions)
     tok_dir = tmp / "tokenizer"

@@ -1,0 +1,160 @@
+"""Greedy generation for lm-eval's ``generate_until`` requests, batched with a KV cache.
+
+lm-eval's ``HFLM.generate_until`` re-tokenizes every request on each call, runs ``model.generate`` in
+batches of its batch size, and stops a batch only when every sequence in it has produced a stop
+string (decoding the batch's last tokens at every step). A search scores the same requests for every
+candidate, so here they are encoded once, by HFLM's own rules (``tok_batch_encode``,
+``normalize_gen_kwargs``, ``handle_stop_sequences``), and each candidate only runs the decode loop:
+left-padded prefill, then one token per step from the cache, a sequence leaving the batch's work as
+soon as it ends (its end-of-sequence token, a stop string, or ``max_gen_toks``). Texts are decoded
+and cut at the first stop string exactly as lm-eval does (``postprocess_generated_text``), so the
+task's own filters and metrics see the same responses (a test holds them to ``HFLM``'s).
+
+Greedy only: a request that samples (``do_sample: true`` or a temperature above 0) is refused when
+the requests are encoded, naming the task, so that the lm-eval backend is used for it instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One ``generate_until`` request, encoded once: the context's tokens and when to stop."""
+
+    context: tuple[int, ...]
+    until: tuple[str, ...]
+    """Stop strings, the tokenizer's end-of-text string among them (as lm-eval adds it)."""
+    max_gen_toks: int
+
+
+def encode_generation(lm: Any, instance: Any, task_name: str) -> GenerationRequest:
+    """A ``generate_until`` instance as ``HFLM.generate_until`` would run it (same tokens, stops, length)."""
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+    context, gen_kwargs = instance.args
+    kwargs = normalize_gen_kwargs(copy.deepcopy(dict(gen_kwargs)), lm.max_gen_toks)
+    if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+        raise ValueError(
+            f"task {task_name}: its generation samples (do_sample / temperature > 0); the fast backend decodes "
+            "greedily only: use --backend lm-eval (runtime.backend: lm-eval)"
+        )
+    eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+    until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+    max_gen_toks = int(kwargs.pop("max_gen_toks"))
+    if lm.max_length - max_gen_toks <= 0:
+        raise ValueError(
+            f"task {task_name}: max_gen_toks {max_gen_toks} leaves no room for a context (max length {lm.max_length})"
+        )
+    ids, _ = lm.tok_batch_encode([context], left_truncate_len=lm.max_length - max_gen_toks, truncation=lm.truncation)
+    return GenerationRequest(tuple(int(t) for t in ids[0].tolist()), tuple(until), max_gen_toks)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    requests: Sequence[GenerationRequest],
+    decode: Callable[..., str],
+    *,
+    pad_token_id: int,
+    batch_tokens: int = 16384,
+) -> list[str]:
+    """Each request's generated text, cut at its first stop string (lm-eval's post-processing).
+
+    ``decode(tokens, skip_special_tokens=...)`` is the tokenizer's (HFLM's ``tok_decode``). A sequence
+    ends at one of the model's end-of-sequence ids (``generation_config.eos_token_id``, as
+    ``model.generate`` does), once its text holds a stop string, or after ``max_gen_toks`` tokens."""
+    from lm_eval.models.utils import postprocess_generated_text
+
+    device = next(model.parameters()).device
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].context), i))
+    texts: list[str] = [""] * len(requests)
+    start = 0
+    while start < len(order):
+        longest = len(requests[order[start]].context) + max(requests[i].max_gen_toks for i in order[start:])
+        rows = max(1, batch_tokens // max(longest, 1))
+        batch = order[start : start + rows]
+        start += rows
+        for index, tokens in zip(
+            batch, _decode_batch(model, [requests[i] for i in batch], decode, eos_ids, pad_token_id, device)
+        ):
+            request = requests[index]
+            texts[index] = postprocess_generated_text(decode(tokens), list(request.until), None)
+    return texts
+
+
+def _decode_batch(
+    model: torch.nn.Module,
+    batch: Sequence[GenerationRequest],
+    decode: Callable[..., str],
+    eos_ids: set[int],
+    pad_token_id: int,
+    device: torch.device,
+) -> list[list[int]]:
+    """Greedy tokens of one left-padded batch, from a KV cache, until every sequence has ended."""
+    width = max(len(r.context) for r in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, request in enumerate(batch):
+        if request.context:
+            ids[row, width - len(request.context) :] = torch.tensor(request.context)
+            mask[row, width - len(request.context) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # positions as model.generate makes them for a left-padded batch
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    accepted = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in accepted else "past_key_values"  # transformers 5.x renamed it
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+    generated: list[list[int]] = [[] for _ in batch]
+    rows = list(range(len(batch)))  # the batch's rows still in the model's batch (finished ones leave it)
+    done: set[int] = set()  # finished rows kept in the model's batch (a cache that cannot drop rows)
+    while True:
+        logits = out.logits[:, -1, :].float()
+        if not torch.isfinite(logits).all():
+            from evomerge.eval.scorer import ScoringError
+
+            raise ScoringError("the model produced NaN or Inf logits while generating")
+        chosen = logits.argmax(dim=-1).tolist()
+        keep = []
+        for slot, row in enumerate(rows):
+            if row in done:
+                continue
+            token = int(chosen[slot])
+            if token in eos_ids:
+                continue
+            generated[row].append(token)
+            request = batch[row]
+            if len(generated[row]) >= request.max_gen_toks:
+                continue
+            # the stop check lm-eval's criteria make (special tokens kept), on this sequence only
+            text = decode(generated[row], skip_special_tokens=False)
+            if any(stop and stop in text for stop in request.until):
+                continue
+            keep.append(slot)
+        if not keep:
+            return generated
+        cache = getattr(out, cache_name)
+        if len(keep) < len(rows) and hasattr(cache, "batch_select_indices"):  # drop finished rows from the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            rows, step = [rows[k] for k in keep], [chosen[k] for k in keep]
+        else:  # every row steps (finished ones are not read again)
+            done.update(row for slot, row in enumerate(rows) if slot not in set(keep))
+            step = chosen
+        mask = torch.cat([mask, torch.ones((len(step), 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        tokens = torch.tensor(step, device=device)[:, None]
+        out = model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}
+        )
