@@ -10,6 +10,7 @@ weights or logits, comes back as a failed result with its reason; it never raise
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,10 @@ Backend = Literal["fast", "lm-eval"]
 
 
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESIDENT_SOURCES = ("auto", "on", "off")
+"""``runtime.resident_sources``: keep the sources' tensors on the scoring device between candidates
+(``merge/resident.py``): ``auto`` on CUDA when they fit, ``on`` wherever they fit, ``off``."""
+log = logging.getLogger(__name__)
 
 
 def resolve_score_dtype(score_dtype: str, device: str) -> torch.dtype:
@@ -69,12 +74,21 @@ class CandidateEvaluator:
         base_dir: Path | None = None,
         allow_pickle: bool = False,
         batch_tokens: int = 16384,
+        resident_sources: str = "auto",
     ):
         if not objectives:
             raise ValueError("objectives: at least one objective is needed")
         if backend not in ("fast", "lm-eval"):
             raise ValueError(f"backend {backend!r}: expected fast or lm-eval")
+        if resident_sources not in RESIDENT_SOURCES:
+            raise ValueError(
+                f"runtime.resident_sources: {resident_sources!r} is not valid; use {', '.join(RESIDENT_SOURCES)}"
+            )
         self.backend = backend
+        self.resident_sources = resident_sources
+        self._resident: Any = None  # ResidentSources, made by the first candidate that uses them
+        self.resident_note: str | None = None
+        """Why the sources are not resident (the memory check's verdict), when they are not."""
         self.device = resolve_device(device)
         self.score_dtype = resolve_score_dtype(score_dtype, self.device)
         self.seed = seed
@@ -105,7 +119,7 @@ class CandidateEvaluator:
         try:
             plan = self._plan(recipe)
             model = self._resident_model(plan)
-            materialize_into(model, plan, seed=self.seed)
+            materialize_into(model, plan, seed=self.seed, source=self._source(plan))
             _check_finite(model)
             merged = time.perf_counter()
             scores = self._score(model, self._tokenizer_dir(plan), fidelity)
@@ -173,6 +187,23 @@ class CandidateEvaluator:
             for model, path in provide(recipe).items():
                 self._statistics_files[keys[model]] = StatisticsFile(path)
         return {model: self._statistics_files[key] for model, key in keys.items()}
+
+    def _source(self, plan: MergePlan) -> Any:
+        """Where the merge reads source tensors: device-resident copies (``merge/resident.py``) when
+        ``resident_sources`` is on, or auto on CUDA, and they fit; else None (the checkpoints)."""
+        if self.resident_sources == "off" or (self.resident_sources == "auto" and not self.device.startswith("cuda")):
+            return None
+        if self._resident is None:
+            from evomerge.merge.resident import ResidentSources
+
+            self._resident = ResidentSources(self.device)
+        if self._resident.admit(plan):
+            self.resident_note = None
+            return self._resident
+        if self.resident_note != self._resident.refused:
+            log.warning("resident sources: %s", self._resident.refused)
+            self.resident_note = self._resident.refused
+        return None
 
     def _resident_model(self, plan: MergePlan) -> torch.nn.Module:
         """One model per layer count, built once from the plan's output config and then reused."""

@@ -26,6 +26,7 @@ def make_executor(run: Any, *, address: str | None = None, evaluator_factory: st
         backend=runtime.backend,
         device=runtime.device,
         score_dtype=runtime.score_dtype,
+        resident_sources=runtime.resident_sources,
         base_dir=str(run.base_dir),
         factory=evaluator_factory,
     )

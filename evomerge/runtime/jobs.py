@@ -33,6 +33,8 @@ class EvaluatorSpec:
     backend: str = "fast"
     device: str | None = None
     """``None``: CUDA when the worker sees a GPU, else CPU."""
+    resident_sources: str = "auto"
+    """Keep the sources' tensors on the device between candidates: auto (on CUDA, when they fit), on, off."""
     score_dtype: str = "auto"
     """The resident model's dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
@@ -60,6 +62,7 @@ class EvaluatorSpec:
             backend=self.backend,  # type: ignore[arg-type]
             device=self.device,
             score_dtype=self.score_dtype,
+            resident_sources=self.resident_sources,
             seed=self.seed,
             base_dir=Path(self.base_dir) if self.base_dir else None,
         )

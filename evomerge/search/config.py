@@ -96,6 +96,10 @@ class RuntimeConfig(_Strict):
     device: str | None = None
     score_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype candidates are merged into and scored in; ``auto``: bfloat16 on CUDA, float32 on CPU."""
+    resident_sources: Literal["auto", "on", "off"] = "auto"
+    """Keep the source models' tensors on the scoring device between candidates, so a candidate is merged
+    there without reading the checkpoints again: ``auto`` on CUDA when they fit in half its free memory
+    (else the checkpoints, with a warning), ``on`` on any device, ``off``."""
 
     @model_validator(mode="before")
     @classmethod
