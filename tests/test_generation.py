@@ -144,3 +144,24 @@ def test_a_search_on_a_generative_objective_resumes_without_rescoring(zoo_dir, t
     lines = (tmp_path / "run" / "responses.jsonl").read_text().splitlines()
     assert len(lines) == sum(1 for r in records if not r.cached)
     assert any(0 < r.objectives[f"zoo_latin_gen/{METRIC}"] < 1 for r in records)
+
+
+@pytest.mark.slow
+def test_a_generative_screened_search_on_ray_workers_matches_the_in_process_one(zoo_dir, tmp_path, local_ray) -> None:
+    """Both at once, on two Ray workers: generative objectives, screened first, resumed part-way."""
+    objectives = [
+        {"task": "zoo_latin_gen", "metric": METRIC, "limit": 12, "screen": 4},
+        {"task": "zoo_greek_gen", "metric": METRIC, "limit": 12, "screen": 4},
+    ]
+    config = zoo_pair_config(zoo_dir, objectives, scalarize="worst")
+    search_zoo(config, tmp_path / "inprocess", budget=8)
+    search_zoo(config, tmp_path / "ray", budget=4, workers=2)
+    search_zoo(config, tmp_path / "ray", budget=8, workers=2, resume=True)
+
+    def rows(run: Path) -> list[tuple]:
+        records = sorted(RunDir(run).records(), key=lambda r: r.id)  # Ray writes them as they finish
+        return [(r.id, r.recipe_hash, r.fidelity, r.promoted_from, dict(r.objectives)) for r in records]
+
+    asked = [row[1] for row in rows(tmp_path / "ray") if row[3] is None]
+    assert asked == [row[1] for row in rows(tmp_path / "inprocess") if row[3] is None]
+    assert any(row[2] == "full" for row in rows(tmp_path / "ray"))
