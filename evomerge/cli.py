@@ -272,6 +272,53 @@ def search(
 
 
 @app.command()
+def align(
+    reference: Annotated[Path, typer.Argument(help="The model whose basis the other is permuted into.")],
+    model: Annotated[Path, typer.Argument(help="The model to permute (same architecture and shapes).")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the permuted model to.")],
+    seed: Annotated[int, typer.Option(help="Seed of the order the permutations are matched in.")] = 0,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(help="A text file, one example per line: match the models' activations on it, not their weights."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Permute MODEL's units into REFERENCE's basis (Git Re-Basin weight or activation matching) and write it to OUT_DIR.
+
+    Models trained from different initializations hold the same kinds of units in different orders;
+    aligned, they can be interpolated (a linear merge of REFERENCE and OUT_DIR). The residual stream's
+    channels, each block's MLP neurons and attention heads (whole key/value groups) are permuted: the
+    written model computes what MODEL computes. Llama-style models."""
+    from evomerge.merge.align import AlignError, align_checkpoints
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    texts = None
+    if data is not None:
+        try:
+            texts = [line for line in data.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            _fail(f"--data {data}: cannot read ({exc.strerror})")
+        if not texts:
+            _fail(f"--data {data}: no text (one example per line)")
+    start = time.perf_counter()
+    try:
+        found = align_checkpoints(reference, model, out_dir, seed=seed, data=texts)
+    except (*_user_errors(), AlignError) as exc:
+        _fail(str(exc))
+    moved = found["moved"]
+    units = ", ".join(
+        f"{kind} {sum(v for k, v in moved.items() if k.split('.')[0] == kind)}" for kind in ("residual", "mlp", "heads")
+    )
+    inner = found["inner_product"]
+    err.print(
+        f"aligned {model} to {reference} -> {out_dir} in {time.perf_counter() - start:.1f}s; units moved: {units}; "
+        f"<reference, model> {inner['before']:.4g} -> {inner['after']:.4g}",
+        highlight=False,
+    )
+
+
+@app.command()
 def front(
     run_dir: Annotated[Path, typer.Argument(help="A search's run directory.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
