@@ -272,6 +272,43 @@ def search(
 
 
 @app.command()
+def moe(
+    config: Annotated[Path, typer.Argument(help="A mergekit-moe config YAML (base_model, experts, gate_mode, ...).")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the Mixtral-style checkpoint to.")],
+    device: Annotated[
+        str, typer.Option(help="Where the base reads the prompts (gate_mode hidden): cpu or cuda.")
+    ] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of random gates and of experts' noise_scale.")] = 0,
+    out_shard_size: Annotated[str, typer.Option(help="Maximum size of one output shard, e.g. 2GB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Assemble a mixture of experts from dense fine-tunes (mergekit-moe's config; Mixtral output).
+
+    Each dense model's MLPs become one expert per layer; attention, embeddings and norms come from
+    base_model; each layer's router is set from the experts' prompts (gate_mode hidden: the base's
+    hidden states on them; cheap_embed: their token embeddings; random). Model paths are relative to
+    CONFIG's directory. The same tensors as mergekit-moe (tests)."""
+    from evomerge.merge.moe import MoEError, build_moe
+    from evomerge.recipe.moe import MoEConfig
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    start = time.perf_counter()
+    try:
+        parsed = MoEConfig.load(config)
+        build_moe(
+            parsed, out_dir, base_dir=config.resolve().parent, device=device, seed=seed, out_shard_size=out_shard_size
+        )
+    except (*_user_errors(), MoEError) as exc:
+        _fail(str(exc))
+    err.print(
+        f"assembled {len(parsed.experts)} experts ({parsed.experts_per_token} per token, gate_mode {parsed.gate_mode}) "
+        f"-> {out_dir} in {time.perf_counter() - start:.1f}s",
+        highlight=False,
+    )
+
+
+@app.command()
 def align(
     reference: Annotated[Path, typer.Argument(help="The model whose basis the other is permuted into.")],
     model: Annotated[Path, typer.Argument(help="The model to permute (same architecture and shapes).")],

@@ -101,15 +101,9 @@ class AdapterMerge(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> AdapterMerge:
-        from evomerge.recipe.schema import RecipeError
+        from evomerge.recipe.schema import RecipeError, read_yaml
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path)
         if not isinstance(data, Mapping):
             raise RecipeError(f"{path}: expected a mapping with adapter_merge, base_model and adapters")
         return cls.from_dict(data, source=str(path))

@@ -392,6 +392,17 @@ _BRANCH = re.compile(r"^(bool|int|float|str|none|list\[.*\]|dict\[.*\]|union\[.*
 _VALID = re.compile(r"^Input should be (?:a )?valid (.+)$")
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a RecipeError naming the file if it cannot be read or parsed."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+
+
 def _describe(exc: ValidationError) -> str:
     """Turn pydantic's report into one line per problem, each naming its field path.
 

@@ -1,0 +1,204 @@
+"""Mixture-of-experts assembly from dense fine-tunes (mergekit-moe's Mixtral output, the same tensors).
+
+Each layer's MLP becomes ``len(experts)`` experts, one per dense model (Transformers' Mixtral layout:
+``experts.gate_up_proj`` = every expert's gate and up projections stacked, ``experts.down_proj``);
+everything else is the base model's. Each layer's router (``mlp.gate.weight``, experts x hidden) is
+set from prompts, as mergekit sets it:
+
+- ``hidden``: the base model (in bfloat16) reads each expert's positive prompts; per layer, the hidden
+  state entering that layer at the prompts' last token, averaged over the prompts, minus the same for
+  the negative prompts, normalized to unit length;
+- ``cheap_embed``: the prompts' token embeddings summed and normalized, the same for every layer;
+- ``random`` / ``uniform_random``: Gaussian, or ``nn.Linear``'s uniform initialization (seeded here).
+
+So a token goes to the experts whose prompts its hidden state resembles most.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.merge.io import Checkpoint, OutputTensor, ShardedWriter, parse_size
+from evomerge.recipe.moe import Expert, MoEConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class MoEError(ValueError):
+    """A mixture that cannot be assembled from these models (names the model and what differs)."""
+
+
+def _path(ref: str, base_dir: Path | None) -> Path:
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() or base_dir is None else (base_dir / path).resolve()
+
+
+def _tokenize(tokenizer: Any, prompts: list[str]) -> Any:
+    """The prompts as mergekit tokenizes them for the router: BOS prepended, left-padded with BOS."""
+    return tokenizer(
+        [(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+
+
+def gate_vectors(config: MoEConfig, base: Path, *, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+    """The routers' weights, (layers, experts, hidden), by ``config.gate_mode`` (module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_config = AutoConfig.from_pretrained(base)
+    layers, hidden, experts = model_config.num_hidden_layers, model_config.hidden_size, len(config.experts)
+    generator = torch.Generator().manual_seed(seed)
+    if config.gate_mode == "random":
+        return torch.randn((layers, experts, hidden), generator=generator)
+    if config.gate_mode == "uniform_random":
+        scale = math.sqrt(1.0 / hidden)
+        return torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.gate_mode == "cheap_embed":
+        checkpoint = Checkpoint(base)
+        embed = checkpoint.get("model.embed_tokens.weight")
+
+        def vectors(prompts: list[str]) -> torch.Tensor:
+            tokens = _tokenize(tokenizer, prompts)
+            onehot = torch.nn.functional.one_hot(tokens["input_ids"], num_classes=model_config.vocab_size)
+            summed = (
+                ((onehot.float() @ embed.float()) * tokens["attention_mask"].unsqueeze(-1))
+                .sum(dim=1)
+                .sum(dim=0, keepdim=True)
+            )
+            return (summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)).repeat(layers, 1)
+
+    else:  # hidden
+        checkpoint = None
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device).eval()  # type: ignore[arg-type]  # transformers' typed .to wrapper
+
+        def vectors(prompts: list[str]) -> torch.Tensor:
+            tokens = _tokenize(tokenizer, prompts).to(device)
+            with torch.no_grad():
+                out = model(**tokens, output_hidden_states=True, return_dict=True)
+            states = torch.stack(out.hidden_states[:-1])[:, :, -1, :]  # entering each layer, last token
+            return (states.sum(dim=1) / states.shape[1]).cpu()
+
+    try:
+        per_expert = []
+        for expert in config.experts:
+            vector = vectors(list(expert.positive_prompts or ()))
+            if expert.negative_prompts:
+                vector -= vectors(list(expert.negative_prompts))
+            vector /= vector.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+            per_expert.append(vector)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+    return torch.stack(per_expert, dim=0).permute(1, 0, 2)
+
+
+def _noise_and_scale(tensor: torch.Tensor, expert: Expert, residual: bool, generator: torch.Generator) -> torch.Tensor:
+    if expert.noise_scale is not None:
+        tensor = tensor + torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * expert.noise_scale
+    if residual and expert.residual_scale is not None:
+        tensor = tensor * expert.residual_scale
+    return tensor
+
+
+def mixtral_config(base_config: dict[str, Any], experts: int, experts_per_token: int, dtype: torch.dtype) -> Any:
+    """The output's config: the base's, as a Mixtral with ``experts`` experts (as mergekit writes it)."""
+    from transformers import AutoConfig, MistralConfig, MixtralConfig
+
+    config = AutoConfig.for_model(**base_config)
+    if not isinstance(config, MistralConfig):
+        mistral = MistralConfig(**config.to_dict())
+        mistral.sliding_window = None
+        mistral.max_position_embeddings = config.max_position_embeddings
+        config = mistral
+    out = MixtralConfig(**config.to_dict())
+    out.architectures = ["MixtralForCausalLM"]
+    out.num_local_experts = experts
+    out.num_experts_per_tok = experts_per_token
+    out.sliding_window = None
+    out.dtype = dtype
+    return out
+
+
+def build_moe(
+    config: MoEConfig,
+    out_dir: str | Path,
+    *,
+    base_dir: Path | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_shard_size: str = "5GB",
+) -> Path:
+    """Write the mixture to ``out_dir`` (a temporary sibling renamed into place): config, tokenizer of
+    the base, sharded safetensors. ``base_dir``: where relative model paths are resolved."""
+    from evomerge.atomic import staging_dir
+    from evomerge.merge.engine import TOKENIZER_FILES
+
+    base = _path(config.base_model, base_dir)
+    sources = [_path(e.source_model, base_dir) for e in config.experts]
+    checkpoints = {path: Checkpoint(path) for path in dict.fromkeys([base, *sources])}
+    try:
+        base_ckpt = checkpoints[base]
+        if base_ckpt.config.get("model_type") not in ("llama", "mistral"):
+            raise MoEError(
+                f"{base}: model_type {base_ckpt.config.get('model_type')!r}; the Mixtral output needs llama or mistral models"
+            )
+        for path in sources:
+            theirs = checkpoints[path].config
+            for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
+                if theirs.get(key) != base_ckpt.config.get(key):
+                    raise MoEError(
+                        f"{path}: {key} {theirs.get(key)!r} differs from the base's {base_ckpt.config.get(key)!r}"
+                    )
+        stored = base_ckpt.config.get("dtype") or base_ckpt.config.get("torch_dtype") or "float32"
+        dtype = DTYPES[config.dtype or str(stored)]
+        gates = gate_vectors(config, base, device=device, seed=seed)
+        layers = int(base_ckpt.config["num_hidden_layers"])
+        generator = torch.Generator().manual_seed(seed)
+
+        def tensors() -> list[tuple[str, torch.Tensor]]:
+            out = [(name, base_ckpt.get(name).to(dtype)) for name in base_ckpt.tensors if ".mlp." not in name]
+            for layer in range(layers):
+                prefix = f"model.layers.{layer}.mlp"
+                gate_up, down = [], []
+                for expert, path in zip(config.experts, sources):
+                    read = checkpoints[path].get
+                    w1 = _noise_and_scale(read(f"{prefix}.gate_proj.weight"), expert, False, generator)
+                    w2 = _noise_and_scale(read(f"{prefix}.down_proj.weight"), expert, True, generator)
+                    w3 = _noise_and_scale(read(f"{prefix}.up_proj.weight"), expert, False, generator)
+                    gate_up.append(torch.cat([w1, w3], dim=0))
+                    down.append(w2)
+                out.append((f"{prefix}.experts.gate_up_proj", torch.stack(gate_up).to(dtype)))
+                out.append((f"{prefix}.experts.down_proj", torch.stack(down).to(dtype)))
+            out += [
+                (f"model.layers.{layer}.mlp.gate.weight", gates[layer].to(dtype).contiguous())
+                for layer in range(layers)
+            ]
+            return out
+
+        written = tensors()
+        with staging_dir(out_dir) as tmp:
+            writer = ShardedWriter(
+                tmp, [OutputTensor(n, tuple(t.shape), t.dtype) for n, t in written], parse_size(out_shard_size)
+            )
+            for name, tensor in written:
+                writer.write(name, tensor)
+            writer.finish()
+            mixtral_config(base_ckpt.config, len(config.experts), config.experts_per_token, dtype).save_pretrained(tmp)
+            for name in TOKENIZER_FILES:
+                if (base / name).is_file():
+                    shutil.copy2(base / name, tmp / name)
+            (tmp / "evomerge_moe.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+    return Path(out_dir)
