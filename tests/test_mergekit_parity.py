@@ -161,7 +161,7 @@ def run_mergekit(recipe: dict, out: Path, **options: Any) -> Path:
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(yaml.safe_load(Recipe.from_dict(recipe).to_yaml()))
-    run_merge(config, str(out), options=MergeOptions(copy_tokenizer=False, quiet=True, **options))
+    run_merge(config, str(out), options=MergeOptions(**{"copy_tokenizer": False, "quiet": True, **options}))
     return out
 
 

@@ -122,6 +122,8 @@ class CandidateEvaluator:
             materialize_into(model, plan, seed=self.seed, source=self._source(plan))
             _check_finite(model)
             merged = time.perf_counter()
+            if plan.tokenizer is not None and self._tokenizer is None:  # aligned vocabularies: the built tokenizer
+                self._tokenizer = plan.tokenizer
             scores = self._score(model, self._tokenizer_dir(plan), fidelity)
             result = self._result(key, scores, fidelity)
             result.materialize_seconds = merged - start

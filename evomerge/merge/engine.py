@@ -238,6 +238,16 @@ def _write_metadata(plan: MergePlan, out: Path, base_dir: Path | None) -> None:
     import json
 
     (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    if plan.tokenizer is not None:  # aligned vocabularies: the output tokenizer was built, not copied
+        plan.tokenizer.save_pretrained(out)
+        for name in ("generation_config.json", "chat_template.jinja"):
+            source = (
+                plan.checkpoints[plan.tokenizer_model].path / name if plan.tokenizer_model in plan.checkpoints else None
+            )
+            if source is not None and source.is_file():
+                shutil.copy2(source, out / name)
+        (out / RECIPE_FILENAME).write_text(plan.recipe.to_yaml())
+        return
     tokenizer_dir = plan.checkpoints.get(plan.tokenizer_model)
     source_dir = tokenizer_dir.path if tokenizer_dir is not None else Path(plan.tokenizer_model)
     if not source_dir.is_absolute() and base_dir is not None and tokenizer_dir is None:

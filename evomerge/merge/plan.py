@@ -68,6 +68,9 @@ class MergePlan:
     """For each output layer, the (model, layer) of its first source."""
     statistics: dict[str, StatisticsFile] = field(default_factory=dict)
     """Data-aware methods: each input model's statistics (``merge/statistics.py``)."""
+    tokenizer: Any = None
+    """The output tokenizer when the models' vocabularies were aligned (``merge/vocabulary.py``); else
+    None: ``tokenizer_model``'s tokenizer files are the output's."""
 
     @property
     def num_layers(self) -> int:
@@ -154,6 +157,17 @@ def build_plan(
 
     A data-aware method (fisher, regmean) needs ``statistics``: per model reference, its statistics file."""
     method = get_method(recipe.merge_method)
+    vocabulary = None
+    if recipe.tokenizer_source is not None:  # tokenizers may differ: re-index the vocabulary tensors
+        from evomerge.merge.vocabulary import VocabularyError, align_vocabularies, aligned_checkpoints
+
+        anchor = recipe.base_model or recipe.referenced_models()[0]
+        try:
+            vocabulary = align_vocabularies(recipe.tokenizer_source, anchor, checkpoints)
+        except VocabularyError as exc:
+            raise PlanError(str(exc)) from None
+        if vocabulary is not None:
+            checkpoints = aligned_checkpoints(vocabulary, checkpoints)
     _check_compatible(recipe, checkpoints)
     opened_statistics = _open_statistics(recipe, method, statistics)
     slices = _normalized_slices(recipe, checkpoints, method)
@@ -186,9 +200,12 @@ def build_plan(
     out_dtype = _output_dtype(recipe, checkpoints, jobs)
     config = _output_config(reference.config, len(layer_sources), out_dtype)
     tokenizer_model = _tokenizer_model(recipe, first_model)
-    return MergePlan(
+    plan = MergePlan(
         recipe, method, checkpoints, jobs, out_dtype, config, tokenizer_model, layer_sources, opened_statistics
     )
+    if vocabulary is not None:
+        plan.tokenizer = vocabulary.tokenizer
+    return plan
 
 
 def _open_statistics(
@@ -222,7 +239,7 @@ def _check_compatible(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Non
         if ckpt.vocab_size != ref.vocab_size:
             raise PlanError(
                 f"vocab sizes disagree: {ref_name} has {ref.vocab_size}, {name} has {ckpt.vocab_size} "
-                "(merging models with different vocabularies is not supported)"
+                "(set tokenizer_source: base, union or a model, to re-index their vocabularies to one)"
             )
     for i, out_slice in enumerate(recipe.slices or []):
         for j, src in enumerate(out_slice.sources):
@@ -366,8 +383,6 @@ def _tokenizer_model(recipe: Recipe, first_model: str) -> str:
     source = recipe.tokenizer_source
     if source in (None, "base"):
         return recipe.base_model or first_model
-    if source == "union":
-        raise PlanError(
-            "tokenizer_source: 'union' is not supported (models must share one vocabulary); use 'base' or a model path"
-        )
+    if source == "union":  # the tokens of every model: the plan carries the tokenizer itself
+        return recipe.base_model or first_model
     return source
