@@ -119,5 +119,6 @@ def test_an_expert_without_prompts_is_refused_for_a_prompted_gate(zoo_dir, tmp_p
     path = tmp_path / "moe.yaml"
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["moe", str(path), str(tmp_path / "out")])
-    assert result.exit_code == 2 and "experts.1.positive_prompts" in result.output.replace("[", ".").replace("]", "")
+    message = " ".join(result.output.split()).replace("[", ".").replace("]", "")  # rich wraps long lines
+    assert result.exit_code == 2 and "experts.1.positive_prompts" in message
     assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from evomerge.eval.evaluator import CandidateEvaluator
 from evomerge.eval.tasks import Objective
 from evomerge.search.config import ConfigError, resolve_run_config
 from evomerge.search.front import pareto_indices, to_minimize
-from evomerge.search.optimizers import CMAES, NSGA2, screened_below_full
+from evomerge.search.optimizers import CMAES, NSGA2, scalarized, screened_below_full
 from evomerge.search.report import RunReport
 from evomerge.search.rundir import RunDir
 
@@ -143,27 +143,34 @@ def test_a_screened_run_on_ray_workers_matches_the_in_process_one(zoo_dir, tmp_p
     assert sorted(rows(tmp_path / "ray")) == sorted(rows(tmp_path / "inprocess"))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     values=st.lists(
         st.tuples(st.floats(-5, 5), st.floats(-5, 5), st.booleans(), st.booleans()), min_size=2, max_size=10
-    )
+    ),
+    weights=st.tuples(st.floats(0.1, 3), st.floats(0.1, 3)),
 )
-def test_screened_rows_are_told_below_every_full_row_in_their_own_order(values) -> None:
+def test_screened_rows_are_told_below_every_full_row_and_keep_their_ranks(values, weights) -> None:
+    """Every screened row worse than every full row in every objective (so also by any scalarization),
+    and among screened rows the order by the weighted sum and by the worst weighted objective (what
+    CMA-ES ranks on) and dominance unchanged."""
     F = np.array([[a, b] for a, b, _, _ in values])
     full = np.array([f for _, _, f, _ in values])
     F[np.array([bad for *_, bad in values]), 0] = math.nan
-    told = screened_below_full(F, full)
+    told = screened_below_full(F, full, weights)
+    w = np.array(weights)
     assert np.array_equal(np.isnan(told), np.isnan(F))
     assert np.array_equal(told[full], F[full], equal_nan=True)
     for j in range(2):
         top, low = told[full, j], told[~full, j]
         if np.isfinite(top).any() and np.isfinite(low).any():
             assert np.nanmin(low) > np.nanmax(top)
-        screened = F[~full, j]
-        finite = np.isfinite(screened)
-        order = np.argsort(screened[finite], kind="stable")
-        assert np.all(np.diff(low[finite][order]) >= 0)  # no two screened rows swap (a float shift may tie them)
+    screened = np.flatnonzero(~full & np.isfinite(F).all(axis=1))
+    for how in ("weighted_sum", "worst"):
+        before = scalarized(F[screened], w, how)
+        after = scalarized(told[screened], w, how)
+        order = np.argsort(before, kind="stable")
+        assert np.all(np.diff(after[order]) >= -1e-9 * (1 + np.abs(after).max(initial=0)))  # no two swap
 
 
 def test_nsga2_promotes_by_pareto_rank_then_weighted_sum() -> None:
@@ -198,3 +205,20 @@ def test_bad_screening_configs_are_refused_naming_the_field(zoo_dir, tmp_path, c
     data.update(change)
     with pytest.raises(ConfigError, match=message):
         resolve_run_config(data, base_dir=tmp_path)
+
+
+def test_a_run_stopped_mid_generation_and_resumed_scores_each_candidate_in_full_at_most_once(zoo_dir, tmp_path) -> None:
+    """Budget 6 with generations of 4 stops inside the second generation; the end-of-run promotions may
+    score some of it in full; the resumed run's own promotions then reuse those records. Resuming a
+    finished run again adds nothing."""
+    run = tmp_path / "run"
+    search(zoo_dir, run, budget=6)
+    search(zoo_dir, run, budget=12, resume=True)
+    records = list(RunDir(run).records())
+    promoted = [r.promoted_from for r in records if r.promoted_from is not None]
+    assert len(promoted) == len(set(promoted))
+    assert sum(1 for r in records if r.promoted_from is None) == 12
+    before = len(records)
+    search(zoo_dir, run, budget=12, resume=True)
+    search(zoo_dir, run, budget=12, resume=True)
+    assert len(list(RunDir(run).records())) == before

@@ -92,3 +92,20 @@ def test_admit_loads_each_source_tensor_once(zoo_dir) -> None:
 def test_an_unknown_setting_is_refused_naming_the_field(zoo_dir) -> None:
     with pytest.raises(ValueError, match=r"runtime.resident_sources: 'gpu' is not valid; use auto, on, off"):
         evaluator(zoo_dir, "gpu")
+
+
+def test_running_out_of_device_memory_while_loading_undoes_it_and_refuses(zoo_dir, monkeypatch) -> None:
+    recipe = recipes(zoo_dir)[0]
+    plan = build_plan(recipe, open_checkpoints(recipe))
+    resident = ResidentSources("meta", budget_bytes=2**40)  # not a CPU: tensors are copied to it
+    original, calls = torch.Tensor.to, []
+
+    def to(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise torch.OutOfMemoryError("simulated")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    assert not resident.admit(plan)
+    assert resident.tensors == {} and "out of memory" in (resident.refused or "")

@@ -41,13 +41,15 @@ def family(zoo_dir, tmp_path_factory) -> dict[str, str]:
         "base": str(zoo_dir / "models" / "base"),
         "latin+": str(with_added_tokens(zoo_dir / "models" / "latin", root / "latin", ["<think>", "</think>"], 1)),
         "greek+": str(with_added_tokens(zoo_dir / "models" / "greek", root / "greek", ["<think>", "<tool>", "ξξ"], 2)),
+        "cyrillic+": str(with_added_tokens(zoo_dir / "models" / "cyrillic", root / "cyrillic", ["<tool>"], 3)),
     }
 
 
-def recipe(family: dict[str, str], method: str, source: str) -> dict:
+def recipe(family: dict[str, str], method: str, source: str, three: bool = False) -> dict:
+    weights = (("latin+", 0.6), ("greek+", 0.9)) + ((("cyrillic+", 0.7),) if three else ())
     out = {
         "merge_method": method,
-        "models": [{"model": family[m], "parameters": {"weight": w}} for m, w in (("latin+", 0.6), ("greek+", 0.9))],
+        "models": [{"model": family[m], "parameters": {"weight": w}} for m, w in weights],
         "dtype": "float32",
         "tokenizer_source": family.get(source, source),
     }
@@ -63,23 +65,25 @@ def vocab(path: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    ("method", "source"),
+    ("method", "source", "three"),
     [
-        ("linear", "union"),
-        ("task_arithmetic", "union"),
-        ("ties", "union"),
-        ("task_arithmetic", "base"),
-        ("linear", "greek+"),
+        ("linear", "union", False),
+        ("task_arithmetic", "union", False),
+        ("ties", "union", False),
+        ("task_arithmetic", "base", False),
+        ("linear", "greek+", False),
+        ("linear", "union", True),  # <tool> in two of three models and no base: the average of their rows
+        ("task_arithmetic", "union", True),
     ],
 )
-def test_the_same_tensors_and_vocabulary_as_mergekit(family, tmp_path, method, source) -> None:
+def test_the_same_tensors_and_vocabulary_as_mergekit(family, tmp_path, method, source, three) -> None:
     """Token by token: mergekit orders the models it reads as a Python set (``list(set(...))``), so the
     ids its union gives the added tokens change from one process to the next; which row each token
     gets does not. evomerge takes the recipe's order."""
     pytest.importorskip("mergekit")
     from test_mergekit_parity import load_all
 
-    data = recipe(family, method, source)
+    data = recipe(family, method, source, three)
     ours = merge_to_disk(Recipe.from_dict(data), tmp_path / "ours")
     theirs = run_mergekit(data, tmp_path / "mergekit", copy_tokenizer=True)
     ours_vocab, theirs_vocab = vocab(ours), vocab(theirs)

@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+GREEDY_NEUTRAL = frozenset({"do_sample", "temperature", "top_p", "top_k"})
+"""Generation settings that change nothing when decoding greedily (sampling itself is refused)."""
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -49,6 +52,12 @@ def encode_generation(lm: Any, instance: Any, task_name: str) -> GenerationReque
     eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
     until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
     max_gen_toks = int(kwargs.pop("max_gen_toks"))
+    other = sorted(set(kwargs) - GREEDY_NEUTRAL)
+    if other:  # they would change what model.generate produces; the greedy loop does not apply them
+        raise ValueError(
+            f"task {task_name}: generation_kwargs {', '.join(other)} are not applied by the fast backend's greedy "
+            "decoding (it takes until, max_gen_toks, and do_sample: false); use --backend lm-eval"
+        )
     if lm.max_length - max_gen_toks <= 0:
         raise ValueError(
             f"task {task_name}: max_gen_toks {max_gen_toks} leaves no room for a context (max length {lm.max_length})"
@@ -96,16 +105,19 @@ def _batches(requests: Sequence[GenerationRequest], batch_tokens: int) -> list[l
     generation per batch, and contexts of similar length together (``PAD_SHARE``)."""
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].context), i))
     batches: list[list[int]] = []
+    longest_generation = 0  # of the open batch
     for index in order:
         request = requests[index]
         if batches:
             batch = batches[-1]
             head = requests[batch[0]]
-            width = len(head.context) + max(head.max_gen_toks, request.max_gen_toks)
+            width = len(head.context) + max(longest_generation, request.max_gen_toks)
             if len(request.context) >= PAD_SHARE * len(head.context) and (len(batch) + 1) * width <= batch_tokens:
                 batch.append(index)
+                longest_generation = max(longest_generation, request.max_gen_toks)
                 continue
         batches.append([index])
+        longest_generation = request.max_gen_toks
     return batches
 
 

@@ -161,6 +161,19 @@ def _similarity(
     return total
 
 
+def check_same_layout(
+    reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], shape: LlamaShape
+) -> None:
+    """Refuse two models whose tensors differ in names or shapes, or that have tensors align does not know."""
+    if set(reference) != set(other):
+        missing = sorted(set(reference) ^ set(other))
+        raise AlignError(f"the two models have different tensors (e.g. {missing[0]})")
+    for name, a in reference.items():
+        if a.shape != other[name].shape:
+            raise AlignError(f"{name}: shapes differ ({list(a.shape)} vs {list(other[name].shape)})")
+        axes(name, shape)
+
+
 def weight_matching(
     reference: Mapping[str, torch.Tensor],
     other: Mapping[str, torch.Tensor],
@@ -171,13 +184,7 @@ def weight_matching(
 ) -> Perms:
     """The permutations of ``other``'s units that maximize its weights' inner product with
     ``reference``'s (coordinate ascent over the permutations, one assignment problem each)."""
-    if set(reference) != set(other):
-        missing = sorted(set(reference) ^ set(other))
-        raise AlignError(f"the two models have different tensors (e.g. {missing[0]})")
-    for name, a in reference.items():
-        if a.shape != other[name].shape:
-            raise AlignError(f"{name}: shapes differ ({list(a.shape)} vs {list(other[name].shape)})")
-        axes(name, shape)  # refuses tensors it does not know before any work
+    check_same_layout(reference, other, shape)
     perms = identity(shape)
     sizes = shape.sizes()
     order = list(sizes)
@@ -324,6 +331,7 @@ def align_checkpoints(
             )
         a = {name: ref.get(name).float() for name in ref.tensors}
         b = {name: src.get(name) for name in src.tensors}
+        check_same_layout(a, b, shape)
         if data:
             perms = _match_activations(Path(reference), Path(model), data, shape)
         else:

@@ -159,8 +159,10 @@ def build_moe(
                     raise MoEError(
                         f"{path}: {key} {theirs.get(key)!r} differs from the base's {base_ckpt.config.get(key)!r}"
                     )
-        stored = base_ckpt.config.get("dtype") or base_ckpt.config.get("torch_dtype") or "float32"
-        dtype = DTYPES[config.dtype or str(stored)]
+        stored = str(base_ckpt.config.get("dtype") or base_ckpt.config.get("torch_dtype") or "float32")
+        if (config.dtype or stored) not in DTYPES:
+            raise MoEError(f"{base}: dtype {stored!r}; set dtype: to one of {', '.join(DTYPES)}")
+        dtype = DTYPES[config.dtype or stored]
         gates = gate_vectors(config, base, device=device, seed=seed)
         layers = int(base_ckpt.config["num_hidden_layers"])
         generator = torch.Generator().manual_seed(seed)

@@ -163,7 +163,7 @@ def build_plan(
 
         anchor = recipe.base_model or recipe.referenced_models()[0]
         try:
-            vocabulary = align_vocabularies(recipe.tokenizer_source, anchor, checkpoints)
+            vocabulary = align_vocabularies(recipe.tokenizer_source, anchor, recipe.base_model, checkpoints)
         except VocabularyError as exc:
             raise PlanError(str(exc)) from None
         if vocabulary is not None:

@@ -62,8 +62,18 @@ class ResidentSources:
                 f"{self.device} ({DEFAULT_SHARE:.0%} of its free memory); merging from the checkpoints instead"
             )
             return False
-        for ref, tensor in stored.items():
-            self.tensors[ref] = tensor if self.device.type == "cpu" else tensor.to(self.device, copy=True)
+        loaded: list[TensorRef] = []
+        try:
+            for ref, tensor in stored.items():
+                self.tensors[ref] = tensor if self.device.type == "cpu" else tensor.to(self.device, copy=True)
+                loaded.append(ref)
+        except torch.OutOfMemoryError:  # free memory shrank since the budget was set: none of this plan's
+            for ref in loaded:
+                del self.tensors[ref]
+            self.refused = (
+                f"the sources did not fit on {self.device} after all (out of memory); merging from the checkpoints"
+            )
+            return False
         self.refused = None
         return True
 

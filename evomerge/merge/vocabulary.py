@@ -48,8 +48,9 @@ def union_tokenizer(base: Any, others: Mapping[str, tuple[Any, int]], base_size:
     added: dict[str, Any] = {}
     for tokenizer, size in [(base, base_size), *others.values()]:
         specials = tokenizer.added_tokens_decoder
+        contents = {info.content for info in specials.values()}
         for token, index in tokenizer.get_vocab().items():
-            if index < size and token not in {info.content for info in specials.values()} and token not in plain:
+            if index < size and token not in contents and token not in plain:
                 plain[token] = len(plain)
         for index, info in specials.items():
             if index < size and info.content not in added:
@@ -75,6 +76,7 @@ class VocabularyAlignment:
     rows: dict[str, list[int]]
     """Model reference -> for each output token id, that model's row (-1 where it lacks the token)."""
     base_model: str | None
+    """The recipe's base model, whose row stands in for a token others lack (None: no base; averages)."""
     _stand_ins: dict[str, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -109,25 +111,43 @@ class VocabularyAlignment:
         return out
 
 
+_ALIGNMENTS: dict[tuple[Any, ...], VocabularyAlignment | None] = {}
+"""Alignments already built, by (source, anchor, base, the models' directories): a search builds one
+plan per candidate over the same models, and the tokenizers, permutations and stand-in rows do not change."""
+
+
 def align_vocabularies(
-    source: str, base_model: str, checkpoints: Mapping[str, Checkpoint]
+    source: str, anchor: str, base_model: str | None, checkpoints: Mapping[str, Checkpoint]
 ) -> VocabularyAlignment | None:
     """The alignment ``tokenizer_source`` asks for, or None when every model already has the output
     vocabulary (nothing to re-index). ``source``: base, union, or a model reference (a key of
-    ``checkpoints``)."""
+    ``checkpoints``) or directory; ``anchor``: the model whose tokenizer is "base" (the recipe's base
+    model, else its first model); ``base_model``: the recipe's base model, or None."""
+    files = sorted(
+        (ref, str(ckpt.path), (ckpt.path / "config.json").stat().st_mtime_ns) for ref, ckpt in checkpoints.items()
+    )
+    key = (source, anchor, base_model, tuple(files))
+    if key not in _ALIGNMENTS:
+        _ALIGNMENTS[key] = _align(source, anchor, base_model, checkpoints)
+    return _ALIGNMENTS[key]
+
+
+def _align(
+    source: str, anchor: str, base_model: str | None, checkpoints: Mapping[str, Checkpoint]
+) -> VocabularyAlignment | None:
     tokenizers = {ref: _tokenizer(ckpt.path) for ref, ckpt in checkpoints.items()}
     sizes = {ref: int(ckpt.config.get("vocab_size") or len(tokenizers[ref])) for ref, ckpt in checkpoints.items()}
-    base = tokenizers[base_model]
-    if any(index >= sizes[base_model] for index in base.get_vocab().values()):
+    base = tokenizers[anchor]
+    if any(index >= sizes[anchor] for index in base.get_vocab().values()):
         raise VocabularyError(
-            f"{base_model}: its tokenizer has ids beyond its vocab_size {sizes[base_model]}; such a base cannot anchor "
+            f"{anchor}: its tokenizer has ids beyond its vocab_size {sizes[anchor]}; such a model cannot anchor "
             "a vocabulary merge"
         )
     if source == "base":
         out = base
     elif source == "union":
-        others = {ref: (tok, sizes[ref]) for ref, tok in tokenizers.items() if ref != base_model}
-        out = union_tokenizer(base, others, sizes[base_model])
+        others = {ref: (tok, sizes[ref]) for ref, tok in tokenizers.items() if ref != anchor}
+        out = union_tokenizer(base, others, sizes[anchor])
     elif source in tokenizers:
         out = tokenizers[source]
     elif Path(source).is_dir():
@@ -175,12 +195,12 @@ class AlignedCheckpoint(Checkpoint):
         for tensor in having.values():
             dtype = torch.promote_types(dtype, tensor.dtype)
         out = torch.zeros((self.alignment.size, *own.shape[1:]), dtype=dtype)
-        rows = self.alignment.rows[self.ref]
-        for token_id, row in enumerate(rows):
-            if row >= 0:
-                out[token_id] = own[row]
-            elif token_id in stand_ins:
-                out[token_id] = stand_ins[token_id]
+        rows = torch.tensor(self.alignment.rows[self.ref])
+        present = rows >= 0
+        out[present] = own[rows[present]].to(dtype)
+        missing = [token_id for token_id in torch.nonzero(~present).flatten().tolist() if token_id in stand_ins]
+        if missing:
+            out[missing] = torch.stack([stand_ins[token_id] for token_id in missing]).to(dtype)
         return out
 
     def stored(self, name: str) -> bool:

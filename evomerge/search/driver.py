@@ -317,6 +317,7 @@ class Search:
         own ranking of the screen scores, each given the id its full-fidelity record will have."""
         from evomerge.search.config import DEFAULT_PROMOTE
 
+        done = {r.promoted_from: r.id for r in records.values() if r.promoted_from is not None}
         ok = [cid for cid in state.pending_ids if records[cid].ok]
         if not ok:
             return {}
@@ -327,9 +328,14 @@ class Search:
         share = self.run.config.optimizer.promote or DEFAULT_PROMOTE
         count = max(1, math.ceil(share * len(state.pending_ids)))
         chosen = sorted(ok[i] for i in state.optimizer.promotion_order(F)[:count])
-        promotions = {cid: state.next_id + i for i, cid in enumerate(chosen)}
-        state.next_id += len(chosen)
-        return promotions
+        # a candidate already scored in full (at the end of a run stopped part-way through this
+        # generation, then resumed) keeps that record; the others get the ids their records will have
+        promotions = {cid: done[cid] for cid in chosen if cid in done}
+        for cid in chosen:
+            if cid not in promotions:
+                promotions[cid] = state.next_id
+                state.next_id += 1
+        return dict(sorted(promotions.items()))
 
     def _promote_front(
         self, state: SearchState, records: dict[int, CandidateRecord], flight: _InFlight, deadline: float
@@ -339,23 +345,24 @@ class Search:
         full, round after round until none is left there, at most a population of them in all; so
         nothing is reported on screen scores alone and no promising candidate is left unreported.
         Returns a stop reason if the time limit cut it short."""
-        if not self.run.screening:
+        if not self.run.screening or self.executor.capacity < 1:  # no worker left: nothing can be scored
             return None
-        allowed = self.run.config.optimizer.population
-        while allowed > 0:
-            chosen = self._screened_on_front(state, records)[:allowed]
+        while state.final_promotions < self.run.config.optimizer.population:  # over the run's life, resumes too
+            chosen = self._screened_on_front(state, records)[
+                : self.run.config.optimizer.population - state.final_promotions
+            ]
             if not chosen:
                 return None
-            allowed -= len(chosen)
+            state.final_promotions += len(chosen)
             jobs = {cid: state.next_id + i for i, cid in enumerate(chosen)}
             state.next_id += len(jobs)
             self.run_dir.save_state(state)
             for sid, fid in jobs.items():
-                while len(flight.in_flight) >= self.executor.capacity:
+                while flight.in_flight and len(flight.in_flight) >= self.executor.capacity:
                     outcome = self.executor.next_outcome(timeout=1.0)
                     if outcome is not None:
                         flight.take(outcome)
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self.executor.capacity < 1:
                     break
                 screen = records[sid]  # its recipe as scored (genes in records are rounded)
                 flight.dispatch(
@@ -467,7 +474,7 @@ class Search:
                 rows.append([math.nan] * len(self.labels))
             else:
                 rows.append([record.objectives.get(label, math.nan) for label in self.labels])
-        F = screened_below_full(to_minimize(rows, self.run.directions), np.asarray(full))
+        F = screened_below_full(to_minimize(rows, self.run.directions), np.asarray(full), self.run.weights)
         state.optimizer.tell(np.asarray(state.pending_X), F)
         generation = state.generation
         state.pending_X = None
@@ -629,7 +636,7 @@ class _InFlight:
         record = self.search._make_record(flying, self.state, outcome)
         items = getattr(outcome.result, "items", None)
         if record.ok and items:  # per-item responses first: a recorded candidate always has them
-            self.search.run_dir.append_responses(flying.cid, flying.digest, items)
+            self.search.run_dir.append_responses(flying.cid, flying.digest, items, flying.fidelity)
         self.keep(record)
         for other in self.waiting.pop((flying.digest, flying.fidelity), []):
             if record.ok:

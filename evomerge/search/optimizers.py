@@ -103,23 +103,35 @@ class Optimizer(ABC):
         return F
 
 
-def screened_below_full(F: np.ndarray, full: np.ndarray) -> np.ndarray:
+def screened_below_full(
+    F: np.ndarray, full: np.ndarray, weights: Sequence[float] | np.ndarray | None = None
+) -> np.ndarray:
     """The values to tell for a generation scored at two fidelities (multi-fidelity runs): rows scored in
-    full as they are; every screened row (``full`` False) moved, objective by objective, to just worse
-    than the worst full row, keeping the screened rows' order among themselves. So no optimizer ever
-    compares a screen score with a full score as if they were equal: it sees the promoted candidates
-    ranked by their full scores, then the rest by their screen scores. Failed rows (NaN) stay NaN."""
+    full as they are; every screened row (``full`` False) moved to just worse than every full row in
+    every objective, by one shift in weighted units (objective j moves by s / w_j), so that among the
+    screened rows neither the weighted sum, nor the worst weighted objective, nor dominance changes.
+    So no optimizer ever compares a screen score with a full score as if they were equal: it sees the
+    promoted candidates ranked by their full scores, then the rest by their screen scores, each ranked
+    as it would be on its own. Failed rows (NaN) stay NaN."""
     F = np.array(F, dtype=float, copy=True)
     full = np.asarray(full, dtype=bool)
-    if full.all() or not full.any():
+    if full.all() or not full.any() or F.size == 0:
         return F
+    w = np.ones(F.shape[1]) if weights is None else np.asarray(weights, dtype=float)
+    w = np.where(w > 0, w, 1.0)  # an objective of weight 0 counts nowhere; it moves like one of weight 1
+    weighted = F * w
+    gaps = []
     for j in range(F.shape[1]):
-        top = F[full, j][np.isfinite(F[full, j])]
-        screened = ~full & np.isfinite(F[:, j])
-        if not top.size or not screened.any():
-            continue
-        margin = 1e-6 * (1.0 + abs(top.max()))
-        F[screened, j] += max(0.0, top.max() - F[screened, j].min()) + margin
+        top = weighted[full, j][np.isfinite(weighted[full, j])]
+        low = weighted[~full, j][np.isfinite(weighted[~full, j])]
+        if top.size and low.size:
+            gaps.append(top.max() - low.min())
+    if not gaps:
+        return F
+    reach = max(abs(v) for v in weighted[np.isfinite(weighted)])
+    shift = max(0.0, max(gaps)) + 1e-6 * (1.0 + reach)
+    rows = ~full
+    F[rows] = F[rows] + shift / w  # NaN stays NaN
     return F
 
 

@@ -51,12 +51,17 @@ class SearchState:
     promotions: dict[int, int] | None = None
     """Multi-fidelity runs: the pending generation's promoted candidates (screen record id -> the id of
     its full-fidelity record), chosen once every screen record of the generation is in; None before."""
+    final_promotions: int = 0
+    """Multi-fidelity runs: screened candidates promoted when the run stopped at its budget, over every
+    resume (capped at a population)."""
     told: list[int] = field(default_factory=list)
     """Async mode: candidate ids in the order the optimizer was told them (the order of evaluations.jsonl,
     by construction); a resumed run tells the recorded ones missing here, in file order, before anything else."""
 
     def __setstate__(self, data: dict[str, Any]) -> None:
-        self.__dict__.update({"asked": {}, "told": [], "promotions": None, **data})  # states saved before those existed
+        self.__dict__.update(
+            {"asked": {}, "told": [], "promotions": None, "final_promotions": 0, **data}
+        )  # states saved before those existed
 
 
 class RunDir:
@@ -95,10 +100,16 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def append_responses(self, candidate_id: int, recipe_hash: str, items: dict[str, list[float]]) -> None:
+    def append_responses(
+        self, candidate_id: int, recipe_hash: str, items: dict[str, list[float]], fidelity: str = "full"
+    ) -> None:
         """A scored candidate's per-item values per objective (``responses.jsonl``), durable before this
-        returns; written before its record, so a recorded candidate always has them."""
-        line = json.dumps({"id": candidate_id, "recipe_hash": recipe_hash, "items": items}, separators=(",", ":"))
+        returns; written before its record, so a recorded candidate always has them. A screened
+        candidate's line says ``"fidelity": "screen"`` (its items are the screens')."""
+        entry: dict[str, Any] = {"id": candidate_id, "recipe_hash": recipe_hash, "items": items}
+        if fidelity != "full":
+            entry["fidelity"] = fidelity
+        line = json.dumps(entry, separators=(",", ":"))
         with open(self.path / RESPONSES, "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -110,9 +121,11 @@ class RunDir:
         earlier) have none of their own: ``responses_by_hash`` finds them by recipe."""
         return {int(e["id"]): e["items"] for e in self._response_lines()}
 
-    def responses_by_hash(self) -> dict[str, dict[str, list[float]]]:
-        """Recipe hash -> objective label -> per-item values."""
-        return {str(e["recipe_hash"]): e["items"] for e in self._response_lines()}
+    def responses_by_hash(self, fidelity: str = "full") -> dict[str, dict[str, list[float]]]:
+        """Recipe hash -> objective label -> per-item values, at ``fidelity`` (``full`` or ``screen``)."""
+        return {
+            str(e["recipe_hash"]): e["items"] for e in self._response_lines() if e.get("fidelity", "full") == fidelity
+        }
 
     def _response_lines(self) -> Iterator[dict[str, Any]]:
         path = self.path / RESPONSES
