@@ -598,3 +598,29 @@ def test_a_tracking_server_stopped_mid_search_and_restarted_gets_every_candidate
         assert all(r.info.status == "FINISHED" for r in runs)
     finally:
         server.stop()
+
+
+def test_screen_scores_are_logged_apart_and_never_ranked(tmp_path, empty_store) -> None:
+    """A multi-fidelity run: screened candidates' values go to ``screen.<metric>`` (tag fidelity=screen),
+    never to the objective's own column, so neither the leaderboard's sort, the front tags nor the
+    best-so-far step metrics see them; promotions carry ``promoted_from``."""
+    run_dir, config, records = make_run_dir(tmp_path / "run", empty_store)
+    screened = {1, 2, 9}  # screened only; candidate 3 is a promotion of 2
+    records = [
+        r.replace(fidelity="screen", objectives={k: 0.999 for k in r.objectives}) if r.id in screened else r
+        for r in records
+    ]
+    records[3] = records[3].replace(promoted_from=2)
+    tracker = Tracker(config, run_dir.path)
+    drive(tracker, run_dir, records)
+    link = RunLink.read(run_dir.path)
+    client = make_client(link.tracking_uri)
+    kids = children(client, link)
+    for cid in screened:
+        run = kids[cid]
+        assert run.data.tags["fidelity"] == "screen" and run.data.tags["pareto"] == "false"
+        assert run.data.metrics["screen.reverse"] == pytest.approx(0.999) and "reverse" not in run.data.metrics
+    assert kids[3].data.tags["promoted_from"] == "2" and kids[3].data.tags["fidelity"] == "full"
+    best = client.get_metric_history(link.parent_run_id, "best/reverse")
+    full = [r.objectives["reverse"] for r in records if r.ok and r.full]
+    assert best[-1].value == pytest.approx(max(full)) and best[-1].value < 0.999
