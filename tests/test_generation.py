@@ -28,11 +28,14 @@ def merge(zoo_dir: Path, weight: float) -> Recipe:
     )
 
 
-def variant(zoo_dir: Path, tmp_path: Path, name: str, **generation) -> Path:
-    """A copy of the zoo's latin generative task with other generation settings, in its own directory."""
+def variant(zoo_dir: Path, tmp_path: Path, name: str, description: str | None = None, **generation) -> Path:
+    """A copy of the zoo's latin generative task with other generation settings (and an instruction
+    prepended to every context), in its own directory."""
     cfg = yaml.safe_load((zoo_dir / "tasks" / "zoo_latin_gen.yaml").read_text())
     cfg["task"] = name
     cfg["generation_kwargs"] = {**cfg["generation_kwargs"], **generation}
+    if description is not None:
+        cfg["description"] = description
     folder = tmp_path / name
     folder.mkdir()
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -75,6 +78,7 @@ def test_both_backends_give_the_same_item_values_on_a_generative_task(zoo_dir) -
     [
         ("stop_mid_answer", {"until": ["a", "e"], "max_gen_toks": 10}),  # stop strings inside the answers
         ("short_budget", {"until": ["\n"], "max_gen_toks": 3}),  # cut by max_gen_toks
+        ("long_shared_prefix", {"description": "cpy abc=abc. cpy dd=dd. "}),  # a prefix every context shares
     ],
 )
 @pytest.mark.parametrize("drops_rows", [True, False], ids=["finished-rows-leave-the-cache", "cache-keeps-every-row"])
@@ -90,6 +94,11 @@ def test_greedy_texts_equal_hflm_generate_until(zoo_dir, tmp_path, monkeypatch, 
         monkeypatch.setattr(DynamicCache, "batch_select_indices", property(missing))
 
     folder = variant(zoo_dir, tmp_path, name, **generation)
+    from evomerge.eval import generation as generation_module
+
+    shared: list[int] = []
+    common_prefix = generation_module._common_prefix
+    monkeypatch.setattr(generation_module, "_common_prefix", lambda c: shared.append(common_prefix(c)) or shared[-1])
     [item], _ = prepare_tasks([Objective(task=name, metric=METRIC, split="test", limit=50)], [folder])
     meta = json.loads((zoo_dir / "zoo.json").read_text())
     path = zoo_dir / meta["models"]["latin"]
@@ -104,9 +113,11 @@ def test_greedy_texts_equal_hflm_generate_until(zoo_dir, tmp_path, monkeypatch, 
     requests = [r for doc in scorer._generations[0] for r in doc]  # type: ignore[union-attr]
     texts = greedy_generate(model, requests, lm.tok_decode, pad_token_id=scorer._pad, batch_tokens=300)
     assert texts == expected
+    if name == "long_shared_prefix":
+        assert min(shared) >= 24  # the instruction and "sub " were run once per batch, not per row
     if name == "short_budget":
         assert max(len(t) for t in texts) == 3
-    else:
+    if name == "stop_mid_answer":
         assert any(t and len(t) < 6 for t in texts) and not any(("a" in t or "e" in t) for t in texts)
 
 

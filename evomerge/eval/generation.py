@@ -121,6 +121,76 @@ def _batches(requests: Sequence[GenerationRequest], batch_tokens: int) -> list[l
     return batches
 
 
+#: Shared prefixes shorter than this are not worth a separate forward pass.
+MIN_SHARED_PREFIX = 2
+
+
+def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
+    """Tokens every context starts with, leaving each at least one token of its own (its last position
+    gives its first generated token)."""
+    shortest = min(len(c) for c in contexts)
+    length = 0
+    while length < shortest - 1 and all(c[length] == contexts[0][length] for c in contexts):
+        length += 1
+    return length
+
+
+def _prefill(
+    model: torch.nn.Module,
+    batch: Sequence[GenerationRequest],
+    pad_token_id: int,
+    device: torch.device,
+    cache_name: str,
+    last_only: dict[str, int],
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Run the contexts: (the model's output with its cache, the attention mask so far, the positions).
+
+    Without a shared prefix: one left-padded batch, positions as ``model.generate`` makes them. With
+    one: the prefix once, its cache repeated for every row, then each row's own tokens left-padded
+    after it (padding in the middle, masked); every real token has the position it would have alone."""
+    contexts = [r.context for r in batch]
+    shared = _common_prefix(contexts) if len(batch) > 1 else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    prefix_out = None
+    if shared:
+        prefix = torch.tensor([contexts[0][:shared]], device=device)
+        prefix_out = model(
+            input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True, **last_only
+        )
+        cache = getattr(prefix_out, cache_name)
+        if not hasattr(cache, "batch_repeat_interleave"):
+            shared, prefix_out = 0, None
+        else:
+            cache.batch_repeat_interleave(len(batch))
+    width = max(len(c) for c in contexts) - shared
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    own = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, context in enumerate(contexts):
+        tail = context[shared:]
+        if tail:
+            ids[row, width - len(tail) :] = torch.tensor(tail)
+            own[row, width - len(tail) :] = 1
+    ids, own = ids.to(device), own.to(device)
+    positions = (own.cumsum(-1) - 1 + shared).masked_fill(own == 0, 1)
+    mask = torch.cat([torch.ones((len(batch), shared), dtype=own.dtype, device=device), own], dim=1)
+    if prefix_out is None:
+        padded = bool((mask == 0).any())
+        out = model(
+            input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True, **last_only
+        )
+    else:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: getattr(prefix_out, cache_name)},
+            **last_only,
+        )
+    return out, mask, positions
+
+
 def _decode_batch(
     model: torch.nn.Module,
     batch: Sequence[GenerationRequest],
@@ -129,24 +199,14 @@ def _decode_batch(
     pad_token_id: int,
     device: torch.device,
 ) -> list[list[int]]:
-    """Greedy tokens of one left-padded batch, from a KV cache, until every sequence has ended."""
-    width = max(len(r.context) for r in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, request in enumerate(batch):
-        if request.context:
-            ids[row, width - len(request.context) :] = torch.tensor(request.context)
-            mask[row, width - len(request.context) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    # positions as model.generate makes them for a left-padded batch
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    """Greedy tokens of one left-padded batch, from a KV cache, until every sequence has ended. The
+    contexts' longest common prefix (few-shot examples, an instruction) is run once and its cache
+    shared by every row (``_prefill``)."""
     accepted = inspect.signature(model.forward).parameters
     cache_name = "cache" if "cache" in accepted else "past_key_values"  # transformers 5.x renamed it
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    out, mask, positions = _prefill(model, batch, pad_token_id, device, cache_name, last_only)
     padded = bool((mask == 0).any())  # contexts of one length: no mask at all (the plain causal path)
-    out = model(
-        input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True, **last_only
-    )
     generated: list[list[int]] = [[] for _ in batch]
     rows = list(range(len(batch)))  # the batch's rows still in the model's batch (finished ones leave it)
     done: set[int] = set()  # finished rows kept in the model's batch (a cache that cannot drop rows)
