@@ -135,3 +135,19 @@ def test_a_union_recipe_scores_in_memory_as_its_merged_checkpoint_does(family, z
     in_memory = evaluator.evaluate(Recipe.from_dict(data))
     on_disk = evaluator.evaluate_checkpoint(merge_to_disk(Recipe.from_dict(data), tmp_path / "merged"))
     assert in_memory.ok and in_memory.objectives == on_disk.objectives
+
+
+def test_a_relative_tokenizer_source_directory_is_read_against_the_recipes_directory(
+    family, tmp_path, monkeypatch
+) -> None:
+    from test_mergekit_parity import load_all
+
+    absolute = merge_to_disk(Recipe.from_dict(recipe(family, "linear", "greek+")), tmp_path / "absolute")
+    data = recipe(family, "linear", "greek+")
+    folder = Path(family["greek+"]).parent
+    data["tokenizer_source"] = Path(family["greek+"]).name  # relative to the recipe's directory
+    monkeypatch.chdir(tmp_path)  # not the recipe's directory
+    relative = merge_to_disk(Recipe.from_dict(data), tmp_path / "relative", base_dir=folder)
+    a, b = load_all(absolute), load_all(relative)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert vocab(absolute) == vocab(relative)

@@ -172,7 +172,7 @@ class CandidateEvaluator:
             recipe, base_dir=self.base_dir, allow_pickle=self.allow_pickle, cache=self._checkpoints
         )
         self._checkpoints.update(checkpoints)
-        return build_plan(recipe, checkpoints, self._statistics(recipe))
+        return build_plan(recipe, checkpoints, self._statistics(recipe), base_dir=self.base_dir)
 
     def _statistics(self, recipe: Recipe) -> dict[str, StatisticsFile] | None:
         """A data-aware recipe's statistics files: looked up (disk cache) or computed once per worker and

@@ -164,7 +164,12 @@ def plan_recipe(
     (fisher, regmean) needs ``statistics``, which gives each model's statistics file."""
     checkpoints = open_checkpoints(recipe, base_dir=base_dir, allow_pickle=allow_pickle)
     data_aware = get_method(recipe.merge_method).statistic is not None
-    return build_plan(recipe, checkpoints, statistics(recipe) if data_aware and statistics is not None else None)
+    return build_plan(
+        recipe,
+        checkpoints,
+        statistics(recipe) if data_aware and statistics is not None else None,
+        base_dir=base_dir,
+    )
 
 
 def merge_to_disk(

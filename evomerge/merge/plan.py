@@ -151,19 +151,27 @@ def _local(part: str, ref: str, base_dir: Path | None) -> Path:
 
 
 def build_plan(
-    recipe: Recipe, checkpoints: dict[str, Checkpoint], statistics: Mapping[str, Path | StatisticsFile] | None = None
+    recipe: Recipe,
+    checkpoints: dict[str, Checkpoint],
+    statistics: Mapping[str, Path | StatisticsFile] | None = None,
+    *,
+    base_dir: Path | None = None,
 ) -> MergePlan:
     """Resolve the recipe against its checkpoints into per-tensor jobs; raise PlanError on any problem.
 
-    A data-aware method (fisher, regmean) needs ``statistics``: per model reference, its statistics file."""
+    A data-aware method (fisher, regmean) needs ``statistics``: per model reference, its statistics file.
+    ``base_dir``: what a relative ``tokenizer_source`` directory is relative to (as model paths are)."""
     method = get_method(recipe.merge_method)
     vocabulary = None
     if recipe.tokenizer_source is not None:  # tokenizers may differ: re-index the vocabulary tensors
         from evomerge.merge.vocabulary import VocabularyError, align_vocabularies, aligned_checkpoints
 
         anchor = recipe.base_model or recipe.referenced_models()[0]
+        source = recipe.tokenizer_source
+        if source not in ("base", "union", *checkpoints) and base_dir is not None and not Path(source).is_absolute():
+            source = str(base_dir / source)
         try:
-            vocabulary = align_vocabularies(recipe.tokenizer_source, anchor, recipe.base_model, checkpoints)
+            vocabulary = align_vocabularies(source, anchor, recipe.base_model, checkpoints)
         except VocabularyError as exc:
             raise PlanError(str(exc)) from None
         if vocabulary is not None:
