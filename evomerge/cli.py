@@ -136,7 +136,10 @@ def _statistics_provider(device: str, quiet: bool) -> Any:
 @app.command("eval")
 def eval_command(
     target: Annotated[
-        Path, typer.Argument(help="A checkpoint directory, or a recipe YAML (merged in memory, never written).")
+        Path,
+        typer.Argument(
+            help="A checkpoint directory, a recipe YAML (merged in memory, never written), or an adapter_merge: YAML."
+        ),
     ],
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names, e.g. zoo_latin,zoo_greek.")],
     include_path: Annotated[
@@ -181,8 +184,12 @@ def eval_command(
             base_dir=Path.cwd(),
             allow_pickle=allow_pickle,
         )
+        from evomerge.recipe.adapters import is_adapter_merge
+
         if target.is_dir():
             result = evaluator.evaluate_checkpoint(target)
+        elif is_adapter_merge(target):  # merged into a temporary adapter, scored as BASE+ADAPTER
+            result = _eval_adapter_merge(evaluator, target)
         else:
             result = evaluator.evaluate(Recipe.load(target))
     except (*_user_errors(), TaskError) as exc:
@@ -202,6 +209,24 @@ def eval_command(
             table.add_row(task_split.split("@")[0], metric, _number(value))
     out.print(table)
     err.print(f"materialize {result.materialize_seconds:.2f}s · score {result.score_seconds:.2f}s", highlight=False)
+
+
+def _eval_adapter_merge(evaluator: Any, path: Path) -> Any:
+    """Score an ``adapter_merge:`` file: its adapters merged into a temporary PEFT adapter, the base with
+    that adapter merged in (``BASE+ADAPTER``) scored like any recipe."""
+    import tempfile
+
+    from evomerge.merge.adapters import merge_adapters_to_disk
+    from evomerge.recipe import Recipe
+    from evomerge.recipe.adapters import AdapterMerge
+
+    spec = AdapterMerge.load(path)
+    base = Path(spec.base_model)
+    base = base if base.is_absolute() else Path.cwd() / base
+    with tempfile.TemporaryDirectory(prefix="evomerge-adapter-") as folder:
+        adapter = merge_adapters_to_disk(spec, Path(folder) / "adapter", base_dir=Path.cwd())
+        recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+        return evaluator.evaluate(Recipe.from_dict(recipe))
 
 
 @app.command()

@@ -287,3 +287,45 @@ def test_a_search_over_the_zoo_lora_specialists(zoo_dir, tmp_path) -> None:
     records = list(RunDir(tmp_path / "run").records())
     assert len(records) == 4 and all(r.ok for r in records), [r.reason for r in records]
     assert max(r.objectives["zoo_latin/acc"] for r in records) > 0.5  # the LoRA skill survives the merge
+
+
+def test_eval_scores_an_adapter_merge_file_as_its_merged_adapter(zoo_dir, tmp_path) -> None:
+    """``evomerge eval`` takes an ``adapter_merge:`` file: the same scores as merging it with
+    ``evomerge merge`` and scoring BASE+ADAPTER."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+    from evomerge.eval.evaluator import CandidateEvaluator
+    from evomerge.eval.tasks import Objective
+    from evomerge.merge.adapters import merge_adapters_to_disk
+    from evomerge.recipe import Recipe
+
+    base = str(zoo_dir / "models" / "base")
+    spec = {
+        "adapter_merge": "cat",
+        "base_model": base,
+        "adapters": [
+            {"adapter": str(zoo_dir / "adapters" / "latin"), "weight": 0.8},
+            {"adapter": str(zoo_dir / "adapters" / "greek"), "weight": 0.6},
+        ],
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    args = ["eval", str(path), "--tasks", "zoo_latin,zoo_greek", "--include-path", str(zoo_dir / "tasks")]
+    result = CliRunner().invoke(app, [*args, "--limit", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)["objectives"]
+    adapter = merge_adapters_to_disk(AdapterMerge.from_dict(spec), tmp_path / "adapter")
+    evaluator = CandidateEvaluator(
+        [Objective(task=t, split="test", limit=20) for t in ("zoo_latin", "zoo_greek")],
+        include_paths=[zoo_dir / "tasks"],
+    )
+    expected = evaluator.evaluate(
+        Recipe.from_dict(
+            {"merge_method": "linear", "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+        )
+    )
+    assert scored == expected.objectives and 0 < min(scored.values())
