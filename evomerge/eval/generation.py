@@ -242,7 +242,8 @@ def _decode_batch(
             mask, positions = mask[index], positions[index]
             rows, step = [rows[k] for k in keep], [chosen[k] for k in keep]
         else:  # every row steps (finished ones are not read again)
-            done.update(row for slot, row in enumerate(rows) if slot not in set(keep))
+            kept = set(keep)
+            done.update(row for slot, row in enumerate(rows) if slot not in kept)
             step = chosen
         mask = torch.cat([mask, torch.ones((len(step), 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,12 @@ class VocabularyAlignment:
     def size(self) -> int:
         return len(self.vocab)
 
-    def stand_ins(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """For tensor ``name``: output token id -> the row models lacking that token use (mergekit's rule)."""
+    def stand_ins(self, name: str, load: Callable[[], Mapping[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """For tensor ``name``: output token id -> the row models lacking that token use (mergekit's rule),
+        computed once from ``load()`` (every model's stored tensor ``name``)."""
         if name in self._stand_ins:
             return self._stand_ins[name]
+        tensors = load()
         models = list(tensors)
         dtype = tensors[models[0]].dtype
         for tensor in tensors.values():
@@ -188,12 +190,12 @@ class AlignedCheckpoint(Checkpoint):
         if name not in VOCABULARY_TENSORS:
             return self.inner.get(name)
         own = self.inner.get(name)
-        raw = {ref: peer.inner if isinstance(peer, AlignedCheckpoint) else peer for ref, peer in self.peers.items()}
-        having = {ref: ckpt.get(name) for ref, ckpt in raw.items() if name in ckpt.tensors}
-        stand_ins = self.alignment.stand_ins(name, having)
+        raw = [(ref, getattr(peer, "inner", peer)) for ref, peer in self.peers.items()]
+        holders = {ref: ckpt for ref, ckpt in raw if name in ckpt.tensors}
+        stand_ins = self.alignment.stand_ins(name, lambda: {ref: ckpt.get(name) for ref, ckpt in holders.items()})
         dtype = own.dtype
-        for tensor in having.values():
-            dtype = torch.promote_types(dtype, tensor.dtype)
+        for ckpt in holders.values():
+            dtype = torch.promote_types(dtype, ckpt.tensors[name].dtype)
         out = torch.zeros((self.alignment.size, *own.shape[1:]), dtype=dtype)
         rows = torch.tensor(self.alignment.rows[self.ref])
         present = rows >= 0

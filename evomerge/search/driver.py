@@ -85,6 +85,9 @@ class Search:
         self.on_start = on_start
         self.progress = progress
         self._best: CandidateRecord | None = None
+        self._spent = 0
+        """Candidates spent of the budget (recorded, promotions to full scoring not counted), kept as
+        records arrive rather than recounted at every dispatch."""
         self._genome: PSGenome | DFSGenome | None = None  # made by check(), once earlier stages are merged
         self._checked: bool | None = None  # the resume flag check() passed with
         self.labels = [o.label for o in run.objectives]
@@ -230,10 +233,11 @@ class Search:
         started = time.monotonic()
         deadline = started + self.time_limit if self.time_limit else math.inf
         records = {r.id: r for r in self.run_dir.records()}
+        self._spent = sum(1 for r in records.values() if r.promoted_from is None)
         by_hash = {(r.recipe_hash, r.fidelity): r for r in records.values() if r.ok}
         self._best = self.report(records).best()
         stopped = "budget"
-        bar = _Progress(self.progress, self.budget, self._proposals(records), self._best_text())
+        bar = _Progress(self.progress, self.budget, self._spent, self._best_text())
         loop = self._steady_loop if self.run.config.optimizer.mode == "async" else self._generation_loop
         try:
             stopped = loop(state, records, by_hash, bar, deadline)
@@ -273,7 +277,7 @@ class Search:
             if state.pending_X is None:
                 if state.optimizer.finished:
                     return "done"
-                if self._proposals(records) >= self.budget:
+                if self._spent >= self.budget:
                     return self._promote_front(state, records, flight, deadline) or "budget"
                 X = state.optimizer.ask()
                 state.pending_X = X
@@ -288,7 +292,7 @@ class Search:
             for cid, source, fidelity, promoted_from in jobs:
                 if cid in records or flight.busy(cid):
                     continue
-                if promoted_from is None and self._proposals(records) + flight.proposals() >= self.budget:
+                if promoted_from is None and self._spent + flight.proposals() >= self.budget:
                     break
                 if time.monotonic() >= deadline or len(flight.in_flight) >= self.executor.capacity:
                     break
@@ -307,10 +311,6 @@ class Search:
             outcome = self.executor.next_outcome(timeout=1.0)
             if outcome is not None:
                 flight.take(outcome)
-
-    def _proposals(self, records: dict[int, CandidateRecord]) -> int:
-        """Candidates spent of the budget: every asked candidate scored, not its promotion to full scoring."""
-        return sum(1 for r in records.values() if r.promoted_from is None)
 
     def _promotions(self, state: SearchState, records: dict[int, CandidateRecord]) -> dict[int, int]:
         """The screened generation's best share (``optimizer.promote``, at least one), by the optimizer's
@@ -534,6 +534,8 @@ class Search:
     ) -> None:
         self.run_dir.append(record)
         records[record.id] = record
+        if record.promoted_from is None:
+            self._spent += 1
         if record.ok:
             by_hash.setdefault((record.recipe_hash, record.fidelity), record)
             self._best = self._better(self._best, record)
