@@ -4,6 +4,7 @@ record and export tests."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from evomerge.runtime import make_executor
 from evomerge.search.config import resolve_run_config
@@ -56,9 +57,16 @@ def zoo_pair_config(zoo_dir: Path, objectives: list[dict], **optimizer) -> dict:
     }
 
 
-def search_zoo(config: dict, run_dir: Path, *, budget: int, resume: bool = False, workers: int = 0) -> None:
-    """Run ``config`` (``zoo_pair_config``) to ``budget`` candidates in ``run_dir`` (Ray with ``workers``)."""
-    data = {**config, "optimizer": {**config["optimizer"], "budget": budget}, "runtime": {"workers": workers}}
+def search_zoo(
+    config: dict, run_dir: Path, *, budget: int, resume: bool = False, workers: int = 0, **runtime: Any
+) -> None:
+    """Run ``config`` (``zoo_pair_config``) to ``budget`` candidates in ``run_dir`` (Ray with ``workers``;
+    more ``runtime`` settings as keywords)."""
+    data = {
+        **config,
+        "optimizer": {**config["optimizer"], "budget": budget},
+        "runtime": {"workers": workers, **runtime},
+    }
     run = resolve_run_config(data, base_dir=run_dir.parent)
     executor = make_executor(run)
     try:

@@ -223,7 +223,7 @@ def test_evomerge_merge_computes_statistics_once_and_equals_the_in_memory_merge(
         [Objective(task="zoo_latin", metric="acc", limit=4)], include_paths=[str(zoo_dir / "tasks")]
     )
     plan = evaluator._plan(Recipe.from_dict(recipe))
-    model = evaluator._resident_model(plan)
+    model = evaluator._take_model(plan)
     from evomerge.merge.engine import materialize_into
 
     materialize_into(model, plan)

@@ -260,7 +260,7 @@ def test_the_scoring_dtype_is_a_choice(zoo_dir) -> None:
         evaluator = CandidateEvaluator(objectives, include_paths=[str(zoo_dir / "tasks")], score_dtype=dtype)
         result = evaluator.evaluate(recipe)
         assert result.ok, result.reason
-        model = next(iter(evaluator._models.values()))
+        (model,) = next(iter(evaluator._models.values()))
         assert next(model.parameters()).dtype == getattr(torch, dtype)
         scores[dtype] = result.objectives
     for label, value in scores["float32"].items():

@@ -44,7 +44,7 @@ def evaluator(zoo_dir: Path, resident: str) -> CandidateEvaluator:
 
 
 def resident_state(ev: CandidateEvaluator) -> dict[str, torch.Tensor]:
-    (model,) = ev._models.values()
+    ((model,),) = ev._models.values()
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

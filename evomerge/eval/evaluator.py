@@ -5,14 +5,21 @@ routing may have more or fewer layers than the sources), builds the tasks and th
 once, and for each recipe writes the merged tensors into the resident model in place and scores it.
 Identical recipes (same content hash) are scored once. A candidate that raises, or produces NaN/Inf
 weights or logits, comes back as a failed result with its reason; it never raises to the caller.
+
+With ``buffers=2`` (``runtime.overlap``) two threads may call ``evaluate`` at once: a candidate is
+merged into a second resident model (on CUDA, on a stream of its own) while the other is scored. The
+two stages each hold a lock (merging, scoring), so at most one candidate is in each; a second buffer
+is made only when the memory check says it fits, else the merge waits for the first one to be free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +42,9 @@ SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 RESIDENT_SOURCES = ("auto", "on", "off")
 """``runtime.resident_sources``: keep the sources' tensors on the scoring device between candidates
 (``merge/resident.py``): ``auto`` on CUDA when they fit, ``on`` wherever they fit, ``off``."""
+OVERLAP_SHARE = 0.5
+"""A second resident model (``buffers=2``) is made on a GPU only if it takes at most this share of the
+device's free memory (the rest is for activations while the other one is scored)."""
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +85,7 @@ class CandidateEvaluator:
         allow_pickle: bool = False,
         batch_tokens: int = 16384,
         resident_sources: str = "auto",
+        buffers: int = 1,
     ):
         if not objectives:
             raise ValueError("objectives: at least one objective is needed")
@@ -84,7 +95,11 @@ class CandidateEvaluator:
             raise ValueError(
                 f"runtime.resident_sources: {resident_sources!r} is not valid; use {', '.join(RESIDENT_SOURCES)}"
             )
+        if buffers not in (1, 2):
+            raise ValueError(f"buffers: {buffers} is not valid; use 1 (one candidate at a time) or 2 (overlap)")
         self.backend = backend
+        self.buffers = buffers
+        """Resident models per layer count: 2 lets one candidate merge while another is scored."""
         self.resident_sources = resident_sources
         self._resident: Any = None  # ResidentSources, made by the first candidate that uses them
         self.resident_note: str | None = None
@@ -101,7 +116,17 @@ class CandidateEvaluator:
         self._checkpoints: dict[str, Checkpoint] = {}
         self._statistics_files: dict[tuple[str, str, str], StatisticsFile] = {}
         """(statistic, model reference, data section) -> that model's statistics file."""
-        self._models: dict[int, torch.nn.Module] = {}
+        self._models: dict[int, list[torch.nn.Module]] = {}
+        """Per layer count, every resident model made so far (at most ``buffers``)."""
+        self._free: dict[int, list[torch.nn.Module]] = {}
+        """Per layer count, the resident models no candidate is using now."""
+        self._buffers_free = threading.Condition()
+        self._merge_lock = threading.Lock()
+        self._score_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._merge_stream: Any = None  # a CUDA stream for merging while another candidate is scored
+        self.buffer_note: str | None = None
+        """Why a second resident model was not made (the memory check's verdict), when it was not."""
         self._tokenizer: Any = None
         self._scorers: dict[Fidelity, FastScorer | LmEvalScorer] = {}
         self._cache: dict[tuple[str, Fidelity], CandidateResult] = {}
@@ -113,25 +138,35 @@ class CandidateEvaluator:
         if fidelity not in FIDELITIES:
             raise ValueError(f"fidelity {fidelity!r}: expected one of {', '.join(FIDELITIES)}")
         key = recipe.content_hash()
-        if (key, fidelity) in self._cache:
-            return dataclasses.replace(self._cache[key, fidelity], cached=True, seconds=0.0)
+        with self._cache_lock:
+            if (key, fidelity) in self._cache:
+                return dataclasses.replace(self._cache[key, fidelity], cached=True, seconds=0.0)
         start = time.perf_counter()
+        model = None
+        plan: MergePlan | None = None
         try:
-            plan = self._plan(recipe)
-            model = self._resident_model(plan)
-            materialize_into(model, plan, seed=self.seed, source=self._source(plan))
-            _check_finite(model)
+            with self._merge_lock:  # one candidate merges at a time (sources, caches, the merge stream)
+                plan = self._plan(recipe)
+                model = self._take_model(plan)
+                with self._merging():
+                    materialize_into(model, plan, seed=self.seed, source=self._source(plan))
+                    _check_finite(model)
+                if plan.tokenizer is not None and self._tokenizer is None:  # aligned vocabularies: the built tokenizer
+                    self._tokenizer = plan.tokenizer
             merged = time.perf_counter()
-            if plan.tokenizer is not None and self._tokenizer is None:  # aligned vocabularies: the built tokenizer
-                self._tokenizer = plan.tokenizer
-            scores = self._score(model, self._tokenizer_dir(plan), fidelity)
-            result = self._result(key, scores, fidelity)
+            with self._score_lock:  # one candidate scores at a time (the scorers keep per-item values)
+                scores = self._score(model, self._tokenizer_dir(plan), fidelity)
+                result = self._result(key, scores, fidelity)
             result.materialize_seconds = merged - start
             result.score_seconds = time.perf_counter() - merged
         except Exception as exc:  # a bad candidate must not take the search down
             result = CandidateResult(key, "failed", reason=f"{type(exc).__name__}: {exc}", fidelity=fidelity)
+        finally:
+            if model is not None and plan is not None:
+                self._give_back(plan.num_layers, model)
         result.seconds = time.perf_counter() - start
-        self._cache[key, fidelity] = result
+        with self._cache_lock:
+            self._cache[key, fidelity] = result
         return result
 
     def selections(self, fidelity: Fidelity = "full") -> list[PreparedTask]:
@@ -207,20 +242,72 @@ class CandidateEvaluator:
             self.resident_note = self._resident.refused
         return None
 
-    def _resident_model(self, plan: MergePlan) -> torch.nn.Module:
-        """One model per layer count, built once from the plan's output config and then reused."""
-        model = self._models.get(plan.num_layers)
-        if model is None:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            config = AutoConfig.for_model(**{k: v for k, v in plan.config.items() if k != "dtype"})
-            model = AutoModelForCausalLM.from_config(config, dtype=self.score_dtype).to(self.device).eval()
-            names = {job.name for job in plan.jobs}
-            uncovered = [n for n, _ in model.named_parameters() if n not in names]
-            if uncovered:
-                raise PlanError(f"the merge does not produce {uncovered[0]} of the model ({len(uncovered)} missing)")
-            self._models[plan.num_layers] = model
+    def _take_model(self, plan: MergePlan) -> torch.nn.Module:
+        """A resident model of the plan's layer count that no other candidate is using: a free one, a new
+        one (the first, or a second when ``buffers=2`` and it fits), or else the next one given back."""
+        layers = plan.num_layers
+        with self._buffers_free:
+            while True:
+                free = self._free.setdefault(layers, [])
+                if free:
+                    return free.pop()
+                made = self._models.setdefault(layers, [])
+                if not made or (len(made) < self.buffers and self._second_fits(made[0])):
+                    break
+                self._buffers_free.wait()
+        model = self._new_model(plan)
+        with self._buffers_free:
+            self._models[layers].append(model)
         return model
+
+    def _give_back(self, layers: int, model: torch.nn.Module) -> None:
+        with self._buffers_free:
+            self._free.setdefault(layers, []).append(model)
+            self._buffers_free.notify_all()
+
+    def _second_fits(self, model: torch.nn.Module) -> bool:
+        """The memory check for a second resident model: on a GPU it must take at most
+        ``OVERLAP_SHARE`` of the free memory; on a CPU, of the free physical memory."""
+        from evomerge.merge.resident import free_bytes
+
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = free_bytes(torch.device(self.device))
+        if need <= OVERLAP_SHARE * free:
+            self.buffer_note = None
+            return True
+        note = (
+            f"a second resident model ({need / 2**30:.2f} GiB) does not fit in {OVERLAP_SHARE:.0%} of the "
+            f"{free / 2**30:.2f} GiB free on {self.device}; candidates are merged and scored one at a time"
+        )
+        if note != self.buffer_note:
+            log.warning("overlap: %s", note)
+            self.buffer_note = note
+        return False
+
+    def _new_model(self, plan: MergePlan) -> torch.nn.Module:
+        """A resident model built from the plan's output config (then reused for every candidate)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**{k: v for k, v in plan.config.items() if k != "dtype"})
+        model = AutoModelForCausalLM.from_config(config, dtype=self.score_dtype).to(self.device).eval()
+        names = {job.name for job in plan.jobs}
+        uncovered = [n for n, _ in model.named_parameters() if n not in names]
+        if uncovered:
+            raise PlanError(f"the merge does not produce {uncovered[0]} of the model ({len(uncovered)} missing)")
+        return model
+
+    @contextlib.contextmanager
+    def _merging(self) -> Iterator[None]:
+        """With two buffers on CUDA, merge on a stream of its own (so the copies and merge kernels run
+        beside the other candidate's scoring) and wait for it before the candidate is scored."""
+        if self.buffers < 2 or not self.device.startswith("cuda"):
+            yield
+            return
+        if self._merge_stream is None:
+            self._merge_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._merge_stream):
+            yield
+        self._merge_stream.synchronize()
 
     def _tokenizer_dir(self, plan: MergePlan) -> Path:
         ckpt = plan.checkpoints.get(plan.tokenizer_model)

@@ -37,6 +37,8 @@ class EvaluatorSpec:
     """Keep the sources' tensors on the device between candidates: auto (on CUDA, when they fit), on, off."""
     score_dtype: str = "auto"
     """The resident model's dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    buffers: int = 1
+    """Resident models per layer count: 2 when the worker runs two candidates at once (``runtime.overlap``)."""
     seed: int = 0
     threads: int | None = None
     """``torch.set_num_threads`` in the worker; ``None``: the CPUs reserved per worker (Ray) or
@@ -63,6 +65,7 @@ class EvaluatorSpec:
             device=self.device,
             score_dtype=self.score_dtype,
             resident_sources=self.resident_sources,
+            buffers=self.buffers,
             seed=self.seed,
             base_dir=Path(self.base_dir) if self.base_dir else None,
         )

@@ -7,7 +7,9 @@ manager, it moves only when called. ``submit`` hands the job to an idle worker (
 deadline), then takes in what finished, enforces the per-job timeout, replaces workers that died or
 timed out, and hands queued jobs (retries) to whichever worker is free. A job whose worker died or
 timed out is retried once on another worker before it comes back as failed; a slot whose
-replacement keeps failing to start is retired (capacity shrinks by one). The search driver waits in
+replacement keeps failing to start is retired (capacity shrinks by one). With ``lanes=2``
+(``runtime.overlap``) each actor runs two jobs at once in two threads, its evaluator merging one
+candidate while it scores the other. The search driver waits in
 ``next_outcome`` whenever jobs are out, so this feeds workers as promptly as a dispatcher thread.
 """
 
@@ -74,6 +76,17 @@ def _actor_class() -> Any:
     return _ACTOR_CLASS
 
 
+@dataclass
+class _Run:
+    """One job attempt running on a worker."""
+
+    job: Job
+    tries: int
+    history: list[str]
+    started: float
+    deadline: float | None
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -98,7 +111,7 @@ class _Slot:
     index: int
     name: str = ""
     actor: Any = None
-    state: str = "starting"  # starting | idle | busy | reserved (call_on_worker) | dead
+    state: str = "starting"  # starting | idle | busy (a job or more) | reserved (call_on_worker) | dead
     node: str | None = None  # the Ray node id the actor runs on (once ready)
 
     @property
@@ -107,12 +120,10 @@ class _Slot:
         return f"{self.name}@{self.node[:8]}" if self.node else self.name
 
     ready_ref: Any = None
-    job_ref: Any = None
-    job: Job | None = None
-    tries: int = 0
-    history: list[str] = field(default_factory=list)
-    started: float = 0.0
+    runs: dict[Any, _Run] = field(default_factory=dict)
+    """The jobs running on the actor, by their Ray object ref (at most the pool's ``lanes``)."""
     deadline: float | None = None
+    """While starting: when the actor must be up."""
     start_failures: int = 0
     pid: int | None = None
 
@@ -139,6 +150,7 @@ class RayExecutor:
         runtime_env: dict | None = None,
         startup_timeout: float | None = 600.0,
         quiet: bool = True,
+        lanes: int = 1,
     ):
         """Connect to (or start) Ray, start ``workers`` actors (default: as many as fit) and wait until
         each has built its evaluator, so that a broken spec fails here rather than on every job."""
@@ -150,11 +162,14 @@ class RayExecutor:
             raise ValueError("gpus_per_worker must be >= 0")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be > 0 seconds (or None for no limit)")
+        if lanes < 1:
+            raise ValueError("lanes must be >= 1 (jobs one worker runs at once)")
         if workers is not None and workers < 1:
             raise ValueError("workers must be >= 1 (use InProcessExecutor for 0)")
         self.spec = spec
         self.timeout = timeout
         self.retries = retries
+        self.lanes = lanes
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
         self.runtime_env = runtime_env
@@ -209,8 +224,8 @@ class RayExecutor:
     # --- public ----------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:  # type: ignore[override]
-        """Worker slots not retired: jobs that can run at once."""
-        return sum(1 for s in self._slots if s.state != "dead")
+        """Jobs that can run at once: ``lanes`` per worker slot not retired."""
+        return self.lanes * sum(1 for s in self._slots if s.state != "dead")
 
     def workers(self) -> list[dict[str, Any]]:
         """Name, state, pid and Ray node id of each worker slot (for logs and tests); takes in what Ray has
@@ -279,7 +294,7 @@ class RayExecutor:
         return self._unfinished
 
     def idle_fraction(self) -> float:
-        """Share of worker-seconds since the first submit in which a worker had no job.
+        """Share of worker-seconds since the first submit in which a worker had no job (per lane).
 
         A job counts as running until its result is taken in, so one that finishes while the
         driver is busy between calls counts as running until the driver calls again.
@@ -289,8 +304,8 @@ class RayExecutor:
         now = time.monotonic()
         elapsed = now - self._t0
         live = sum(1 for s in self._slots if s.state != "dead")
-        total = live * elapsed + self._dead_seconds
-        busy = self._busy + sum(now - s.started for s in self._slots if s.state == "busy")
+        total = self.lanes * (live * elapsed + self._dead_seconds)
+        busy = self._busy + sum(now - run.started for s in self._slots for run in s.runs.values())
         return min(1.0, max(0.0, 1.0 - busy / total)) if total > 0 else 0.0
 
     def shutdown(self) -> None:
@@ -329,6 +344,8 @@ class RayExecutor:
         self._names += 1
         slot.name = f"ray-actor-{self._names}"
         options: dict[str, Any] = {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker}
+        if self.lanes > 1:  # a threaded actor: its jobs run side by side
+            options["max_concurrency"] = self.lanes
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         slot.actor = _actor_class().options(**options).remote(self.spec, self.threads, slot.name)
@@ -342,10 +359,11 @@ class RayExecutor:
     def _kill(self, slot: _Slot) -> None:
         import ray
 
-        for ref in (slot.ready_ref, slot.job_ref):
+        for ref in (slot.ready_ref, *slot.runs):
             if ref is not None:
                 self._refs.pop(ref, None)
-        slot.ready_ref = slot.job_ref = None
+        slot.ready_ref = None
+        slot.runs = {}
         if slot.actor is not None:
             try:
                 ray.kill(slot.actor, no_restart=True)
@@ -392,6 +410,7 @@ class RayExecutor:
         refs = list(self._refs)
         if refs:
             deadlines = [s.deadline for s in self._slots if s.deadline is not None]
+            deadlines += [run.deadline for s in self._slots for run in s.runs.values() if run.deadline is not None]
             if deadlines:
                 until = max(0.0, min(deadlines) - time.monotonic())
                 wait = until if wait is None else min(wait, until)
@@ -404,19 +423,16 @@ class RayExecutor:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Give queued jobs to idle workers."""
+        """Give queued jobs to workers with a free lane."""
         for slot in self._slots:
-            if not self._queue:
-                return
-            if slot.state != "idle":
-                continue
-            job, tries, history = self._queue.popleft()
-            slot.job, slot.tries, slot.history = job, tries, history
-            slot.started = time.monotonic()
-            slot.deadline = None if self.timeout is None else slot.started + self.timeout
-            slot.job_ref = slot.actor.evaluate.remote(job)
-            slot.state = "busy"
-            self._refs[slot.job_ref] = slot
+            while self._queue and slot.state in ("idle", "busy") and len(slot.runs) < self.lanes:
+                job, tries, history = self._queue.popleft()
+                started = time.monotonic()
+                deadline = None if self.timeout is None else started + self.timeout
+                ref = slot.actor.evaluate.remote(job)
+                slot.runs[ref] = _Run(job, tries, history, started, deadline)
+                slot.state = "busy"
+                self._refs[ref] = slot
 
     def _collect(self, ref: Any) -> None:
         import ray
@@ -431,8 +447,8 @@ class RayExecutor:
             value, error = None, exc
         if slot.ready_ref is not None and ref == slot.ready_ref:
             self._worker_started(slot, value, error)
-        elif slot.job_ref is not None and ref == slot.job_ref:
-            self._job_finished(slot, value, error)
+        elif ref in slot.runs:
+            self._job_finished(slot, slot.runs.pop(ref), value, error)
 
     def _worker_started(self, slot: _Slot, info: Any, error: BaseException | None) -> None:
         slot.ready_ref = None
@@ -470,42 +486,36 @@ class RayExecutor:
             job, tries, history = self._queue.popleft()
             self._fail(job, history + [f"no workers left ({why})"], "none", 0.0)
 
-    def _job_finished(self, slot: _Slot, result: Any, error: BaseException | None) -> None:
+    def _job_finished(self, slot: _Slot, run: _Run, result: Any, error: BaseException | None) -> None:
         import ray
 
-        job, tries, history = slot.job, slot.tries, slot.history
-        assert job is not None
-        seconds = time.monotonic() - slot.started
+        seconds = time.monotonic() - run.started
         self._busy += seconds
-        slot.job_ref = None
-        slot.job = None
-        slot.deadline = None
-        if error is None:
+        if not slot.runs:
             slot.state = "idle"
-            self._outcomes.append(Outcome(job, result, slot.label))
+        if error is None:
+            self._outcomes.append(Outcome(run.job, result, slot.label))
             return
         if isinstance(error, ray.exceptions.RayTaskError) and not isinstance(error, ray.exceptions.RayActorError):
             # The method raised (run_job catches evaluator errors, so e.g. an unpicklable result):
             # deterministic, so the worker lives on and the job is not retried.
-            slot.state = "idle"
             cause = error.cause if getattr(error, "cause", None) is not None else error
             self._fail(
-                job, history + [f"worker error on {slot.name}: {type(cause).__name__}: {cause}"], slot.name, seconds
+                run.job,
+                run.history + [f"worker error on {slot.name}: {type(cause).__name__}: {cause}"],
+                slot.name,
+                seconds,
             )
             return
-        name = slot.name
-        why = f"worker died: {name} (pid {slot.pid}): {_death_cause(error)}"
-        log.warning("candidate %s attempt %d: %s", job.candidate_id, job.attempt, why)
-        self._replace(slot)
-        self._retry_or_fail(job, tries, history + [why], name, seconds)
+        why = f"worker died: {slot.name} (pid {slot.pid}): {_death_cause(error)}"
+        log.warning("candidate %s attempt %d: %s", run.job.candidate_id, run.job.attempt, why)
+        self._lose_worker(slot, run, why, seconds, blame_all=True)
 
     def _expire(self) -> None:
         """Time out jobs past their deadline and actors that did not start in time."""
         now = time.monotonic()
         for slot in self._slots:
-            if slot.deadline is None or now < slot.deadline:
-                continue
-            if slot.state == "starting":
+            if slot.state == "starting" and slot.deadline is not None and now >= slot.deadline:
                 self._refs.pop(slot.ready_ref, None)
                 self._worker_started(
                     slot,
@@ -513,19 +523,36 @@ class RayExecutor:
                     TimeoutError(f"{slot.name} did not build its evaluator within {self.startup_timeout:g} s"),
                 )
                 continue
-            if slot.state != "busy":
+            late = next(
+                (ref for ref, run in slot.runs.items() if run.deadline is not None and now >= run.deadline), None
+            )
+            if late is None:
                 continue
-            job, tries, history = slot.job, slot.tries, slot.history
-            assert job is not None
-            seconds = now - slot.started
+            run = slot.runs.pop(late)
+            seconds = now - run.started
             self._busy += seconds
-            name = slot.name
-            why = f"timeout: no result from {name} within {self.timeout:g} s"
-            log.warning("candidate %s attempt %d: %s; killing the worker", job.candidate_id, job.attempt, why)
-            slot.job = None
-            slot.deadline = None
-            self._replace(slot)
-            self._retry_or_fail(job, tries, history + [why], name, seconds)
+            why = f"timeout: no result from {slot.name} within {self.timeout:g} s"
+            log.warning("candidate %s attempt %d: %s; killing the worker", run.job.candidate_id, run.job.attempt, why)
+            self._lose_worker(slot, run, why, seconds)
+
+    def _lose_worker(self, slot: _Slot, run: _Run, why: str, seconds: float, *, blame_all: bool = False) -> None:
+        """The worker died or timed out on ``run``: a fresh actor takes the slot and ``run`` is retried (or
+        fails). The jobs running beside it on the lost actor are retried too; a death (``blame_all``)
+        cannot be pinned on one of them, so each spends a retry, while after a timeout they go back to
+        the queue as they were."""
+        name = slot.name
+        beside = list(slot.runs.values())
+        now = time.monotonic()
+        for other in beside:
+            self._busy += now - other.started
+        self._replace(slot)
+        for other in reversed(beside):
+            if blame_all:
+                self._retry_or_fail(other.job, other.tries, other.history + [why], name, now - other.started)
+            else:
+                lost = f"lost with {name} ({why}) while another candidate ran on it"
+                self._queue.appendleft((other.job, other.tries, other.history + [lost]))
+        self._retry_or_fail(run.job, run.tries, run.history + [why], name, seconds)
 
     def _replace(self, slot: _Slot) -> None:
         """Kill the slot's actor (its pending results are dropped) and start a fresh one."""

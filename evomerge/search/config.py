@@ -100,6 +100,12 @@ class RuntimeConfig(_Strict):
     """Keep the source models' tensors on the scoring device between candidates, so a candidate is merged
     there without reading the checkpoints again: ``auto`` on CUDA when they fit in half its free memory
     (else the checkpoints, with a warning), ``on`` on any device, ``off``."""
+    overlap: Literal["auto", "on", "off"] = "auto"
+    """Ray workers take two candidates at once: one is merged into a second resident model (on CUDA, on
+    a stream of its own) while the other is scored. ``auto``: on GPU workers (``gpus_per_worker`` > 0),
+    where merging and scoring use different engines; ``on`` anywhere (on a CPU both stages share the
+    cores); ``off``. The second model is made only if it fits (else one at a time, with a warning); the
+    in-process executor (``workers: 0``) always runs one candidate at a time."""
 
     @model_validator(mode="before")
     @classmethod
