@@ -70,6 +70,12 @@ def test_the_same_tensors_as_mergekit_moe(zoo_dir, tmp_path, gate_mode) -> None:
     theirs_cfg = json.loads((tmp_path / "mergekit" / "config.json").read_text())
     for key in ("architectures", "num_local_experts", "num_experts_per_tok", "hidden_size", "num_hidden_layers"):
         assert ours_cfg[key] == theirs_cfg[key], key
+    from transformers import AutoTokenizer
+
+    ours_tok, theirs_tok = (AutoTokenizer.from_pretrained(tmp_path / d) for d in ("ours", "mergekit"))
+    assert ours_tok.get_vocab() == theirs_tok.get_vocab()
+    for attribute in ("pad_token_id", "bos_token_id", "eos_token_id", "padding_side"):
+        assert getattr(ours_tok, attribute) == getattr(theirs_tok, attribute), attribute
 
 
 def test_a_mixture_of_one_model_computes_what_that_model_does(zoo_dir, tmp_path) -> None:

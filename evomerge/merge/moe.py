@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +128,18 @@ def mixtral_config(base_config: dict[str, Any], experts: int, experts_per_token:
     return out
 
 
+def _save_tokenizer(base: Path, out: Path) -> None:
+    """The base's tokenizer as mergekit-moe saves it: left padding, padded with BOS (EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(out)
+
+
 def build_moe(
     config: MoEConfig,
     out_dir: str | Path,
@@ -141,7 +152,6 @@ def build_moe(
     """Write the mixture to ``out_dir`` (a temporary sibling renamed into place): config, tokenizer of
     the base, sharded safetensors. ``base_dir``: where relative model paths are resolved."""
     from evomerge.atomic import staging_dir
-    from evomerge.merge.engine import TOKENIZER_FILES
 
     base = _path(config.base_model, base_dir)
     sources = [_path(e.source_model, base_dir) for e in config.experts]
@@ -196,9 +206,7 @@ def build_moe(
                 writer.write(name, tensor)
             writer.finish()
             mixtral_config(base_ckpt.config, len(config.experts), config.experts_per_token, dtype).save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                if (base / name).is_file():
-                    shutil.copy2(base / name, tmp / name)
+            _save_tokenizer(base, tmp)
             (tmp / "evomerge_moe.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     finally:
         for checkpoint in checkpoints.values():
