@@ -434,9 +434,9 @@ def export(
 
     --checkpoint DIR materializes the picked recipe as well."""
     from evomerge.atomic import write_text
-    from evomerge.recipe import MERGEKIT_METHODS
+    from evomerge.recipe import MERGEKIT_METHODS, MoEConfig
     from evomerge.search.export import export_front, export_yaml
-    from evomerge.search.picks import PickError, recipe_of
+    from evomerge.search.picks import PickError, candidate_of, recipe_of
     from evomerge.search.picks import pick as pick_record
     from evomerge.search.report import RunReport
     from evomerge.search.stages import chain_of
@@ -448,8 +448,9 @@ def export(
         if output is not None or checkpoint is not None:
             record = pick_record(report, pick)
             values = ", ".join(f"{k}={_number(v)}" for k, v in record.objectives.items())
-            chain = chain_of(recipe_of(record))
-            if chain[-1].merge_method not in MERGEKIT_METHODS:
+            mixture = candidate_of(record)
+            chain = [] if isinstance(mixture, MoEConfig) else chain_of(recipe_of(record))
+            if chain and chain[-1].merge_method not in MERGEKIT_METHODS:
                 err.print(
                     f"note: merge_method {chain[-1].merge_method} is evomerge's own (data-aware); mergekit has no "
                     "equivalent, so only `evomerge merge` runs this recipe",
@@ -460,8 +461,14 @@ def export(
             err.print(f"candidate {record.id} ({values}) -> {output}", highlight=False)
         if checkpoint is not None:
             from evomerge.merge.engine import merge_chain_to_disk
+            from evomerge.merge.moe import build_moe
 
-            merge_chain_to_disk(chain, checkpoint, base_dir=Path.cwd(), statistics=_statistics_provider("cpu", False))
+            if isinstance(mixture, MoEConfig):
+                build_moe(mixture, checkpoint, base_dir=Path.cwd())
+            else:
+                merge_chain_to_disk(
+                    chain, checkpoint, base_dir=Path.cwd(), statistics=_statistics_provider("cpu", False)
+                )
             err.print(f"candidate {record.id} ({values}) materialized -> {checkpoint}", highlight=False)
         if front_dir is not None:
             files = export_front(report, front_dir)

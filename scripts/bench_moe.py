@@ -9,7 +9,11 @@ with gain retention per skill, next to the specialists and the hand-set dense me
 model's parameters and the parameters one token passes through (the multiply-accumulates per token are
 about that many: 2 FLOPs each, attention scores aside).
 
-    .venv/bin/python scripts/bench_moe.py [--zoo-seed 0]
+With ``--search BUDGET`` it also searches mixtures (``configs/zoo-moe.yaml``: which experts, which of
+their router prompts, base, gate mode, experts per token) with CMA-ES (weakest skill) and NSGA-II, in
+process, search seed 0, and adds each search's best weakest-skill pick (search split) to the table.
+
+    .venv/bin/python scripts/bench_moe.py [--zoo-seed 0] [--search 200]
 """
 
 from __future__ import annotations
@@ -51,9 +55,31 @@ def parameters(config: dict) -> tuple[int, int]:
     return total, used
 
 
+def searched_mixture(zoo_dir: Path, optimizer: dict, budget: int) -> MoEConfig:
+    """Search ``configs/zoo-moe.yaml`` (in process) and return its best weakest-skill pick (search split)."""
+    from evomerge.runtime.factory import make_executor
+    from evomerge.search.config import load_run_config
+    from evomerge.search.driver import Search
+    from evomerge.search.rundir import RunDir
+
+    overrides = [f"zoo={zoo_dir}", "runtime.workers=0", f"optimizer.budget={budget}"]
+    overrides += [f"optimizer.{k}={v}" for k, v in optimizer.items()]
+    run = load_run_config(ROOT / "configs" / "zoo-moe.yaml", overrides)
+    with tempfile.TemporaryDirectory(prefix="bench-moe-search-") as work:
+        executor = make_executor(run)
+        try:
+            Search(run, RunDir(Path(work) / "run"), executor).execute()
+        finally:
+            executor.shutdown()
+        records = [r for r in RunDir(Path(work) / "run").records() if r.ok and r.full]
+    best = max(records, key=lambda r: (min(r.objectives.values()), sum(r.objectives.values()), -r.id))
+    return MoEConfig.model_validate(best.recipe)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo-seed", type=int, default=0)
+    parser.add_argument("--search", type=int, default=0, help="also search mixtures with this budget")
     args = parser.parse_args()
     zoo_json = build_zoo(default_zoo_dir(args.zoo_seed), args.zoo_seed, progress=False)
     meta = load_zoo(zoo_json)
@@ -102,6 +128,27 @@ def main() -> None:
             scores = {name: result.objectives[f"{task}/acc"] for name, task in tasks.items()}
             label = f"MoE on the {base_label}, {gate_mode} gates, {per_token} of 3 experts per token"
             rows[label] = (scores, parameters(json.loads((out / "config.json").read_text())))
+    if args.search:
+        for label, optimizer in (
+            ("CMA-ES (weakest skill)", {"name": "cma", "scalarize": "worst", "sigma": 0.3}),
+            ("NSGA-II", {"name": "nsga2"}),
+        ):
+            config = searched_mixture(meta["root"], optimizer, args.search)
+            result = evaluator.evaluate(config)
+            assert result.ok, result.reason
+            scores = {name: result.objectives[f"{task}/acc"] for name, task in tasks.items()}
+            hf = {
+                **base_config,
+                "num_local_experts": len(config.experts),
+                "num_experts_per_tok": config.experts_per_token,
+            }
+            experts = "+".join(Path(e.source_model).name for e in config.experts)
+            where = Path(config.base_model).name
+            row = (
+                f"searched MoE, {label}, {args.search} cand.: experts {experts} on the {where}'s attention, "
+                f"{config.gate_mode} gates, {config.experts_per_token} per token"
+            )
+            rows[row] = (scores, parameters(hf))
     base_scores = dense.scores["base"]
     synergy = meta["synergy"]["name"]
     print(f"\n#### zoo seed {args.zoo_seed}: test split; kept = gain retention over each specialist\n")

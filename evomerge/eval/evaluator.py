@@ -31,9 +31,10 @@ from evomerge.eval.tasks import Objective, PreparedTask, prepare_tasks, screened
 from evomerge.merge.engine import materialize_into
 from evomerge.merge.io import Checkpoint
 from evomerge.merge.methods import get_method
+from evomerge.merge.moe import model_path
 from evomerge.merge.plan import MergePlan, PlanError, build_plan, open_checkpoints
 from evomerge.merge.statistics import StatisticsFile
-from evomerge.recipe import Recipe
+from evomerge.recipe import MoEConfig, Recipe
 
 Backend = Literal["fast", "lm-eval"]
 
@@ -132,9 +133,10 @@ class CandidateEvaluator:
         self._cache: dict[tuple[str, Fidelity], CandidateResult] = {}
 
     # --- public ------------------------------------------------------------------------------------
-    def evaluate(self, recipe: Recipe, fidelity: Fidelity = "full") -> CandidateResult:
+    def evaluate(self, recipe: Recipe | MoEConfig, fidelity: Fidelity = "full") -> CandidateResult:
         """Merge ``recipe`` into the resident model and score it on every configured item (``full``) or
-        on the screened subsets (``screen``, see ``Objective.screen``); failures are results, not exceptions."""
+        on the screened subsets (``screen``, see ``Objective.screen``); failures are results, not exceptions.
+        A mixture of experts (``MoEConfig``) is assembled as a model of its own for each candidate."""
         if fidelity not in FIDELITIES:
             raise ValueError(f"fidelity {fidelity!r}: expected one of {', '.join(FIDELITIES)}")
         key = recipe.content_hash()
@@ -146,16 +148,20 @@ class CandidateEvaluator:
         plan: MergePlan | None = None
         try:
             with self._merge_lock:  # one candidate merges at a time (sources, caches, the merge stream)
-                plan = self._plan(recipe)
-                model = self._take_model(plan)
-                with self._merging():
-                    materialize_into(model, plan, seed=self.seed, source=self._source(plan))
-                    _check_finite(model)
-                if plan.tokenizer is not None and self._tokenizer is None:  # aligned vocabularies: the built tokenizer
-                    self._tokenizer = plan.tokenizer
+                if isinstance(recipe, MoEConfig):
+                    model, tokenizer_dir = self._moe_model(recipe), model_path(recipe.base_model, self.base_dir)
+                else:
+                    plan = self._plan(recipe)
+                    model = self._take_model(plan)
+                    with self._merging():
+                        materialize_into(model, plan, seed=self.seed, source=self._source(plan))
+                    tokenizer_dir = self._tokenizer_dir(plan)
+                    if plan.tokenizer is not None and self._tokenizer is None:  # aligned vocabularies
+                        self._tokenizer = plan.tokenizer
+                _check_finite(model)
             merged = time.perf_counter()
             with self._score_lock:  # one candidate scores at a time (the scorers keep per-item values)
-                scores = self._score(model, self._tokenizer_dir(plan), fidelity)
+                scores = self._score(model, tokenizer_dir, fidelity)
                 result = self._result(key, scores, fidelity)
             result.materialize_seconds = merged - start
             result.score_seconds = time.perf_counter() - merged
@@ -241,6 +247,12 @@ class CandidateEvaluator:
             log.warning("resident sources: %s", self._resident.refused)
             self.resident_note = self._resident.refused
         return None
+
+    def _moe_model(self, config: MoEConfig) -> torch.nn.Module:
+        """A mixture's own model (its shape depends on its experts, so it is built per candidate)."""
+        from evomerge.merge.moe import moe_model
+
+        return moe_model(config, base_dir=self.base_dir, device=self.device, dtype=self.score_dtype, seed=self.seed)
 
     def _take_model(self, plan: MergePlan) -> torch.nn.Module:
         """A resident model of the plan's layer count that no other candidate is using: a free one, a new

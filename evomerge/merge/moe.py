@@ -33,7 +33,8 @@ class MoEError(ValueError):
     """A mixture that cannot be assembled from these models (names the model and what differs)."""
 
 
-def _path(ref: str, base_dir: Path | None) -> Path:
+def model_path(ref: str, base_dir: Path | None) -> Path:
+    """A model reference as a directory: relative paths against ``base_dir``."""
     path = Path(ref).expanduser()
     return path if path.is_absolute() or base_dir is None else (base_dir / path).resolve()
 
@@ -140,21 +141,13 @@ def _save_tokenizer(base: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_moe(
-    config: MoEConfig,
-    out_dir: str | Path,
-    *,
-    base_dir: Path | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    out_shard_size: str = "5GB",
-) -> Path:
-    """Write the mixture to ``out_dir`` (a temporary sibling renamed into place): config, tokenizer of
-    the base, sharded safetensors. ``base_dir``: where relative model paths are resolved."""
-    from evomerge.atomic import staging_dir
-
-    base = _path(config.base_model, base_dir)
-    sources = [_path(e.source_model, base_dir) for e in config.experts]
+def moe_tensors(
+    config: MoEConfig, *, base_dir: Path | None = None, device: str = "cpu", seed: int = 0
+) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """The mixture's Transformers config and every tensor, named as a Mixtral checkpoint names them:
+    the base's non-MLP tensors, each layer's experts stacked from the sources' MLPs, the routers."""
+    base = model_path(config.base_model, base_dir)
+    sources = [model_path(e.source_model, base_dir) for e in config.experts]
     checkpoints = {path: Checkpoint(path) for path in dict.fromkeys([base, *sources])}
     try:
         base_ckpt = checkpoints[base]
@@ -176,39 +169,70 @@ def build_moe(
         gates = gate_vectors(config, base, device=device, seed=seed)
         layers = int(base_ckpt.config["num_hidden_layers"])
         generator = torch.Generator().manual_seed(seed)
-
-        def tensors() -> list[tuple[str, torch.Tensor]]:
-            out = [(name, base_ckpt.get(name).to(dtype)) for name in base_ckpt.tensors if ".mlp." not in name]
-            for layer in range(layers):
-                prefix = f"model.layers.{layer}.mlp"
-                gate_up, down = [], []
-                for expert, path in zip(config.experts, sources):
-                    read = checkpoints[path].get
-                    w1 = _noise_and_scale(read(f"{prefix}.gate_proj.weight"), expert, False, generator)
-                    w2 = _noise_and_scale(read(f"{prefix}.down_proj.weight"), expert, True, generator)
-                    w3 = _noise_and_scale(read(f"{prefix}.up_proj.weight"), expert, False, generator)
-                    gate_up.append(torch.cat([w1, w3], dim=0))
-                    down.append(w2)
-                out.append((f"{prefix}.experts.gate_up_proj", torch.stack(gate_up).to(dtype)))
-                out.append((f"{prefix}.experts.down_proj", torch.stack(down).to(dtype)))
-            out += [
-                (f"model.layers.{layer}.mlp.gate.weight", gates[layer].to(dtype).contiguous())
-                for layer in range(layers)
-            ]
-            return out
-
-        written = tensors()
-        with staging_dir(out_dir) as tmp:
-            writer = ShardedWriter(
-                tmp, [OutputTensor(n, tuple(t.shape), t.dtype) for n, t in written], parse_size(out_shard_size)
-            )
-            for name, tensor in written:
-                writer.write(name, tensor)
-            writer.finish()
-            mixtral_config(base_ckpt.config, len(config.experts), config.experts_per_token, dtype).save_pretrained(tmp)
-            _save_tokenizer(base, tmp)
-            (tmp / "evomerge_moe.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+        # copies: the checkpoints' memory maps close when this returns
+        out = [(name, base_ckpt.get(name).to(dtype, copy=True)) for name in base_ckpt.tensors if ".mlp." not in name]
+        for layer in range(layers):
+            prefix = f"model.layers.{layer}.mlp"
+            gate_up, down = [], []
+            for expert, path in zip(config.experts, sources):
+                read = checkpoints[path].get
+                w1 = _noise_and_scale(read(f"{prefix}.gate_proj.weight"), expert, False, generator)
+                w2 = _noise_and_scale(read(f"{prefix}.down_proj.weight"), expert, True, generator)
+                w3 = _noise_and_scale(read(f"{prefix}.up_proj.weight"), expert, False, generator)
+                gate_up.append(torch.cat([w1, w3], dim=0))
+                down.append(w2)
+            out.append((f"{prefix}.experts.gate_up_proj", torch.stack(gate_up).to(dtype)))
+            out.append((f"{prefix}.experts.down_proj", torch.stack(down).to(dtype)))
+        out += [
+            (f"model.layers.{layer}.mlp.gate.weight", gates[layer].to(dtype).contiguous()) for layer in range(layers)
+        ]
+        hf_config = mixtral_config(base_ckpt.config, len(config.experts), config.experts_per_token, dtype)
+        return hf_config, out
     finally:
         for checkpoint in checkpoints.values():
             checkpoint.close()
+
+
+def moe_model(
+    config: MoEConfig,
+    *,
+    base_dir: Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The mixture as a live ``MixtralForCausalLM`` on ``device`` (in ``dtype``, default the config's):
+    what ``build_moe`` writes, loaded without the disk (a search scores each candidate this way)."""
+    from transformers import MixtralForCausalLM
+
+    hf_config, tensors = moe_tensors(config, base_dir=base_dir, device=device, seed=seed)
+    model = MixtralForCausalLM(hf_config)  # not on "meta": the rotary buffers are made at init, not loaded
+    model.load_state_dict(dict(tensors), strict=True)
+    return model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]  # transformers' typed .to wrapper
+
+
+def build_moe(
+    config: MoEConfig,
+    out_dir: str | Path,
+    *,
+    base_dir: Path | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_shard_size: str = "5GB",
+) -> Path:
+    """Write the mixture to ``out_dir`` (a temporary sibling renamed into place): config, tokenizer of
+    the base, sharded safetensors. ``base_dir``: where relative model paths are resolved."""
+    from evomerge.atomic import staging_dir
+
+    hf_config, written = moe_tensors(config, base_dir=base_dir, device=device, seed=seed)
+    with staging_dir(out_dir) as tmp:
+        writer = ShardedWriter(
+            tmp, [OutputTensor(n, tuple(t.shape), t.dtype) for n, t in written], parse_size(out_shard_size)
+        )
+        for name, tensor in written:
+            writer.write(name, tensor)
+        writer.finish()
+        hf_config.save_pretrained(tmp)
+        _save_tokenizer(model_path(config.base_model, base_dir), tmp)
+        (tmp / "evomerge_moe.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     return Path(out_dir)

@@ -18,6 +18,7 @@ from evomerge.recipe.methods import (
     Statistic,
     get_method,
 )
+from evomerge.recipe.moe import MoEConfig, candidate_from_dict, is_moe
 from evomerge.recipe.schema import (
     DTYPES,
     ConditionalParameter,
@@ -54,6 +55,7 @@ __all__ = [
     "DataSection",
     "InputModel",
     "MethodSpec",
+    "MoEConfig",
     "OutputSlice",
     "ParameterSetting",
     "Parameters",
@@ -64,9 +66,11 @@ __all__ = [
     "SliceSource",
     "Sparsification",
     "Statistic",
+    "candidate_from_dict",
     "chain_to_yaml",
     "evaluate_setting",
     "get_method",
+    "is_moe",
     "load_recipe_chain",
     "resolve",
     "substitute_models",

@@ -19,12 +19,14 @@ experts:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.recipe.schema import RecipeError, _describe, read_yaml
+from evomerge.recipe.schema import RecipeError, _describe, content_hash, read_yaml
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
 
@@ -78,6 +80,30 @@ class MoEConfig(BaseModel):
                 raise ValueError("experts: every expert has the same prompts, so the router could not tell them apart")
         return self
 
+    # --- as a search candidate (the same surface as a Recipe's) -------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data, unset fields omitted (mergekit-moe style)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def content_hash(self) -> str:
+        """Stable hash of the config's content (as ``Recipe.content_hash``)."""
+        return content_hash(self.to_dict())
+
+    def referenced_models(self) -> list[str]:
+        """The base, then every expert's model, in first-mention order."""
+        return list(dict.fromkeys([self.base_model, *(e.source_model for e in self.experts)]))
+
+    def to_yaml(self) -> str:
+        """YAML that ``evomerge moe`` and mergekit's ``mergekit-moe`` both read."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "moe config") -> MoEConfig:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise RecipeError(f"{source}: {_describe(exc)}") from None
+
     @classmethod
     def load(cls, path: str | Path) -> MoEConfig:
         data = read_yaml(path)
@@ -85,3 +111,15 @@ class MoEConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise RecipeError(f"{path}: {_describe(exc)}") from None
+
+
+def is_moe(data: Mapping[str, Any]) -> bool:
+    """Whether candidate data is a mixture-of-experts config (``experts:``) rather than a recipe."""
+    return "experts" in data and "merge_method" not in data
+
+
+def candidate_from_dict(data: Mapping[str, Any], *, source: str = "candidate") -> Any:
+    """What a search candidate's data describes: a ``MoEConfig`` (``experts:``) or a ``Recipe``."""
+    from evomerge.recipe.schema import Recipe
+
+    return MoEConfig.from_dict(data, source=source) if is_moe(data) else Recipe.from_dict(data, source=source)

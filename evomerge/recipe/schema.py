@@ -114,6 +114,12 @@ class DataSection(_Strict):
         return [item for item in self.items if item.models is None or model in item.models]
 
 
+def content_hash(data: Mapping[str, Any]) -> str:
+    """A short stable hash of plain data: the same content, the same hash, whatever the key order."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 class Recipe(_Strict):
     """A mergekit merge configuration (``models:`` or ``slices:`` form)."""
 
@@ -194,8 +200,7 @@ class Recipe(_Strict):
 
     def content_hash(self) -> str:
         """Stable hash of the recipe's content: same recipe, same hash, whatever the key order."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return content_hash(self.to_dict())
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe reads, in first-mention order."""

@@ -133,10 +133,10 @@ class Executor(Protocol):
 def recipe_hash(recipe: Mapping[str, Any]) -> str:
     """The recipe's content hash (as ``Recipe.content_hash``), also for recipes that do not validate,
     so that a failed candidate is still recorded under a stable key."""
-    from evomerge.recipe import Recipe, RecipeError
+    from evomerge.recipe import RecipeError, candidate_from_dict
 
     try:
-        return Recipe.from_dict(recipe).content_hash()
+        return candidate_from_dict(recipe).content_hash()
     except RecipeError:
         canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -145,11 +145,11 @@ def recipe_hash(recipe: Mapping[str, Any]) -> str:
 def run_job(evaluator: Any, job: Job) -> CandidateResult:
     """Evaluate one job; never raises (an invalid recipe or a raising evaluator is a failed result),
     so that one bad candidate cannot take a worker, or the in-process driver, down with it."""
-    from evomerge.recipe import Recipe, RecipeError
+    from evomerge.recipe import RecipeError, candidate_from_dict
 
     start = time.perf_counter()
     try:
-        recipe = Recipe.from_dict(job.recipe, source=f"candidate {job.candidate_id}")
+        recipe = candidate_from_dict(job.recipe, source=f"candidate {job.candidate_id}")
     except RecipeError as exc:
         return CandidateResult(
             recipe_hash(job.recipe),

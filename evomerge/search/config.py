@@ -295,6 +295,18 @@ class ResolvedRun:
 
         if "models" in data:
             data["models"] = [resolve(m) for m in data["models"]]
+        if data.get("kind") == "moe":  # a mixture's base model(s) and experts: zoo names or directories
+            bases = data.get("base_model")
+            if isinstance(bases, str):
+                data["base_model"] = resolve(bases)
+            elif isinstance(bases, list):
+                data["base_model"] = [resolve(b) if isinstance(b, str) else b for b in bases]
+            data["experts"] = [
+                {**e, "source_model": resolve(e["source_model"])}
+                if isinstance(e, Mapping) and isinstance(e.get("source_model"), str)
+                else e
+                for e in data.get("experts") or []
+            ]
         if isinstance(data.get("data"), Mapping):  # a data-aware space's items: zoo names and relative paths
             section = dict(data["data"])
             paths = section.get("include_path") or []
@@ -308,7 +320,7 @@ class ResolvedRun:
                 for item in section.get("items") or []
             ]
             data["data"] = section
-        if data.get("base_model"):
+        if isinstance(data.get("base_model"), str) and data["base_model"]:
             data["base_model"] = resolve(data["base_model"])
         return data
 

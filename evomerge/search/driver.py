@@ -28,12 +28,13 @@ import numpy as np
 
 from evomerge.search.config import ResolvedRun
 from evomerge.search.front import pareto_indices, to_minimize, weighted_score
-from evomerge.search.genome import DFSGenome, PSGenome, make_genome
+from evomerge.search.genome import DFSGenome, MoEGenome, PSGenome, make_genome
 from evomerge.search.optimizers import screened_below_full
 from evomerge.search.record import CandidateRecord, CandidateStatus
 from evomerge.search.registry import make_optimizer
 from evomerge.search.report import RunReport, legacy_direction
 from evomerge.search.rundir import RunDir, SearchState
+from evomerge.search.space import MoESpace
 
 RecordHook = Callable[[CandidateRecord], None]
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -88,12 +89,12 @@ class Search:
         self._spent = 0
         """Candidates spent of the budget (recorded, promotions to full scoring not counted), kept as
         records arrive rather than recounted at every dispatch."""
-        self._genome: PSGenome | DFSGenome | None = None  # made by check(), once earlier stages are merged
+        self._genome: PSGenome | DFSGenome | MoEGenome | None = None  # made by check(), once earlier stages are merged
         self._checked: bool | None = None  # the resume flag check() passed with
         self.labels = [o.label for o in run.objectives]
 
     @property
-    def genome(self) -> PSGenome | DFSGenome:
+    def genome(self) -> PSGenome | DFSGenome | MoEGenome:
         if self._genome is None:
             raise RuntimeError("Search.check() makes the genome (after merging earlier stages)")
         return self._genome
@@ -216,8 +217,12 @@ class Search:
         from evomerge.merge.io import CheckpointError
         from evomerge.merge.plan import PlanError, open_checkpoint
 
-        base = getattr(self.run.space, "base_model", None)
-        refs: list[str] = [*self.run.space.models, *([str(base)] if base else [])]
+        space = self.run.space
+        if isinstance(space, MoESpace):  # every base choice and candidate expert
+            refs: list[str] = [*space.base_model, *(e.source_model for e in space.experts)]
+        else:
+            base = getattr(space, "base_model", None)
+            refs = [*space.models, *([str(base)] if base else [])]
         refs += [str(r) for r in self.genome.decode(np.full(self.genome.dim, 0.5)).referenced_models() if r]
         for ref in dict.fromkeys(refs):
             try:

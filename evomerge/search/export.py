@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.atomic import staging_dir
-from evomerge.recipe import MERGEKIT_METHODS, chain_to_yaml
-from evomerge.search.picks import PickError, knee, recipe_of
+from evomerge.recipe import MERGEKIT_METHODS, MoEConfig, chain_to_yaml
+from evomerge.search.picks import PickError, candidate_of, knee, recipe_of
 from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
 from evomerge.search.stages import chain_of
 
+MOE_NOTE = (
+    "# A mixture of experts (mergekit-moe's config): `evomerge moe THIS.yaml OUT_DIR` or\n"
+    "# `mergekit-moe THIS.yaml OUT_DIR` assembles it.\n"
+)
+
 
 def export_yaml(record: CandidateRecord) -> str:
     """The candidate's recipe as YAML; with earlier stages (PS+DFS) as a multi-document chain. A recipe
-    of a data-aware method (fisher, regmean) starts with a comment saying mergekit cannot run it."""
+    of a data-aware method (fisher, regmean) starts with a comment saying mergekit cannot run it; a
+    mixture of experts is its mergekit-moe config, with a comment saying how to assemble it."""
+    candidate = candidate_of(record)
+    if isinstance(candidate, MoEConfig):
+        return MOE_NOTE + candidate.to_yaml()
     chain = chain_of(recipe_of(record))
     return "".join(evomerge_only_note(r.merge_method) for r in chain[-1:]) + chain_to_yaml(chain)
 

@@ -12,6 +12,10 @@ recipe (one this space can produce) back to a point, e.g. to start a search at a
   times) one gene says whether it is on the path and one its input scale. Paths with no layers, or
   longer than ``max_path_length``, are repaired here (the slots with the strongest inclusion genes
   win), never sent to a worker.
+- ``MoEGenome`` (mixture of experts): one gene per candidate expert (in when >= 0.5; the strongest
+  ones are kept when fewer than the experts per token are), one per prompt in each expert's pool
+  (in when >= 0.5; the strongest one when none is), and a categorical gene for each of base model,
+  gate mode and experts per token that has more than one choice.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from evomerge.merge.routing import Hop, check_foldable, recipe_to_routing, routing_to_recipe
-from evomerge.recipe import Recipe, evaluate_setting
+from evomerge.recipe import MoEConfig, Recipe, evaluate_setting
 from evomerge.recipe.methods import get_method
-from evomerge.search.space import Bounds, DataFlowSpace, ParameterSpace, SearchSpace, SpaceError
+from evomerge.search.space import Bounds, DataFlowSpace, MoESpace, ParameterSpace, SearchSpace, SpaceError
 
 
 class Genome(Protocol):
@@ -39,19 +43,21 @@ class Genome(Protocol):
     @property
     def names(self) -> list[str]: ...
 
-    def decode(self, x: Sequence[float] | np.ndarray) -> Recipe: ...
+    def decode(self, x: Sequence[float] | np.ndarray) -> Any: ...
 
-    def encode(self, recipe: Recipe) -> np.ndarray | None: ...
+    def encode(self, recipe: Any) -> np.ndarray | None: ...
 
 
 MODULE_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The parts of ``split_modules``: the projections of a Llama-style decoder layer, by tensor name."""
 
 
-def make_genome(space: SearchSpace, *, num_layers: int | None = None) -> PSGenome | DFSGenome:
+def make_genome(space: SearchSpace, *, num_layers: int | None = None) -> PSGenome | DFSGenome | MoEGenome:
     """The genome of a space; ``num_layers`` skips reading it from the models' config.json (tests)."""
     if isinstance(space, ParameterSpace):
         return PSGenome(space, num_layers=num_layers)
+    if isinstance(space, MoESpace):
+        return MoEGenome(space)
     return DFSGenome(space, num_layers=num_layers)
 
 
@@ -290,3 +296,61 @@ class DFSGenome(_Genes):
             x[n + cursor] = 0.5 if high == low else math.log(hop.scale / low) / math.log(high / low)
             cursor += 1
         return x
+
+
+def _choice(gene: float, options: Sequence[Any]) -> Any:
+    """The option a categorical gene in [0,1] picks (equal shares of the range)."""
+    return options[min(int(gene * len(options)), len(options) - 1)]
+
+
+def _chosen(genes: np.ndarray, at_least: int) -> list[int]:
+    """Indices of the genes >= 0.5, in order; the ``at_least`` strongest when fewer are."""
+    picked = [i for i, g in enumerate(genes) if g >= 0.5]
+    if len(picked) < at_least:
+        picked = sorted(np.argsort(-genes, kind="stable")[:at_least].tolist())
+    return picked
+
+
+class MoEGenome(_Genes):
+    """Mixture of experts: which experts, which router prompts, and the listed choices."""
+
+    def __init__(self, space: MoESpace):
+        self.space = space
+        self._names = [f"expert[{_short(e.source_model)}]" for e in space.experts]
+        self._prompt_slots: list[list[int]] = []
+        for e in space.experts:
+            start = len(self._names)
+            self._names += [f"prompt[{_short(e.source_model)}][{i}]" for i in range(len(e.positive_prompts))]
+            self._prompt_slots.append(list(range(start, len(self._names))))
+        self._choices: dict[str, int] = {}
+        for key in ("base_model", "gate_mode", "experts_per_token"):
+            if len(getattr(space, key)) > 1:
+                self._choices[key] = len(self._names)
+                self._names.append(key)
+
+    def _pick(self, x: np.ndarray, key: str) -> Any:
+        options = getattr(self.space, key)
+        return _choice(float(x[self._choices[key]]), options) if key in self._choices else options[0]
+
+    def decode(self, x: Sequence[float] | np.ndarray) -> MoEConfig:
+        x = _clip(x, self.dim)
+        per_token = int(self._pick(x, "experts_per_token"))
+        experts = []
+        for i in _chosen(x[: len(self.space.experts)], per_token):
+            expert = self.space.experts[i]
+            prompts = [expert.positive_prompts[j] for j in _chosen(x[self._prompt_slots[i]], 1)]
+            experts.append({"source_model": expert.source_model, "positive_prompts": prompts})
+        return MoEConfig.from_dict(
+            {
+                "base_model": self._pick(x, "base_model"),
+                "gate_mode": self._pick(x, "gate_mode"),
+                "experts_per_token": per_token,
+                "dtype": self.space.dtype,
+                "experts": experts,
+            },
+            source="genome",
+        )
+
+    def encode(self, recipe: Any) -> np.ndarray | None:
+        """Not needed by any optimizer's start for this space (no hand-set point to start from)."""
+        return None

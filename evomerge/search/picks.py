@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import MoEConfig, Recipe, candidate_from_dict, is_moe
 from evomerge.search.front import to_minimize
 from evomerge.search.optimizers import scalarized
 from evomerge.search.record import CandidateRecord
@@ -99,4 +99,13 @@ def pick(report: RunReport, choice: str) -> CandidateRecord:
 def recipe_of(record: CandidateRecord) -> Recipe:
     if record.recipe is None:
         raise PickError(f"candidate {record.id}: the record holds no recipe")
+    if is_moe(record.recipe):
+        raise PickError(f"candidate {record.id} is a mixture of experts, not a merge recipe (use candidate_of)")
     return Recipe.from_dict(dict(record.recipe), source=f"candidate {record.id}")
+
+
+def candidate_of(record: CandidateRecord) -> Recipe | MoEConfig:
+    """The record's candidate: a merge recipe or a mixture-of-experts config."""
+    if record.recipe is None:
+        raise PickError(f"candidate {record.id}: the record holds no recipe")
+    return candidate_from_dict(dict(record.recipe), source=f"candidate {record.id}")

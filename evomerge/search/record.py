@@ -56,7 +56,8 @@ class CandidateRecord:
 
     @property
     def method(self) -> str:
-        return str((self.recipe or {}).get("merge_method", ""))
+        recipe = self.recipe or {}
+        return str(recipe.get("merge_method") or ("moe" if "experts" in recipe else ""))
 
     @property
     def full(self) -> bool:

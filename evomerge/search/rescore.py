@@ -9,7 +9,7 @@ from typing import Any
 from evomerge.atomic import write_text
 from evomerge.eval.evaluator import CandidateEvaluator
 from evomerge.eval.tasks import Objective
-from evomerge.search.picks import recipe_of
+from evomerge.search.picks import candidate_of
 from evomerge.search.report import RunReport
 
 
@@ -38,7 +38,7 @@ def rescore_front(
             objectives.append(Objective.model_validate(data))
         evaluator = CandidateEvaluator(objectives, include_paths=report.config.get("include_paths", []), device=device)
         for record in todo:
-            result = evaluator.evaluate(recipe_of(record))
+            result = evaluator.evaluate(candidate_of(record))
             if not result.ok:
                 raise RuntimeError(f"candidate {record.id} failed on {split}: {result.reason}")
             done[record.id] = result.objectives

@@ -12,6 +12,10 @@
   scale. A path is decoded to a routing, hence to an ordinary passthrough recipe
   (``merge/routing.py``). Paths with no layers, or longer than ``max_path_length``, are repaired by
   the decoder (the slots with the strongest inclusion genes win), never sent to a worker.
+- **Mixture-of-experts space (MoE)**: candidate experts (dense models whose MLPs become experts) with a
+  pool of router prompts each; genes choose which experts are in (at least ``experts_per_token``), which
+  of each expert's prompts set its router (at least one), and, when given as lists, the base model,
+  the gate mode and the experts per token. A candidate is a mergekit-moe config (``recipe/moe.py``).
 """
 
 from __future__ import annotations
@@ -140,7 +144,44 @@ class DataFlowSpace(_Strict):
         return self
 
 
-SearchSpace = Union[ParameterSpace, DataFlowSpace]
+class MoEExpert(_Strict):
+    """A candidate expert and the pool of prompts its router may be set from."""
+
+    source_model: str
+    positive_prompts: list[str] = Field(min_length=1)
+
+
+class MoESpace(_Strict):
+    """MoE: mixtures of the candidate experts (mergekit-moe configs)."""
+
+    kind: Literal["moe"] = "moe"
+    base_model: list[str] = Field(min_length=1)
+    """Where attention, embeddings and norms come from; more than one: a gene chooses."""
+    experts: list[MoEExpert] = Field(min_length=2)
+    gate_mode: list[Literal["hidden", "cheap_embed"]] = Field(default=["hidden"], min_length=1)
+    experts_per_token: list[int] = Field(default=[1], min_length=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists(cls, data: Any) -> Any:
+        """A single value where a list of choices is expected is a list of one (fixed, no gene)."""
+        if isinstance(data, Mapping):
+            data = dict(data)
+            for key in ("base_model", "gate_mode", "experts_per_token"):
+                if key in data and not isinstance(data[key], list):
+                    data[key] = [data[key]]
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoESpace":
+        for k in self.experts_per_token:
+            if not 1 <= k <= len(self.experts):
+                raise ValueError(f"experts_per_token: {k} is not in 1..{len(self.experts)} (the experts given)")
+        return self
+
+
+SearchSpace = Union[ParameterSpace, DataFlowSpace, MoESpace]
 
 
 def load_space(data: Mapping[str, Any] | str | Path, *, source: str = "search space") -> SearchSpace:
@@ -157,13 +198,15 @@ def load_space(data: Mapping[str, Any] | str | Path, *, source: str = "search sp
         except (OSError, yaml.YAMLError) as exc:
             raise SpaceError(f"{source}: cannot read: {exc}") from None
     if not isinstance(data, Mapping):
-        raise SpaceError(f"{source}: expected a mapping with kind: ps or dfs")
+        raise SpaceError(f"{source}: expected a mapping with kind: ps, dfs or moe")
     kind = data.get("kind", "ps")
-    if kind not in ("ps", "dfs"):
-        raise SpaceError(f"{source}: kind: {kind!r} is not valid; use ps or dfs")
+    if kind not in ("ps", "dfs", "moe"):
+        raise SpaceError(f"{source}: kind: {kind!r} is not valid; use ps, dfs or moe")
     try:
         if kind == "ps":
             return ParameterSpace.model_validate(dict(data))
+        if kind == "moe":
+            return MoESpace.model_validate(dict(data))
         return DataFlowSpace.model_validate(dict(data))
     except ValidationError as exc:
         raise SpaceError(f"{source}: {_describe(exc)}") from None

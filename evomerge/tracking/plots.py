@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, is_moe
 from evomerge.search.record import CandidateRecord
 from evomerge.tracking.summary import layer_count, layer_values, short_name
 
@@ -148,6 +148,8 @@ def weight_rows(records: Sequence[CandidateRecord], key: str = "weight") -> tupl
     names: list[str] = []
     rows: list[list[float]] = []
     for record in records:
+        if is_moe(record.recipe or {}):  # a mixture of experts has no per-layer weights
+            continue
         recipe = Recipe.from_dict(dict(record.recipe or {}), source="record")
         if recipe.models is None:
             continue

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evomerge.recipe import ConditionalParameter, Recipe, evaluate_setting
+from evomerge.recipe import ConditionalParameter, Recipe, evaluate_setting, is_moe
 
 MAX_KEY_LENGTH = 250
 MAX_PARAM_LENGTH = 6000
@@ -117,6 +117,8 @@ def gene_summary(recipe_data: Mapping[str, Any] | Recipe) -> dict[str, str]:
     """
     from evomerge.merge.routing import recipe_to_routing
 
+    if not isinstance(recipe_data, Recipe) and is_moe(recipe_data):
+        return _moe_summary(recipe_data)
     recipe = recipe_data if isinstance(recipe_data, Recipe) else Recipe.from_dict(recipe_data, source="record")
     params: dict[str, Any] = {"method": recipe.merge_method}
     if recipe.models is not None:
@@ -144,4 +146,20 @@ def gene_summary(recipe_data: Mapping[str, Any] | Recipe) -> dict[str, str]:
             params["mean_scale"] = round(sum(h.scale for h in hops) / len(hops), 6)
         else:
             params["slices"] = len(recipe.slices or [])
+    return {mlflow_key(k): param_value(v) for k, v in params.items()}
+
+
+def _moe_summary(config: Mapping[str, Any]) -> dict[str, str]:
+    """A mixture of experts: base, gate mode, experts per token, the experts and each one's prompt count."""
+    experts = list(config.get("experts") or [])
+    names = _short_names([str(e.get("source_model", "")) for e in experts])
+    params: dict[str, Any] = {
+        "method": "moe",
+        "base_model": short_name(str(config.get("base_model", ""))),
+        "gate_mode": config.get("gate_mode", "hidden"),
+        "experts_per_token": config.get("experts_per_token", 2),
+        "experts": ",".join(names[str(e.get("source_model", ""))] for e in experts),
+    }
+    for e in experts:
+        params[f"prompts.{names[str(e.get('source_model', ''))]}"] = len(e.get("positive_prompts") or [])
     return {mlflow_key(k): param_value(v) for k, v in params.items()}

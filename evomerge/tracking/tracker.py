@@ -520,7 +520,7 @@ class Tracker:
     def _log_child(self, record: CandidateRecord, front: set[int]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        from evomerge.recipe import Recipe
+        from evomerge.recipe import candidate_from_dict
 
         cid = record.id
         ok = record.ok
@@ -570,7 +570,7 @@ class Tracker:
         for i in range(BATCH_PARAMS, len(items), BATCH_PARAMS):
             self.client.log_batch(run_id, params=items[i : i + BATCH_PARAMS])
         try:
-            text = Recipe.from_dict(dict(record.recipe or {}), source=f"candidate {cid}").to_yaml()
+            text = candidate_from_dict(dict(record.recipe or {}), source=f"candidate {cid}").to_yaml()
         except Exception:  # noqa: BLE001 - log what the record holds, even if it no longer validates
             text = yaml.safe_dump(dict(record.recipe or {}), sort_keys=False)
         self.client.log_text(run_id, text, "recipe.yaml")
