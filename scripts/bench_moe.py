@@ -55,17 +55,26 @@ def parameters(config: dict) -> tuple[int, int]:
     return total, used
 
 
-def searched_mixture(zoo_dir: Path, optimizer: dict, budget: int) -> MoEConfig:
-    """Search ``configs/zoo-moe.yaml`` (in process) and return its best weakest-skill pick (search split)."""
+def searched_mixture(zoo_dir: Path, optimizer: dict, budget: int, merged_base: dict | None = None) -> MoEConfig:
+    """Search ``configs/zoo-moe.yaml`` (in process) and return its best weakest-skill pick (search split).
+    ``merged_base``: a dense recipe offered as one more ``base_model`` choice (a stage of the space)."""
+    import yaml
+
     from evomerge.runtime.factory import make_executor
-    from evomerge.search.config import load_run_config
+    from evomerge.search.config import resolve_run_config
     from evomerge.search.driver import Search
     from evomerge.search.rundir import RunDir
 
-    overrides = [f"zoo={zoo_dir}", "runtime.workers=0", f"optimizer.budget={budget}"]
-    overrides += [f"optimizer.{k}={v}" for k, v in optimizer.items()]
-    run = load_run_config(ROOT / "configs" / "zoo-moe.yaml", overrides)
+    raw = yaml.safe_load((ROOT / "configs" / "zoo-moe.yaml").read_text())
+    space = yaml.safe_load((ROOT / "search_spaces" / "zoo-moe.yaml").read_text())
+    raw.update(search_space=space, zoo=str(zoo_dir), runtime={"workers": 0})
+    raw["optimizer"] = {**raw["optimizer"], **optimizer, "budget": budget}
     with tempfile.TemporaryDirectory(prefix="bench-moe-search-") as work:
+        if merged_base is not None:
+            (Path(work) / "merged.yaml").write_text(yaml.safe_dump(merged_base))
+            space["base_model"] = [*space["base_model"], "merged"]
+            space["stages"] = {"merged": {"recipe": "merged.yaml"}}
+        run = resolve_run_config(raw, base_dir=Path(work))
         executor = make_executor(run)
         try:
             Search(run, RunDir(Path(work) / "run"), executor).execute()
@@ -129,11 +138,14 @@ def main() -> None:
             label = f"MoE on the {base_label}, {gate_mode} gates, {per_token} of 3 experts per token"
             rows[label] = (scores, parameters(json.loads((out / "config.json").read_text())))
     if args.search:
-        for label, optimizer in (
-            ("CMA-ES (weakest skill)", {"name": "cma", "scalarize": "worst", "sigma": 0.3}),
-            ("NSGA-II", {"name": "nsga2"}),
+        cma = {"name": "cma", "scalarize": "worst", "sigma": 0.3}
+        ta05 = hand_set_recipes(str(meta["base"]), [str(meta["models"][s]) for s in skills])["task arithmetic (λ=0.5)"]
+        for label, optimizer, merged_base in (
+            ("CMA-ES (weakest skill)", cma, None),
+            ("NSGA-II", {"name": "nsga2"}, None),
+            ("CMA-ES (weakest skill), the TA λ=0.5 merge a base choice", cma, ta05),
         ):
-            config = searched_mixture(meta["root"], optimizer, args.search)
+            config = searched_mixture(meta["root"], optimizer, args.search, merged_base)
             result = evaluator.evaluate(config)
             assert result.ok, result.reason
             scores = {name: result.objectives[f"{task}/acc"] for name, task in tasks.items()}
@@ -144,6 +156,7 @@ def main() -> None:
             }
             experts = "+".join(Path(e.source_model).name for e in config.experts)
             where = Path(config.base_model).name
+            where = "TA λ=0.5 merge" if where.startswith("merged-") else where
             row = (
                 f"searched MoE, {label}, {args.search} cand.: experts {experts} on the {where}'s attention, "
                 f"{config.gate_mode} gates, {config.experts_per_token} per token"

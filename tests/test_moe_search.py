@@ -136,3 +136,36 @@ def test_a_moe_search_runs_end_to_end_and_its_pick_is_assembled(zoo_dir, tmp_pat
     report = RunReport.load(tmp_path / "run")
     best = max(report.records, key=lambda r: min(r.objectives.values()) if r.ok else -1)
     assert best.method == "moe" and all(r.ok for r in report.records)
+
+
+def test_a_merge_can_be_the_mixtures_base(zoo_dir, tmp_path, monkeypatch) -> None:
+    """``stages:`` make a dense merge a base choice ("MoE from merged models"): merged once into the stage
+    cache, decoded as that checkpoint, and the mixture on it is scored."""
+    from evomerge.search.config import resolve_run_config
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    models = {s: str(zoo_dir / "models" / s) for s in ("base", "latin", "greek", "cyrillic")}
+    merge = {
+        "merge_method": "task_arithmetic",
+        "base_model": models["base"],
+        "models": [{"model": models[s], "parameters": {"weight": 0.5}} for s in ("latin", "greek", "cyrillic")],
+    }
+    (tmp_path / "ta.yaml").write_text(yaml.safe_dump(merge))
+    space = {**SPACE, "base_model": ["base", "ta"], "stages": {"ta": {"recipe": "ta.yaml"}}}
+    run = resolve_run_config(
+        {
+            "zoo": str(zoo_dir),
+            "search_space": space,
+            "objectives": [{"task": "zoo_latin", "metric": "acc", "limit": 8}],
+            "optimizer": {"name": "random", "budget": 2},
+        },
+        base_dir=tmp_path,
+    )
+    run.materialize_stages()
+    genome = make_genome(run.space)
+    x = np.full(genome.dim, 0.9)
+    config = genome.decode(x)
+    stage = Path(config.base_model)
+    assert stage.parent == tmp_path / "stages" and stage.name.startswith("ta-") and (stage / "config.json").exists()
+    evaluator = CandidateEvaluator(run.objectives, include_paths=run.include_paths)
+    assert evaluator.evaluate(config).ok

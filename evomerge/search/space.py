@@ -161,6 +161,9 @@ class MoESpace(_Strict):
     gate_mode: list[Literal["hidden", "cheap_embed"]] = Field(default=["hidden"], min_length=1)
     experts_per_token: list[int] = Field(default=[1], min_length=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    stages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Merges usable as ``base_model`` by name ("MoE from merged models"), as in a DFS space:
+    ``{run: RUN_DIR, pick: knee}`` or ``{recipe: FILE}``; merged once into the stage cache."""
 
     @model_validator(mode="before")
     @classmethod
