@@ -138,7 +138,8 @@ def eval_command(
     target: Annotated[
         Path,
         typer.Argument(
-            help="A checkpoint directory, a recipe YAML (merged in memory, never written), or an adapter_merge: YAML."
+            help="A checkpoint directory, a recipe YAML (merged in memory, never written), an adapter_merge: YAML, "
+            "or a mixture-of-experts config (assembled in memory)."
         ),
     ],
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names, e.g. zoo_latin,zoo_greek.")],
@@ -163,7 +164,6 @@ def eval_command(
 
     from evomerge.eval.evaluator import CandidateEvaluator
     from evomerge.eval.tasks import Objective, TaskError
-    from evomerge.recipe import Recipe
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
@@ -191,7 +191,7 @@ def eval_command(
         elif is_adapter_merge(target):  # merged into a temporary adapter, scored as BASE+ADAPTER
             result = _eval_adapter_merge(evaluator, target)
         else:
-            result = evaluator.evaluate(Recipe.load(target))
+            result = evaluator.evaluate(_load_candidate(target))
     except (*_user_errors(), TaskError) as exc:
         _fail(str(exc))
     if not result.ok:
@@ -209,6 +209,17 @@ def eval_command(
             table.add_row(task_split.split("@")[0], metric, _number(value))
     out.print(table)
     err.print(f"materialize {result.materialize_seconds:.2f}s · score {result.score_seconds:.2f}s", highlight=False)
+
+
+def _load_candidate(path: Path) -> Any:
+    """A recipe file, or a mixture-of-experts config (``experts:``, e.g. an exported MoE search pick)."""
+    from evomerge.recipe import MoEConfig, Recipe, is_moe
+    from evomerge.recipe.schema import read_yaml
+
+    data = read_yaml(path)
+    if isinstance(data, dict) and is_moe(data):
+        return MoEConfig.load(path)
+    return Recipe.load(path)
 
 
 def _eval_adapter_merge(evaluator: Any, path: Path) -> Any:
@@ -428,7 +439,8 @@ def export(
         typer.Option(help="Also materialize the picked recipe as a checkpoint here (as `evomerge merge` would)."),
     ] = None,
 ) -> None:
-    """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run.
+    """Export recipes as YAML that `evomerge merge` and mergekit's `mergekit-yaml` both run (a mixture-of-experts
+    search's picks: mergekit-moe configs, for `evomerge moe` and `mergekit-moe`).
 
     Recipes of the data-aware methods (fisher, regmean) run in evomerge only; the file's first lines say so.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,6 +89,10 @@ def test_choices_follow_their_genes() -> None:
         ({"experts": SPACE["experts"][:1]}, "experts"),
         ({"gate_mode": ["random"]}, "gate_mode"),
         ({"kind": "mixture"}, "kind: 'mixture' is not valid; use ps, dfs or moe"),
+        (
+            {"experts": [*SPACE["experts"][:2], {"source_model": "cyrillic", "positive_prompts": ["sub d="]}]},
+            r"experts\[2\].positive_prompts: 'sub d=' is also in experts\[0\]'s pool",
+        ),
     ],
 )
 def test_bad_moe_spaces_are_refused_naming_the_field(change, message) -> None:
@@ -124,6 +129,12 @@ def test_a_moe_search_runs_end_to_end_and_its_pick_is_assembled(zoo_dir, tmp_pat
     assert result.exit_code == 0, result.output
     text = (tmp_path / "pick.yaml").read_text()
     assert text.startswith("# A mixture of experts") and "experts:" in text
+    result = runner.invoke(
+        app,
+        ["eval", str(tmp_path / "pick.yaml"), "--tasks", "zoo_latin", "--include-path", str(zoo_dir / "tasks")]
+        + ["--split", "search", "--limit", "16", "--json"],
+    )
+    assert result.exit_code == 0, result.output  # evomerge eval assembles a mixture config in memory
     result = runner.invoke(app, ["moe", str(tmp_path / "pick.yaml"), str(tmp_path / "assembled")])
     assert result.exit_code == 0, result.output
     picked = candidate_from_dict(yaml.safe_load(text))
@@ -138,7 +149,8 @@ def test_a_moe_search_runs_end_to_end_and_its_pick_is_assembled(zoo_dir, tmp_pat
     assert best.method == "moe" and all(r.ok for r in report.records)
 
 
-def test_a_merge_can_be_the_mixtures_base(zoo_dir, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("bases", [["base", "ta"], "ta"])
+def test_a_merge_can_be_the_mixtures_base(zoo_dir, tmp_path, monkeypatch, bases) -> None:
     """``stages:`` make a dense merge a base choice ("MoE from merged models"): merged once into the stage
     cache, decoded as that checkpoint, and the mixture on it is scored."""
     from evomerge.search.config import resolve_run_config
@@ -151,7 +163,7 @@ def test_a_merge_can_be_the_mixtures_base(zoo_dir, tmp_path, monkeypatch) -> Non
         "models": [{"model": models[s], "parameters": {"weight": 0.5}} for s in ("latin", "greek", "cyrillic")],
     }
     (tmp_path / "ta.yaml").write_text(yaml.safe_dump(merge))
-    space = {**SPACE, "base_model": ["base", "ta"], "stages": {"ta": {"recipe": "ta.yaml"}}}
+    space = {**SPACE, "base_model": bases, "stages": {"ta": {"recipe": "ta.yaml"}}}  # merged later, not yet
     run = resolve_run_config(
         {
             "zoo": str(zoo_dir),
@@ -169,3 +181,17 @@ def test_a_merge_can_be_the_mixtures_base(zoo_dir, tmp_path, monkeypatch) -> Non
     assert stage.parent == tmp_path / "stages" and stage.name.startswith("ta-") and (stage / "config.json").exists()
     evaluator = CandidateEvaluator(run.objectives, include_paths=run.include_paths)
     assert evaluator.evaluate(config).ok
+
+
+def test_a_lora_adapter_can_be_an_expert(zoo_dir) -> None:
+    """An expert named BASE+ADAPTER (the zoo's lora-<skill>) is read as the merges read it."""
+    from evomerge.merge.moe import moe_tensors
+    from evomerge.merge.plan import open_checkpoint
+
+    adapter = f"{zoo_dir / 'models' / 'base'}+{zoo_dir / 'adapters' / 'latin'}"
+    data = moe_config(zoo_dir, "cheap_embed")
+    data["experts"][0]["source_model"] = adapter
+    _, tensors = moe_tensors(MoEConfig.model_validate(data))
+    stacked = dict(tensors)["model.layers.0.mlp.experts.down_proj"][0]
+    expected = open_checkpoint(adapter).get("model.layers.0.mlp.down_proj.weight")
+    assert torch.equal(stacked, expected.to(stacked.dtype))

@@ -6,6 +6,7 @@ retry: the death cannot be pinned on one), and a job beside one that timed out r
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from pathlib import Path
@@ -157,3 +158,27 @@ def test_a_search_on_an_overlapping_ray_worker_matches_the_in_process_one(zoo_di
     assert sorted(rows(tmp_path / "ray")) == sorted(rows(tmp_path / "inprocess"))
     workers = {r.worker for r in RunDir(tmp_path / "ray").records() if not r.cached}
     assert len(workers) == 1 and next(iter(workers)).startswith("ray-actor-")
+
+
+def test_two_lanes_spread_jobs_over_workers_before_doubling_up() -> None:
+    """Every worker gets a job before any gets a second; a job queued behind another on its worker gets
+    the timeout once more (it may wait for the other at the evaluator's locks)."""
+    from evomerge.runtime.ray_pool import _Slot
+
+    class Actor:
+        class evaluate:  # noqa: N801 - mimics a Ray actor method handle
+            @staticmethod
+            def remote(job):
+                return object()
+
+    executor = RayExecutor.__new__(RayExecutor)  # the dispatch logic alone: no Ray
+    executor.lanes, executor.timeout, executor._refs = 2, 10.0, {}
+    executor._slots = [_Slot(i, name=f"w{i}", actor=Actor(), state="idle") for i in range(3)]
+    executor._queue = collections.deque((Job(i, recipe_for("sleep:0")), 0, []) for i in range(4))
+    executor._dispatch()
+    assert [len(s.runs) for s in executor._slots] == [2, 1, 1]
+    first, second = executor._slots[0].runs.values()
+    assert second.deadline - second.started == pytest.approx(20.0) and first.deadline - first.started == 10.0
+    executor._queue.extend((Job(i, recipe_for("sleep:0")), 0, []) for i in range(4, 8))
+    executor._dispatch()
+    assert [len(s.runs) for s in executor._slots] == [2, 2, 2] and len(executor._queue) == 2

@@ -206,6 +206,7 @@ class CandidateEvaluator:
             ckpt.close()
         self._checkpoints.clear()
         self._models.clear()
+        self._free.clear()
 
     # --- internals ---------------------------------------------------------------------------------
     def _plan(self, recipe: Recipe) -> MergePlan:

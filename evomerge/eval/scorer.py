@@ -241,6 +241,8 @@ class LmEvalScorer:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = self._lms.get(id(model))
         if lm is None:
+            if len(self._lms) >= 2:  # the resident models (two with overlap); a mixture is a new model each time
+                self._lms.pop(next(iter(self._lms)))
             lm = self._lms[id(model)] = make_hflm(model, self.tokenizer, self.batch_size)
         scores: Scores = {}
         self.item_values = {}

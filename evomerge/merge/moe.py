@@ -146,9 +146,14 @@ def moe_tensors(
 ) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
     """The mixture's Transformers config and every tensor, named as a Mixtral checkpoint names them:
     the base's non-MLP tensors, each layer's experts stacked from the sources' MLPs, the routers."""
+    from evomerge.merge.plan import open_checkpoint
+
     base = model_path(config.base_model, base_dir)
-    sources = [model_path(e.source_model, base_dir) for e in config.experts]
-    checkpoints = {path: Checkpoint(path) for path in dict.fromkeys([base, *sources])}
+    sources = [e.source_model for e in config.experts]  # a directory or BASE+ADAPTER (a LoRA expert)
+    checkpoints: dict[Any, Checkpoint] = {base: Checkpoint(base)}
+    for ref in sources:
+        if ref not in checkpoints:
+            checkpoints[ref] = open_checkpoint(ref, base_dir=base_dir)
     try:
         base_ckpt = checkpoints[base]
         if base_ckpt.config.get("model_type") not in ("llama", "mistral"):

@@ -49,7 +49,8 @@ class EvaluatorSpec:
     factory: str | None = None
     """``"module:function"``; when set, ``build`` returns ``function(spec)`` instead of a
     ``CandidateEvaluator`` (anything with ``evaluate(recipe) -> CandidateResult``; tests use this).
-    A path, not a callable, so that a worker in another process can import it."""
+    A path, not a callable, so that a worker in another process can import it. With ``buffers=2`` a Ray
+    worker calls it from two threads at once (``runtime.overlap``), so it must be thread-safe."""
 
     def build(self) -> Any:
         """The evaluator this spec describes (a ``CandidateEvaluator`` unless ``factory`` is set)."""

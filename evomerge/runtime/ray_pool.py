@@ -423,16 +423,22 @@ class RayExecutor:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Give queued jobs to workers with a free lane."""
-        for slot in self._slots:
-            while self._queue and slot.state in ("idle", "busy") and len(slot.runs) < self.lanes:
-                job, tries, history = self._queue.popleft()
-                started = time.monotonic()
-                deadline = None if self.timeout is None else started + self.timeout
-                ref = slot.actor.evaluate.remote(job)
-                slot.runs[ref] = _Run(job, tries, history, started, deadline)
-                slot.state = "busy"
-                self._refs[ref] = slot
+        """Give queued jobs to workers with a free lane, the least busy first (so that with two lanes
+        every worker gets a job before any gets a second). A job sent to a worker that already runs
+        others may wait for them at the evaluator's locks, so its deadline is the timeout once more
+        for each of them."""
+        while self._queue:
+            free = [s for s in self._slots if s.state in ("idle", "busy") and len(s.runs) < self.lanes]
+            if not free:
+                return
+            slot = min(free, key=lambda s: (len(s.runs), s.index))
+            job, tries, history = self._queue.popleft()
+            started = time.monotonic()
+            deadline = None if self.timeout is None else started + self.timeout * (1 + len(slot.runs))
+            ref = slot.actor.evaluate.remote(job)
+            slot.runs[ref] = _Run(job, tries, history, started, deadline)
+            slot.state = "busy"
+            self._refs[ref] = slot
 
     def _collect(self, ref: Any) -> None:
         import ray

@@ -320,7 +320,7 @@ class ResolvedRun:
                 for item in section.get("items") or []
             ]
             data["data"] = section
-        if isinstance(data.get("base_model"), str) and data["base_model"]:
+        if data.get("kind") != "moe" and isinstance(data.get("base_model"), str) and data["base_model"]:
             data["base_model"] = resolve(data["base_model"])
         return data
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.atomic import staging_dir
-from evomerge.recipe import MERGEKIT_METHODS, MoEConfig, chain_to_yaml
+from evomerge.recipe import MERGEKIT_METHODS, MoEConfig, Recipe, chain_to_yaml
 from evomerge.search.picks import PickError, candidate_of, knee, recipe_of
 from evomerge.search.record import CandidateRecord
 from evomerge.search.report import RunReport
-from evomerge.search.stages import chain_of
+from evomerge.search.stages import STAGE_MARKER, chain_of
 
 MOE_NOTE = (
     "# A mixture of experts (mergekit-moe's config): `evomerge moe THIS.yaml OUT_DIR` or\n"
@@ -30,9 +30,21 @@ def export_yaml(record: CandidateRecord) -> str:
     mixture of experts is its mergekit-moe config, with a comment saying how to assemble it."""
     candidate = candidate_of(record)
     if isinstance(candidate, MoEConfig):
-        return MOE_NOTE + candidate.to_yaml()
+        return MOE_NOTE + _stage_note(candidate.base_model) + candidate.to_yaml()
     chain = chain_of(recipe_of(record))
     return "".join(evomerge_only_note(r.merge_method) for r in chain[-1:]) + chain_to_yaml(chain)
+
+
+def _stage_note(base_model: str) -> str:
+    """For a mixture on a merged base (a stage): which merge that checkpoint is, as comment lines, so the
+    base can be rebuilt (``evomerge merge``) where the stage cache is not."""
+    marker = Path(base_model) / STAGE_MARKER
+    if not marker.is_file():
+        return ""
+    info = json.loads(marker.read_text())
+    recipe = Recipe.from_dict(info["recipe"]).to_yaml()
+    lines = [f"# base_model is the stage {info['name']!r}, merged by this recipe (`evomerge merge` rebuilds it):"]
+    return "\n".join([*lines, *(f"#   {line}" for line in recipe.splitlines())]) + "\n"
 
 
 def evomerge_only_note(method: str) -> str:

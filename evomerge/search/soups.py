@@ -30,7 +30,7 @@ def check_soup_space(space: SearchSpace, optimizer: str) -> None:
     """Refuse a space whose genes are not one averaging weight per checkpoint (the message names the field)."""
     where = f"optimizer {optimizer}: the search space"
     if not isinstance(space, ParameterSpace):
-        raise ValueError(f"{where} must be kind: ps (a linear merge of the pool), not dfs")
+        raise ValueError(f"{where} must be kind: ps (a linear merge of the pool), not {space.kind}")
     if space.methods != ["linear"]:
         raise ValueError(f"{where}'s method must be linear (a soup is an average), got {space.method!r}")
     if len(space.models) < 2:

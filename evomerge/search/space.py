@@ -181,6 +181,14 @@ class MoESpace(_Strict):
         for k in self.experts_per_token:
             if not 1 <= k <= len(self.experts):
                 raise ValueError(f"experts_per_token: {k} is not in 1..{len(self.experts)} (the experts given)")
+        owner: dict[str, int] = {}
+        for i, expert in enumerate(self.experts):  # else two experts could be given the same router prompts
+            for prompt in expert.positive_prompts:
+                if owner.setdefault(prompt, i) != i:
+                    raise ValueError(
+                        f"experts[{i}].positive_prompts: {prompt!r} is also in experts[{owner[prompt]}]'s pool; "
+                        "each expert's prompts must be its own"
+                    )
         return self
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evomerge.recipe import Recipe, substitute_models
+from evomerge.recipe import Recipe, is_moe, substitute_models
 from evomerge.search.picks import PickError, pick, recipe_of
 from evomerge.search.report import RunReport
 
@@ -43,6 +43,8 @@ def stage_recipe(name: str, source: Mapping[str, Any], base_dir: Path) -> Recipe
         record = pick(RunReport.load(run_dir), str(source.get("pick", "knee")))
     except (FileNotFoundError, PickError) as exc:
         raise StageError(f"stages.{name}: {exc} (run the earlier stage's search first)") from None
+    if is_moe(record.recipe or {}):
+        raise StageError(f"stages.{name}: {run_dir} is a mixture-of-experts search; a stage must be a dense merge")
     return recipe_of(record)
 
 
