@@ -74,13 +74,15 @@ def zoo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One private Ray (3 logical CPUs: the pool's 2 workers + 1 spare for the start-failure test)."""
+    """One private Ray with 5 logical CPUs (not cores: nothing runs until a worker is asked for): the
+    shared pool's 2 workers, and 3 more, so that a test starting 2 workers of its own (or the start-failure
+    test's 1) finds room whether or not the shared pool is alive, in any test order."""
     ray = pytest.importorskip("ray")
     from evomerge.runtime import start_local_ray
 
     owned = not ray.is_initialized()
     if owned:
-        start_local_ray(3)
+        start_local_ray(5)
     yield ray
     if owned:
         ray.shutdown()

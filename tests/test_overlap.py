@@ -106,7 +106,7 @@ def test_bad_buffer_and_overlap_settings_are_refused(zoo_dir) -> None:
 
 @pytest.fixture
 def laned_pool(local_ray):
-    """One Ray worker taking two jobs at once (the session's spare CPU)."""
+    """One Ray worker taking two jobs at once (on one of the session Ray's spare CPUs)."""
     executor = RayExecutor(fake_spec(), workers=1, timeout=4, runtime_env=FAKES_ENV, lanes=2)
     yield executor
     executor.shutdown()

@@ -1,6 +1,6 @@
 """evomerge.runtime.ray_pool: parallel dispatch, timeouts and worker deaths (retried once, replaced).
 
-One local Ray (3 logical CPUs) and one pool of 2 workers (``conftest.py``) serve these tests. The
+One local Ray (5 logical CPUs) and one pool of 2 workers (``conftest.py``) serve these tests. The
 evaluators are fakes from ``fake_evaluators.py`` (sleep / die / hang, scripted by the recipe), so
 nothing here needs a model.
 """
