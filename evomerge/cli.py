@@ -47,6 +47,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _refuse_nonempty(out_dir: Path, overwrite: bool) -> None:
+    """Output directories are never merged into: a non-empty one needs --overwrite."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+
+
 def _user_errors():
     """The exception types that mean 'your input is wrong', not 'evomerge is broken'."""
     from evomerge.merge.io import CheckpointError
@@ -96,8 +102,7 @@ def merge(
         from evomerge.recipe.adapters import AdapterMerge
 
         try:
-            if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-                _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+            _refuse_nonempty(out_dir, overwrite)
             merge_adapters_to_disk(AdapterMerge.load(recipe), out_dir, base_dir=Path.cwd(), seed=seed)
         except _user_errors() as exc:
             _fail(str(exc))
@@ -213,13 +218,11 @@ def eval_command(
 
 def _load_candidate(path: Path) -> Any:
     """A recipe file, or a mixture-of-experts config (``experts:``, e.g. an exported MoE search pick)."""
-    from evomerge.recipe import MoEConfig, Recipe, is_moe
+    from evomerge.recipe import Recipe, candidate_from_dict
     from evomerge.recipe.schema import read_yaml
 
     data = read_yaml(path)
-    if isinstance(data, dict) and is_moe(data):
-        return MoEConfig.load(path)
-    return Recipe.load(path)
+    return candidate_from_dict(data, source=str(path)) if isinstance(data, dict) else Recipe.load(path)
 
 
 def _eval_adapter_merge(evaluator: Any, path: Path) -> Any:
@@ -327,8 +330,7 @@ def moe(
     from evomerge.merge.moe import MoEError, build_moe
     from evomerge.recipe.moe import MoEConfig
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    _refuse_nonempty(out_dir, overwrite)
     start = time.perf_counter()
     try:
         parsed = MoEConfig.load(config)
@@ -364,8 +366,7 @@ def align(
     written model computes what MODEL computes. Llama-style models."""
     from evomerge.merge.align import AlignError, align_checkpoints
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        _fail(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    _refuse_nonempty(out_dir, overwrite)
     texts = None
     if data is not None:
         try:

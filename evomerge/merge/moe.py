@@ -48,7 +48,7 @@ def _tokenize(tokenizer: Any, prompts: list[str]) -> Any:
 
 def gate_vectors(config: MoEConfig, base: Path, *, device: str = "cpu", seed: int = 0) -> torch.Tensor:
     """The routers' weights, (layers, experts, hidden), by ``config.gate_mode`` (module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_config = AutoConfig.from_pretrained(base)
     layers, hidden, experts = model_config.num_hidden_layers, model_config.hidden_size, len(config.experts)
@@ -58,11 +58,7 @@ def gate_vectors(config: MoEConfig, base: Path, *, device: str = "cpu", seed: in
     if config.gate_mode == "uniform_random":
         scale = math.sqrt(1.0 / hidden)
         return torch.rand((layers, experts, hidden), generator=generator) * 2 * scale - scale
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token_id = tokenizer.bos_token_id
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _router_tokenizer(base)
     if config.gate_mode == "cheap_embed":
         checkpoint = Checkpoint(base)
         embed = checkpoint.get("model.embed_tokens.weight")
@@ -129,8 +125,9 @@ def mixtral_config(base_config: dict[str, Any], experts: int, experts_per_token:
     return out
 
 
-def _save_tokenizer(base: Path, out: Path) -> None:
-    """The base's tokenizer as mergekit-moe saves it: left padding, padded with BOS (EOS if it has none)."""
+def _router_tokenizer(base: Path) -> Any:
+    """The base's tokenizer as mergekit-moe sets it up, to read router prompts and to save with the
+    mixture: left padding, padded with BOS (EOS if it has none)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -138,7 +135,7 @@ def _save_tokenizer(base: Path, out: Path) -> None:
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 def moe_tensors(
@@ -238,6 +235,6 @@ def build_moe(
             writer.write(name, tensor)
         writer.finish()
         hf_config.save_pretrained(tmp)
-        _save_tokenizer(model_path(config.base_model, base_dir), tmp)
+        _router_tokenizer(model_path(config.base_model, base_dir)).save_pretrained(tmp)
         (tmp / "evomerge_moe.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     return Path(out_dir)

@@ -116,7 +116,7 @@ class DataSection(_Strict):
 
 def content_hash(data: Mapping[str, Any]) -> str:
     """A short stable hash of plain data: the same content, the same hash, whatever the key order."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -8,9 +8,7 @@ go through Ray's object store.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import time
 import traceback
 from collections.abc import Mapping
@@ -135,12 +133,12 @@ def recipe_hash(recipe: Mapping[str, Any]) -> str:
     """The recipe's content hash (as ``Recipe.content_hash``), also for recipes that do not validate,
     so that a failed candidate is still recorded under a stable key."""
     from evomerge.recipe import RecipeError, candidate_from_dict
+    from evomerge.recipe.schema import content_hash
 
     try:
         return candidate_from_dict(recipe).content_hash()
     except RecipeError:
-        canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return content_hash(recipe)
 
 
 def run_job(evaluator: Any, job: Job) -> CandidateResult:

@@ -535,6 +535,7 @@ class RayExecutor:
             if late is None:
                 continue
             run = slot.runs.pop(late)
+            self._refs.pop(late, None)
             seconds = now - run.started
             self._busy += seconds
             why = f"timeout: no result from {slot.name} within {self.timeout:g} s"

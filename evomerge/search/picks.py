@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evomerge.recipe import MoEConfig, Recipe, candidate_from_dict, is_moe
+from evomerge.recipe import MoEConfig, Recipe, candidate_from_dict
 from evomerge.search.front import to_minimize
 from evomerge.search.optimizers import scalarized
 from evomerge.search.record import CandidateRecord
@@ -97,11 +97,11 @@ def pick(report: RunReport, choice: str) -> CandidateRecord:
 
 
 def recipe_of(record: CandidateRecord) -> Recipe:
-    if record.recipe is None:
-        raise PickError(f"candidate {record.id}: the record holds no recipe")
-    if is_moe(record.recipe):
-        raise PickError(f"candidate {record.id} is a mixture of experts, not a merge recipe (use candidate_of)")
-    return Recipe.from_dict(dict(record.recipe), source=f"candidate {record.id}")
+    """The record's merge recipe (a mixture of experts is refused: it is no merge)."""
+    candidate = candidate_of(record)
+    if isinstance(candidate, MoEConfig):
+        raise PickError(f"candidate {record.id} is a mixture of experts (a mergekit-moe config), not a merge recipe")
+    return candidate
 
 
 def candidate_of(record: CandidateRecord) -> Recipe | MoEConfig:

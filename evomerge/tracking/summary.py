@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evomerge.recipe import ConditionalParameter, Recipe, evaluate_setting, is_moe
+from evomerge.recipe import ConditionalParameter, MoEConfig, Recipe, evaluate_setting, is_moe
 
 MAX_KEY_LENGTH = 250
 MAX_PARAM_LENGTH = 6000
@@ -149,17 +149,17 @@ def gene_summary(recipe_data: Mapping[str, Any] | Recipe) -> dict[str, str]:
     return {mlflow_key(k): param_value(v) for k, v in params.items()}
 
 
-def _moe_summary(config: Mapping[str, Any]) -> dict[str, str]:
+def _moe_summary(data: Mapping[str, Any]) -> dict[str, str]:
     """A mixture of experts: base, gate mode, experts per token, the experts and each one's prompt count."""
-    experts = list(config.get("experts") or [])
-    names = _short_names([str(e.get("source_model", "")) for e in experts])
+    config = MoEConfig.from_dict(data, source="record")
+    names = _short_names([e.source_model for e in config.experts])
     params: dict[str, Any] = {
         "method": "moe",
-        "base_model": short_name(str(config.get("base_model", ""))),
-        "gate_mode": config.get("gate_mode", "hidden"),
-        "experts_per_token": config.get("experts_per_token", 2),
-        "experts": ",".join(names[str(e.get("source_model", ""))] for e in experts),
+        "base_model": short_name(config.base_model),
+        "gate_mode": config.gate_mode,
+        "experts_per_token": config.experts_per_token,
+        "experts": ",".join(names[e.source_model] for e in config.experts),
     }
-    for e in experts:
-        params[f"prompts.{names[str(e.get('source_model', ''))]}"] = len(e.get("positive_prompts") or [])
+    for e in config.experts:
+        params[f"prompts.{names[e.source_model]}"] = len(e.positive_prompts or [])
     return {mlflow_key(k): param_value(v) for k, v in params.items()}
