@@ -356,6 +356,23 @@ def align(
         Optional[Path],
         typer.Option(help="A text file, one example per line: match the models' activations on it, not their weights."),
     ] = None,
+    rotate: Annotated[
+        bool,
+        typer.Option(
+            help="Also rotate (needs --data): the residual stream, each head group's values, and queries and keys "
+            "within each RoPE plane (exact, like the permutations; the RMSNorm weights become REFERENCE's). "
+            "Started by orthogonal Procrustes on the activations, then fitted (--fit-steps) so that the midpoint "
+            "of REFERENCE and the result predicts the texts of --data: the midpoint then keeps what those texts "
+            "cover and not what they leave out (BENCHMARKS.md, 'Permutation alignment')."
+        ),
+    ] = False,
+    fit_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="With --rotate: Adam steps fitting the rotations to the midpoint's next-token loss on --data "
+            "[default: 300; 0: Procrustes only, which alone did not lower the zoo's barrier]."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:
     """Permute MODEL's units into REFERENCE's basis (Git Re-Basin weight or activation matching) and write it to OUT_DIR.
@@ -363,7 +380,9 @@ def align(
     Models trained from different initializations hold the same kinds of units in different orders;
     aligned, they can be interpolated (a linear merge of REFERENCE and OUT_DIR). The residual stream's
     channels, each block's MLP neurons and attention heads (whole key/value groups) are permuted: the
-    written model computes what MODEL computes. Llama-style models."""
+    written model computes what MODEL computes. With --rotate, the continuous symmetries too (the same
+    function still), fitted so that the midpoint predicts --data: fit on texts you will not judge the
+    merge on. Llama-style models."""
     from evomerge.merge.align import AlignError, align_checkpoints
 
     _refuse_nonempty(out_dir, overwrite)
@@ -377,7 +396,16 @@ def align(
             _fail(f"--data {data}: no text (one example per line)")
     start = time.perf_counter()
     try:
-        found = align_checkpoints(reference, model, out_dir, seed=seed, data=texts)
+        found = align_checkpoints(
+            reference,
+            model,
+            out_dir,
+            seed=seed,
+            data=texts,
+            rotate=rotate,
+            fit_steps=fit_steps if fit_steps is not None else (300 if rotate else 0),
+            progress=True,
+        )
     except (*_user_errors(), AlignError) as exc:
         _fail(str(exc))
     moved = found["moved"]

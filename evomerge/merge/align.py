@@ -254,6 +254,23 @@ def _activations(
     return out_
 
 
+def padded_batches(
+    input_ids: list[list[int]], pad_token_id: int, size: int = 64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, attention_mask)`` batches of ``size`` sequences, right-padded to the longest."""
+    width = max(len(x) for x in input_ids)
+    batches = []
+    for start in range(0, len(input_ids), size):
+        chunk = input_ids[start : start + size]
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, tokens in enumerate(chunk):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        batches.append((ids, mask))
+    return batches
+
+
 def activation_matching(
     reference: torch.nn.Module,
     other: torch.nn.Module,
@@ -267,16 +284,7 @@ def activation_matching(
     output, each block's MLP neurons, and its head groups by how well their output subspaces match
     (the nuclear norm of the groups' cross-correlation: a head's output dimensions need not be in
     the same order in the two models)."""
-    width = max(len(x) for x in input_ids)
-    batches = []
-    for start in range(0, len(input_ids), 64):
-        chunk = input_ids[start : start + 64]
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, tokens in enumerate(chunk):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        batches.append((ids, mask))
+    batches = padded_batches(input_ids, pad_token_id)
     a, b = _activations(reference, batches, shape), _activations(other, batches, shape)
     perms: Perms = {}
     for key in shape.sizes():
@@ -293,8 +301,12 @@ def activation_matching(
     return perms
 
 
-def _match_activations(reference: Path, model: Path, data: list[str], shape: LlamaShape) -> Perms:
-    """Activation matching of two checkpoints on ``data`` (tokenized by the reference's tokenizer)."""
+def _match_activations(
+    reference: Path, model: Path, data: list[str], shape: LlamaShape, *, rotate: bool, fit_steps: int, progress: bool
+) -> tuple[Perms, Any]:
+    """Activation matching of two checkpoints on ``data`` (tokenized by the reference's tokenizer); with
+    ``rotate``, the rotations too (``rotation.rotation_alignment``, then ``fit_steps`` of
+    ``rotation.fit_rotations`` on the same texts), else None for them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(reference)
@@ -303,17 +315,63 @@ def _match_activations(reference: Path, model: Path, data: list[str], shape: Lla
         raise AlignError("--data: no text to compute activations on")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (reference, model)]
-    return activation_matching(models[0], models[1], [x for x in ids if x], shape, pad_token_id=pad)
+    ids = [x for x in ids if x]
+    if not rotate:
+        return activation_matching(models[0], models[1], ids, shape, pad_token_id=pad), None
+    from evomerge.merge.rotation import fit_rotations, rotation_alignment
+
+    perms, rotations = rotation_alignment(models[0], models[1], ids, shape, pad_token_id=pad)
+    if fit_steps > 0:
+        norms = {k: v for k, v in models[0].state_dict().items() if k.endswith("norm.weight")}
+        permuted = permute(dict(models[1].state_dict()), perms, shape)
+        rotations = fit_rotations(
+            models[0],
+            permuted,
+            rotations,
+            shape,
+            ids,
+            norms=norms,
+            steps=fit_steps,
+            pad_token_id=pad,
+            progress=progress,
+        )
+    return perms, rotations
+
+
+def _check_rotation_options(
+    state: Mapping[str, torch.Tensor], config: Mapping, *, rotate: bool, data: list[str] | None, fit_steps: int
+) -> None:
+    if fit_steps < 0:
+        raise AlignError(f"--fit-steps: {fit_steps}; give 0 (no fitting) or more")
+    if not rotate:
+        if fit_steps:
+            raise AlignError("--fit-steps: fitting is of rotations; add --rotate")
+        return
+    if not data:
+        raise AlignError("--rotate: rotations are found from activations; give --data")
+    from evomerge.merge.rotation import check_rotatable
+
+    check_rotatable(state, config)
 
 
 def align_checkpoints(
-    reference: str | Path, model: str | Path, out_dir: str | Path, *, seed: int = 0, data: list[str] | None = None
+    reference: str | Path,
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    data: list[str] | None = None,
+    rotate: bool = False,
+    fit_steps: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Write ``model`` permuted into ``reference``'s basis to ``out_dir`` (a checkpoint like ``model``'s:
     its config and tokenizer files, one safetensors file; written beside and renamed into place), the
-    permutations found by weight matching, or with ``data`` (texts) by activation matching on them.
-    Returns what was found: per permutation, how many units moved, and the weights' inner product
-    with the reference before and after."""
+    permutations found by weight matching, or with ``data`` (texts) by activation matching on them;
+    with ``rotate`` (needs ``data``) also the residual stream, values and RoPE planes rotated
+    (``rotation``), the RMSNorm weights then the reference's, and with ``fit_steps`` the rotations
+    fitted to the midpoint's loss on ``data``. Returns what was found: per permutation,
+    how many units moved, and the weights' inner product with the reference before and after."""
     import shutil
 
     from safetensors.torch import save_file
@@ -332,11 +390,21 @@ def align_checkpoints(
         a = {name: ref.get(name).float() for name in ref.tensors}
         b = {name: src.get(name) for name in src.tensors}
         check_same_layout(a, b, shape)
+        _check_rotation_options(b, src.config, rotate=rotate, data=data, fit_steps=fit_steps)
+        rotations = None
         if data:
-            perms = _match_activations(Path(reference), Path(model), data, shape)
+            perms, rotations = _match_activations(
+                Path(reference), Path(model), data, shape, rotate=rotate, fit_steps=fit_steps, progress=progress
+            )
         else:
             perms = weight_matching(a, {k: v.float() for k, v in b.items()}, shape, seed=seed)
-        aligned = {name: t.contiguous() for name, t in permute(b, perms, shape).items()}
+        aligned = permute(b, perms, shape)
+        if rotations is not None:
+            from evomerge.merge.rotation import rotate as apply_rotations
+
+            norms = {name: ref.get(name) for name in a if name.endswith("norm.weight")}
+            aligned = apply_rotations(aligned, rotations, shape, norms)
+        aligned = {name: t.contiguous() for name, t in aligned.items()}
         before = sum(float((a[k] * b[k].float()).sum()) for k in a)
         after = sum(float((a[k] * aligned[k].float()).sum()) for k in a)
         with staging_dir(out_dir) as tmp:
