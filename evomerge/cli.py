@@ -351,7 +351,9 @@ def align(
     reference: Annotated[Path, typer.Argument(help="The model whose basis the other is permuted into.")],
     model: Annotated[Path, typer.Argument(help="The model to permute (same architecture and shapes).")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the permuted model to.")],
-    seed: Annotated[int, typer.Option(help="Seed of the order the permutations are matched in.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the order weight matching visits the permutations, and of the fit's batches.")
+    ] = 0,
     data: Annotated[
         Optional[Path],
         typer.Option(help="A text file, one example per line: match the models' activations on it, not their weights."),
@@ -385,6 +387,8 @@ def align(
     merge on. Llama-style models."""
     from evomerge.merge.align import AlignError, align_checkpoints
 
+    if fit_steps is not None and not rotate:
+        _fail("--fit-steps: fitting is of rotations; add --rotate")
     _refuse_nonempty(out_dir, overwrite)
     texts = None
     if data is not None:

@@ -84,6 +84,50 @@ def test_a_rotated_model_computes_what_the_original_does(base, other_norms: bool
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # float64 transforms, float32 weights
 
 
+def tiny_model(kind: str):
+    """A randomly initialized model with grouped queries (4 query heads on 2 key/value heads) and biases,
+    its norms and biases randomized too: what the zoo (4/4 heads, no biases) does not exercise."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**sizes, attention_bias=True, mlp_bias=True))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**sizes))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                param.copy_(torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_grouped_queries_and_biases_rotate_and_permute_exactly(kind: str) -> None:
+    model = tiny_model(kind)
+    shape = LlamaShape.from_config(model.config.to_dict())
+    assert shape.kv_heads < shape.heads and any(k.endswith("q_proj.bias") for k in model.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(9)
+    perms = {key: torch.randperm(size, generator=g) for key, size in shape.sizes().items()}
+    norms = {k: torch.randn(v.shape, generator=g) for k, v in norms_of(state).items()}
+    inputs = torch.randint(0, 40, (2, 9), generator=g)
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+        model.load_state_dict(permute(rotate(state, random_rotations(shape, 2), shape, norms), perms, shape))
+        got = model(input_ids=inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_rotation_alignment_recovers_a_rotation_and_permutation(base, texts) -> None:
     from transformers import AutoTokenizer
 

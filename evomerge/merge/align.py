@@ -302,7 +302,15 @@ def activation_matching(
 
 
 def _match_activations(
-    reference: Path, model: Path, data: list[str], shape: LlamaShape, *, rotate: bool, fit_steps: int, progress: bool
+    reference: Path,
+    model: Path,
+    data: list[str],
+    shape: LlamaShape,
+    *,
+    rotate: bool,
+    fit_steps: int,
+    seed: int,
+    progress: bool,
 ) -> tuple[Perms, Any]:
     """Activation matching of two checkpoints on ``data`` (tokenized by the reference's tokenizer); with
     ``rotate``, the rotations too (``rotation.rotation_alignment``, then ``fit_steps`` of
@@ -332,6 +340,7 @@ def _match_activations(
             ids,
             norms=norms,
             steps=fit_steps,
+            seed=seed,
             pad_token_id=pad,
             progress=progress,
         )
@@ -394,7 +403,14 @@ def align_checkpoints(
         rotations = None
         if data:
             perms, rotations = _match_activations(
-                Path(reference), Path(model), data, shape, rotate=rotate, fit_steps=fit_steps, progress=progress
+                Path(reference),
+                Path(model),
+                data,
+                shape,
+                rotate=rotate,
+                fit_steps=fit_steps,
+                seed=seed,
+                progress=progress,
             )
         else:
             perms = weight_matching(a, {k: v.float() for k, v in b.items()}, shape, seed=seed)

@@ -28,6 +28,7 @@ cover, on items it never saw, and loses what they do not: fit on text like the d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,15 +68,15 @@ _MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
 
 
 def check_rotatable(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
-    """Refuse what the rotations cannot keep exact, naming it."""
+    """Refuse what the rotations cannot keep exact, naming it. (Every RoPE variant, scaled ones too,
+    turns plane (i, i + head_dim/2) by a position's angle, which commutes with a fixed turn of it.)"""
     if config.get("tie_word_embeddings") or "lm_head.weight" not in state:
         raise AlignError(
             "tie_word_embeddings: a model whose LM head is its embedding cannot be rotated exactly "
             "(the head reads the normalized stream, the embedding writes the raw one); align it without --rotate"
         )
-    if config.get("rope_scaling") not in (None, {}) and (config["rope_scaling"] or {}).get("rope_type") == "longrope":
-        raise AlignError("rope_scaling: longrope rotates planes by position-dependent factors; align without --rotate")
-    if config.get("partial_rotary_factor", 1.0) != 1.0:
+    rope = config.get("rope_parameters") or {}
+    if float(config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise AlignError("partial_rotary_factor: only whole-head RoPE is supported by --rotate")
 
 
@@ -91,40 +92,43 @@ def _turn_planes(tensor: torch.Tensor, angles: torch.Tensor, head_dim: int, head
     return torch.cat([cos * x - sin * y, sin * x + cos * y], dim=1).reshape(tensor.shape)
 
 
-def rotate(
-    state: dict[str, torch.Tensor],
-    rotations: Rotations,
-    shape: LlamaShape,
-    norms: dict[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """``state`` with ``rotations`` applied: the same function. Every RMSNorm weight is replaced by the one
-    in ``norms`` (the reference's; default: the model's own), the old one folded into the readers."""
-    norms = norms if norms is not None else {k: v for k, v in state.items() if k.endswith("norm.weight")}
-    for name, weight in norms.items():
-        if bool((weight == 0).any()):
-            raise AlignError(f"{name}: has zeros; the rotated model's readers would divide by them")
-    dtype = state["model.embed_tokens.weight"].dtype
-    s = {k: v.double() for k, v in state.items()}
-    r = rotations.residual
-    rep = shape.heads // shape.kv_heads
-    hd = shape.head_dim
-
-    def read(name: str, norm: str) -> torch.Tensor:
-        """A reader of the normalized stream: W diag(old norm) R^T diag(1 / new norm)."""
-        return (s[name] * s[norm]) @ r.T / norms[norm].double()
-
-    out = dict(s)
-    out["model.embed_tokens.weight"] = s["model.embed_tokens.weight"] @ r.T
+def _readers(shape: LlamaShape) -> list[tuple[str, str]]:
+    """(reader weight, the RMSNorm whose output it reads) for every layer that reads the normalized stream."""
+    pairs = [("lm_head.weight", "model.norm.weight")]
     for layer in range(shape.layers):
         p = f"model.layers.{layer}."
-        for norm, readers in (("input_layernorm", _ATTENTION_READERS), ("post_attention_layernorm", _MLP_READERS)):
-            for reader in readers:
-                out[f"{p}{reader}.weight"] = read(f"{p}{reader}.weight", f"{p}{norm}.weight")
-            out[f"{p}{norm}.weight"] = norms[f"{p}{norm}.weight"].double()
+        pairs += [(f"{p}{r}.weight", f"{p}input_layernorm.weight") for r in _ATTENTION_READERS]
+        pairs += [(f"{p}{r}.weight", f"{p}post_attention_layernorm.weight") for r in _MLP_READERS]
+    return pairs
+
+
+def _fold(state: Mapping[str, torch.Tensor], shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """``state`` with each RMSNorm weight multiplied into the columns of the layers that read its output
+    (the norms themselves left out): what the rotations act on."""
+    folded = {k: v for k, v in state.items() if not k.endswith("norm.weight")}
+    for reader, norm in _readers(shape):
+        folded[reader] = state[reader] * state[norm]
+    return folded
+
+
+def _turn(
+    folded: Mapping[str, torch.Tensor], rotations: Rotations, shape: LlamaShape, norms: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A folded state rotated, its readers divided by ``norms`` (which become the model's RMSNorm
+    weights): differentiable in the rotations, in the dtype of ``folded``."""
+    r = rotations.residual
+    rep, hd = shape.heads // shape.kv_heads, shape.head_dim
+    out = dict(folded)
+    out["model.embed_tokens.weight"] = folded["model.embed_tokens.weight"] @ r.T
+    for reader, norm in _readers(shape):
+        out[reader] = folded[reader] @ r.T / norms[norm]
+    out.update(norms)
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
         for writer in ("self_attn.o_proj", "mlp.down_proj"):
-            out[f"{p}{writer}.weight"] = r @ s[f"{p}{writer}.weight"]
-            if f"{p}{writer}.bias" in s:
-                out[f"{p}{writer}.bias"] = r @ s[f"{p}{writer}.bias"]
+            out[f"{p}{writer}.weight"] = r @ folded[f"{p}{writer}.weight"]
+            if f"{p}{writer}.bias" in folded:
+                out[f"{p}{writer}.bias"] = r @ folded[f"{p}{writer}.bias"]
         values = rotations.values[layer]  # (kv, hd, hd)
         for suffix in ("weight", "bias"):
             name = f"{p}self_attn.v_proj.{suffix}"
@@ -133,15 +137,38 @@ def rotate(
                 out[name] = torch.einsum("gij,gjk->gik", values, grouped).reshape(out[name].shape)
         o = out[f"{p}self_attn.o_proj.weight"].reshape(shape.hidden, shape.kv_heads, rep, hd)
         out[f"{p}self_attn.o_proj.weight"] = torch.einsum("ogrj,gij->ogri", o, values).reshape(shape.hidden, -1)
-        planes = rotations.planes[layer]
         for proj, per in (("q_proj", rep), ("k_proj", 1)):
             for suffix in ("weight", "bias"):
                 name = f"{p}self_attn.{proj}.{suffix}"
                 if name in out:
-                    out[name] = _turn_planes(out[name], planes, hd, per)
-    out["lm_head.weight"] = read("lm_head.weight", "model.norm.weight")
-    out["model.norm.weight"] = norms["model.norm.weight"].double()
-    return {k: v.to(dtype) for k, v in out.items()}
+                    out[name] = _turn_planes(out[name], rotations.planes[layer], hd, per)
+    return out
+
+
+def _new_norms(state: Mapping[str, torch.Tensor], norms: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The RMSNorm weights the rotated model gets, rounded to the model's own dtype of each first (the
+    readers are divided by exactly what is stored); zeros refused."""
+    chosen = norms if norms is not None else {k: v for k, v in state.items() if k.endswith("norm.weight")}
+    out = {}
+    for name, weight in chosen.items():
+        if bool((weight == 0).any()):
+            raise AlignError(f"{name}: has zeros; the rotated model's readers would divide by them")
+        out[name] = weight.to(state[name].dtype)
+    return out
+
+
+def rotate(
+    state: dict[str, torch.Tensor],
+    rotations: Rotations,
+    shape: LlamaShape,
+    norms: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``state`` with ``rotations`` applied: the same function. Every RMSNorm weight is replaced by the one
+    in ``norms`` (the reference's; default: the model's own), the old one folded into the readers.
+    Computed in float64; each tensor keeps its dtype."""
+    new = {k: v.double() for k, v in _new_norms(state, norms).items()}
+    turned = _turn(_fold({k: v.double() for k, v in state.items()}, shape), rotations, shape, new)
+    return {k: v.to(state[k].dtype) for k, v in turned.items()}
 
 
 def _procrustes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -276,7 +303,17 @@ def fit_rotations(
         )
 
     fixed = {k: v.detach().float() for k, v in reference.state_dict().items() if k in other}
-    optimizer = torch.optim.Adam([residual, values, angles], lr=lr)
+    folded = _fold({k: v.detach().float() for k, v in other.items()}, shape)  # once: what the rotations act on
+    new_norms = {k: v.float() for k, v in _new_norms(other, norms).items()}
+    optimizer = torch.optim.Adam(
+        [
+            # Adam moves every entry of a generator by about lr, so a wider matrix would turn further per
+            # step: scaled to turn as the zoo's (hidden 128, head_dim 32, where lr was chosen) do
+            {"params": [residual], "lr": lr * math.sqrt(128 / shape.hidden)},
+            {"params": [values], "lr": lr * math.sqrt(32 / shape.head_dim)},
+            {"params": [angles], "lr": lr},
+        ]
+    )
     was_training = reference.training
     reference.eval()
     bar = tqdm(range(steps), desc="fitting rotations", disable=not progress, leave=False, dynamic_ncols=True)
@@ -284,8 +321,18 @@ def fit_rotations(
         for _ in bar:
             chosen = torch.randperm(len(input_ids), generator=generator)[:batch_size].tolist()
             ((ids, mask),) = padded_batches([input_ids[i] for i in chosen], pad_token_id, size=batch_size)
-            rotated = rotate(other, current(), shape, norms)
-            midpoint = {k: 0.5 * (fixed[k] + rotated[k].float()) for k in fixed}
+            now = current()
+            rotated = _turn(
+                folded,
+                Rotations(
+                    residual=now.residual.float(),
+                    values={k: v.float() for k, v in now.values.items()},
+                    planes={k: v.float() for k, v in now.planes.items()},
+                ),
+                shape,
+                new_norms,
+            )
+            midpoint = {k: 0.5 * (fixed[k] + rotated[k]) for k in fixed}
             logits = functional_call(
                 reference, midpoint, args=(), kwargs={"input_ids": ids, "attention_mask": mask}
             ).logits
