@@ -3,7 +3,8 @@
 
 Two zoo bases built from different seeds (different initializations, and different known letters; the
 same tokenizer, codes and copying data) are interpolated linearly, (1 - t) A + t B, with B as trained and
-with B permuted into A's basis (``evomerge align``, Git Re-Basin weight matching). Each point is scored
+with B permuted into A's basis (``evomerge align``: Git Re-Basin weight matching, and activation
+matching on 1200 alignment texts, none of them an item scored here: ``--fit-texts``). Each point is scored
 on what both bases learned alike, copying in each alphabet (``cpy@<alphabet>``, 200 items each, written
 here as lm-eval tasks): the items' mean negative log-likelihood (log of lm-eval's per-item
 ``perplexity``, averaged over the alphabets) and exact match; and on the reference zoo's three skill
@@ -11,13 +12,16 @@ tasks (exact match; each base knows other letters' codes). The barrier at t is t
 straight line between the endpoints' losses.
 
 B is also aligned by activation matching with rotations (``evomerge align --data --rotate``: the
-residual stream, values and RoPE planes, ``evomerge/merge/rotation.py``).
+residual stream, values and RoPE planes, ``evomerge/merge/rotation.py``), by Procrustes alone and
+fitted to the midpoint's loss on the alignment texts. Control rows put an untrained model of B's shape
+in B's place: a midpoint with small random weights is about half of A, which RMSNorm forgives, so what
+tells alignment apart is what the control does not keep.
 
 ``--pair-width W`` trains the two bases here instead (the zoo's base recipe on zoo seed 0's data, at
 hidden size W and MLP width 2W, from two initialization seeds; about 6 minutes per base at W = 256
 on 2 CPU cores): the same data for both, so only the initialization differs.
 
-    .venv/bin/python scripts/bench_align.py [--zoo-seeds 0 1 | --pair-width 256]
+    .venv/bin/python scripts/bench_align.py [--zoo-seeds 0 1 | --pair-width 256] [--fit-texts copying]
 """
 
 from __future__ import annotations
@@ -151,14 +155,36 @@ def alignment_texts(n: int, exclude: set[str], kind: str, zoo_seed: int) -> list
     return texts
 
 
-FIT_TEXTS = {"mixture": "A's training mixture", "copying": "copying alone"}
+FIT_TEXTS = {"mixture": "A's training mixture", "copying": "copying alone", "both": "A's and B's training mixtures"}
+FITTED = {"data": True, "rotate": True, "fit_steps": 300}
+#: (label, which B: the trained one or an untrained model of its shape, the align options or None)
 VARIANTS = (
-    ("unaligned", None),
-    ("weight matching", {}),
-    ("activation matching", {"data": True}),
-    ("+ rotations (Procrustes)", {"data": True, "rotate": True}),
-    ("+ rotations (fitted)", {"data": True, "rotate": True, "fit_steps": 300}),
+    ("unaligned", "trained", None),
+    ("weight matching", "trained", {}),
+    ("activation matching", "trained", {"data": True}),
+    ("+ rotations (Procrustes)", "trained", {"data": True, "rotate": True}),
+    ("+ rotations (fitted)", "trained", FITTED),
+    ("control: untrained B", "untrained", None),
+    ("control: untrained B + rotations (fitted)", "untrained", FITTED),
 )
+
+
+def untrained_like(model: str, folder: Path) -> str:
+    """A randomly initialized model of ``model``'s config (and tokenizer), saved under ``folder``: the
+    control that tells aligning from averaging with small noise."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evomerge.merge.engine import TOKENIZER_FILES
+
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).float()
+    fresh.save_pretrained(str(folder))
+    for name in TOKENIZER_FILES:
+        if (Path(model) / name).is_file():
+            shutil.copy2(Path(model) / name, folder / name)
+    return str(folder)
 
 
 def main() -> None:
@@ -167,9 +193,10 @@ def main() -> None:
     parser.add_argument("--pair-width", type=int, default=None, help="train two bases of this width instead")
     parser.add_argument(
         "--fit-texts",
-        choices=["mixture", "copying"],
+        choices=["mixture", "copying", "both"],
         default="mixture",
-        help="what the alignment (and the rotations' fit) sees: A's training mixture or copying alone",
+        help="what the alignment (and the rotations' fit) sees: A's training mixture, copying alone, or "
+        "both zoo bases' mixtures (600 texts each; with --zoo-seeds)",
     )
     args = parser.parse_args()
     zoo_a = load_zoo(build_zoo(default_zoo_dir(args.zoo_seeds[0]), args.zoo_seeds[0], progress=False))
@@ -193,15 +220,19 @@ def main() -> None:
                 data_file = zoo_a["include_path"] / "data" / f"{s}.{split}.jsonl"
                 scored += [json.loads(line) for line in data_file.read_text().splitlines()]
         exclude = {row["input"] for row in scored}
-        data = alignment_texts(1200, exclude, args.fit_texts, args.zoo_seeds[0])
+        if args.fit_texts == "both":  # half drawn as A was trained, half as B was
+            data = [t for seed in args.zoo_seeds for t in alignment_texts(600, exclude, "mixture", seed)]
+        else:
+            data = alignment_texts(1200, exclude, args.fit_texts, args.zoo_seeds[0])
         assert not {row["query"] + row["target"] for row in scored} & set(data)  # fitted on unscored texts only
-        for label, options in VARIANTS:
-            other = b
+        sources = {"trained": b, "untrained": untrained_like(b, Path(work) / "untrained")}
+        for index, (label, source, options) in enumerate(VARIANTS):
+            other = sources[source]
             if options is not None:
-                other = str(Path(work) / label.replace(" ", "-"))
+                other = str(Path(work) / f"aligned-{index}")
                 kwargs = {**options, "data": data if options.get("data") else None}
                 started = time.perf_counter()
-                align_checkpoints(a, b, other, **kwargs)
+                align_checkpoints(a, sources[source], other, **kwargs)
                 seconds[label] = time.perf_counter() - started
             for t in POINTS:
                 models = [{"model": a, "parameters": {"weight": 1 - t}}, {"model": other, "parameters": {"weight": t}}]
@@ -227,13 +258,13 @@ def main() -> None:
         + " |"
     )
     print("|---|---:|---:|---:|---|---|")
-    for label, _ in VARIANTS:
+    for label, source, _ in VARIANTS:
         ends = rows[label, 0.0][0], rows[label, 1.0][0]
         for t in POINTS[1:-1]:
             loss, copied, acc = rows[label, t]
-            barrier = loss - ((1 - t) * ends[0] + t * ends[1])
+            barrier = f"{loss - ((1 - t) * ends[0] + t * ends[1]):+.3f}" if source == "trained" else "n/a"
             cells = [" / ".join(f"{v:.3f}" for v in copied), " / ".join(f"{v:.3f}" for v in acc)]
-            print(f"| {label} | {t:.2f} | {loss:.3f} | {barrier:+.3f} | {cells[0]} | {cells[1]} |")
+            print(f"| {label} | {t:.2f} | {loss:.3f} | {barrier} | {cells[0]} | {cells[1]} |")
     print(
         "\nEndpoints: A copying loss {:.3f}, B {:.3f}; skills A {}, B {}.".format(
             rows["unaligned", 0.0][0],
