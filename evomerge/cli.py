@@ -372,7 +372,8 @@ def align(
         Optional[int],
         typer.Option(
             help="With --rotate: Adam steps fitting the rotations to the midpoint's next-token loss on --data "
-            "[default: 300; 0: Procrustes only, which alone did not lower the zoo's barrier]."
+            "(default 300; 0: Procrustes only, which alone did not lower the zoo's barrier). The fit does not always "
+            "find a good path: check the merge, and try another --seed if it fails."
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
