@@ -21,7 +21,7 @@ tells alignment apart is what the control does not keep.
 hidden size W and MLP width 2W, from two initialization seeds; about 6 minutes per base at W = 256
 on 2 CPU cores): the same data for both, so only the initialization differs.
 
-    .venv/bin/python scripts/bench_align.py [--zoo-seeds 0 1 | --pair-width 256] [--fit-texts copying]
+    .venv/bin/python scripts/bench_align.py [--zoo-seeds 0 1 | --pair-width 256] [--fit-texts copying|both]
 """
 
 from __future__ import annotations
