@@ -29,7 +29,7 @@ cover, on items it never saw, and loses what they do not: fit on text like the d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,14 @@ class Rotations:
     residual: torch.Tensor
     values: dict[int, torch.Tensor]
     planes: dict[int, torch.Tensor]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Rotations:
+        """The same rotations with ``fn`` applied to every tensor (a dtype, ``detach``)."""
+        return Rotations(
+            residual=fn(self.residual),
+            values={k: fn(v) for k, v in self.values.items()},
+            planes={k: fn(v) for k, v in self.planes.items()},
+        )
 
     @classmethod
     def identity(cls, shape: LlamaShape) -> Rotations:
@@ -209,16 +217,23 @@ def _capture(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
     return out
 
 
+def _by_group(heads: torch.Tensor, shape: LlamaShape) -> torch.Tensor:
+    """Per-head activations (samples, heads * head_dim) as (samples * heads per group, kv groups, head_dim):
+    every query head's rows under the key/value group it reads."""
+    rep = shape.heads // shape.kv_heads
+    grouped = heads.reshape(len(heads), shape.kv_heads, rep, shape.head_dim).transpose(1, 2)
+    return grouped.reshape(-1, shape.kv_heads, shape.head_dim)
+
+
 def _plane_angles(
     a_q: torch.Tensor, b_q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, shape: LlamaShape
 ) -> torch.Tensor:
     """Per key/value group and RoPE plane, the angle that best turns b's queries and keys onto a's (the
     2-D Procrustes solution over the group's query heads and its key head together)."""
-    rep, hd, half = shape.heads // shape.kv_heads, shape.head_dim, shape.head_dim // 2
+    half = shape.head_dim // 2
 
     def planes(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qs = q.reshape(len(q), shape.kv_heads, rep, hd).transpose(1, 2).reshape(-1, shape.kv_heads, hd)
-        both = torch.cat([qs, k.reshape(len(k), shape.kv_heads, hd)])  # (samples, kv, hd)
+        both = torch.cat([_by_group(q, shape), k.reshape(len(k), shape.kv_heads, shape.head_dim)])
         return both[..., :half], both[..., half:]
 
     (ax, ay), (bx, by) = planes(a_q, a_k), planes(b_q, b_k)
@@ -244,11 +259,9 @@ def rotation_alignment(
     finally:
         other.load_state_dict(original)
     a = _capture(reference, batches)
-    hd, rep = shape.head_dim, shape.heads // shape.kv_heads
     values, planes = {}, {}
     for layer in range(shape.layers):
-        va = a[f"values.{layer}"].reshape(-1, shape.kv_heads, rep, hd).transpose(1, 2).reshape(-1, shape.kv_heads, hd)
-        vb = b[f"values.{layer}"].reshape(-1, shape.kv_heads, rep, hd).transpose(1, 2).reshape(-1, shape.kv_heads, hd)
+        va, vb = _by_group(a[f"values.{layer}"], shape), _by_group(b[f"values.{layer}"], shape)
         values[layer] = torch.stack([_procrustes(va[:, g], vb[:, g]) for g in range(shape.kv_heads)])
         planes[layer] = _plane_angles(a[f"q.{layer}"], b[f"q.{layer}"], a[f"k.{layer}"], b[f"k.{layer}"], shape)
     return perms, Rotations(residual=_procrustes(a["residual"], b["residual"]), values=values, planes=planes)
@@ -321,17 +334,7 @@ def fit_rotations(
         for _ in bar:
             chosen = torch.randperm(len(input_ids), generator=generator)[:batch_size].tolist()
             ((ids, mask),) = padded_batches([input_ids[i] for i in chosen], pad_token_id, size=batch_size)
-            now = current()
-            rotated = _turn(
-                folded,
-                Rotations(
-                    residual=now.residual.float(),
-                    values={k: v.float() for k, v in now.values.items()},
-                    planes={k: v.float() for k, v in now.planes.items()},
-                ),
-                shape,
-                new_norms,
-            )
+            rotated = _turn(folded, current().map(torch.Tensor.float), shape, new_norms)
             midpoint = {k: 0.5 * (fixed[k] + rotated[k]) for k in fixed}
             logits = functional_call(
                 reference, midpoint, args=(), kwargs={"input_ids": ids, "attention_mask": mask}
@@ -348,9 +351,4 @@ def fit_rotations(
         bar.close()
         reference.train(was_training)
     with torch.no_grad():
-        found = current()
-        return Rotations(
-            residual=found.residual.detach(),
-            values={k: v.detach() for k, v in found.values.items()},
-            planes={k: v.detach() for k, v in found.planes.items()},
-        )
+        return current().map(torch.Tensor.detach)
